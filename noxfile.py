@@ -1,0 +1,76 @@
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``bench``, ``parity``.
+
+PyTorch is installed first and pinned (``torch==2.13.0``, a CPU build here) so
+that the package's own ``torch>=2.4`` requirement installs nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+TORCH = os.environ.get("MONGARS_TORCH_SPEC", "torch==2.13.0")
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-asyncio>=0.24",
+    "pytest-timeout",
+    "hypothesis>=6.100",
+    "openai>=1.40",
+    "schemathesis>=3.30",
+    "nbclient",
+    "nbformat",
+    "ipykernel",
+]
+OLAH = "olah==0.5.4"
+
+
+def _install_package(session: nox.Session, extras: str = "train,serve,ray") -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]", *TEST_DEPS)
+
+
+def _olah_cli(session: nox.Session) -> str:
+    """olah lives in its own venv (its pins clash with ours); returns its CLI path."""
+    venv = ROOT / ".nox" / "_olah"
+    cli = venv / "bin" / "olah-cli"
+    if not cli.exists():
+        session.run("python", "-m", "venv", str(venv), external=True)
+        session.run(str(venv / "bin" / "pip"), "install", "-q", OLAH, external=True)
+    return str(cli)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, with the real olah, loopback servers and Ray."""
+    _install_package(session)
+    env = {"MONGARS_TEST_OLAH_CLI": _olah_cli(session), "MONGARS_TEST_STRICT": "1"}
+    session.run("pytest", *(session.posargs or ["-q"]), env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    _install_package(session, "train,serve")
+    session.install("mypy>=1.10", "types-PyYAML")
+    session.run("mypy", "src/mongars_llm")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: each prints ratios against baselines measured in the same run."""
+    _install_package(session)
+    scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    for script in scripts:
+        session.run("python", script)

@@ -1,0 +1,63 @@
+"""mongars-llm: your own open-weight LLM, end to end.
+
+The public API is imported lazily (PEP 562) so that ``import mongars_llm`` stays
+fast and never imports torch; heavy modules load on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "Settings": "mongars_llm.settings",
+    "ModelSettings": "mongars_llm.settings",
+    "get_settings": "mongars_llm.settings",
+    "MongarsError": "mongars_llm.errors",
+    "ConfigError": "mongars_llm.errors",
+    "ManifestError": "mongars_llm.errors",
+    "UnknownProfileError": "mongars_llm.errors",
+    "UnknownRoleError": "mongars_llm.errors",
+    "MissingExtraError": "mongars_llm.errors",
+    "ProvisionError": "mongars_llm.errors",
+    "ProvisionLockTimeout": "mongars_llm.errors",
+    "LLMRuntimeError": "mongars_llm.errors",
+    "DatasetError": "mongars_llm.errors",
+    "RegistryError": "mongars_llm.errors",
+    "BundleError": "mongars_llm.errors",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:  # a mirror of _LAZY for IDEs and type checkers
+    from .errors import (
+        BundleError,
+        ConfigError,
+        DatasetError,
+        LLMRuntimeError,
+        ManifestError,
+        MissingExtraError,
+        MongarsError,
+        ProvisionError,
+        ProvisionLockTimeout,
+        RegistryError,
+        UnknownProfileError,
+        UnknownRoleError,
+    )
+    from .settings import ModelSettings, Settings, get_settings
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mongars_llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

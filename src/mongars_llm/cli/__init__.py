@@ -1,0 +1,76 @@
+"""The ``mongars-llm`` command line.
+
+Each command group lives in its own module exposing ``register(subparsers)``;
+handlers return an exit code: 0 all ok, 1 a failure at run time (e.g. a role
+failed to provision), 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .._version import __version__
+from ..errors import ConfigError, MissingExtraError, MongarsError
+
+__all__ = ["main"]
+
+# modules under mongars_llm.cli that register a command group (each `register(subparsers)`)
+_COMMAND_MODULES = (
+    "provision",
+    "models",
+    "manifest",
+    "adapters",
+    "bundle",
+    "serve",
+    "demo",
+    "doctor",
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mongars-llm",
+        description="Configure, provision, run, fine-tune and serve your own open-weight LLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"mongars-llm {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="log level for mongars_llm logs on stderr"
+    )
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"{__name__}.{name}":  # that command group is not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..logging import configure_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_level, json_format=args.log_json)
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, MissingExtraError) as err:
+        print(f"mongars-llm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except MongarsError as err:
+        print(f"mongars-llm: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("mongars-llm: interrupted", file=sys.stderr)
+        return 130

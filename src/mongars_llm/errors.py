@@ -1,0 +1,154 @@
+"""The whole exception tree of mongars-llm (standard library only).
+
+Every error says what failed, the offending value, and how to fix it. Each
+class also inherits from the builtin a caller would naturally catch::
+
+    MongarsError
+    ├── ConfigError (ValueError)             bad settings or arguments
+    │   ├── ManifestError                     manifest file: path + JSON path
+    │   ├── UnknownProfileError (LookupError) lists the available profiles
+    │   └── UnknownRoleError (LookupError)    lists the known roles
+    ├── MissingExtraError (ImportError)       names the `pip install` command
+    ├── ProvisionError (RuntimeError)         a provider could not fetch/verify
+    │   └── ProvisionLockTimeout (TimeoutError)
+    ├── LLMRuntimeError (RuntimeError)        load/inference failure, stable `code`
+    ├── DatasetError (ValueError)             every bad line, with its number
+    ├── RegistryError (RuntimeError)          adapter registry read/write
+    └── BundleError (RuntimeError)            training bundle / wrapper export
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "DatasetError",
+    "LLMRuntimeError",
+    "ManifestError",
+    "MissingExtraError",
+    "MongarsError",
+    "ProvisionError",
+    "ProvisionLockTimeout",
+    "RegistryError",
+    "UnknownProfileError",
+    "UnknownRoleError",
+]
+
+
+class MongarsError(Exception):
+    """Root of every error raised by mongars-llm."""
+
+
+class ConfigError(MongarsError, ValueError):
+    """Invalid settings, arguments or configuration files."""
+
+
+class ManifestError(ConfigError):
+    """A manifest that cannot be loaded.
+
+    ``source`` is the file (or ``"<built-in>"``), ``json_path`` the dotted path
+    of the offending value (``profiles.default.models.general.parameters.top_p``)
+    and ``expected`` what would have been accepted.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        json_path: str = "",
+        expected: str | None = None,
+    ) -> None:
+        self.source = source
+        self.json_path = json_path
+        self.expected = expected
+        self.reason = message
+        where = source or "<manifest>"
+        if json_path:
+            where = f"{where}: {json_path}"
+        text = f"{where}: {message}"
+        if expected:
+            text += f" (expected {expected})"
+        super().__init__(text)
+
+
+class UnknownProfileError(ConfigError, LookupError):
+    """A profile name that the manifest does not define."""
+
+    def __init__(self, profile: str, available: Iterable[str], *, hint: str | None = None) -> None:
+        self.profile = profile
+        self.available = sorted(available)
+        text = f"unknown profile {profile!r}; available profiles: {', '.join(self.available) or '(none)'}"
+        if hint:
+            text += f". Did you mean {hint!r}?"
+        super().__init__(text)
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class UnknownRoleError(ConfigError, LookupError):
+    """A role name that the active profile does not define."""
+
+    def __init__(self, role: str, known: Iterable[str], *, profile: str | None = None) -> None:
+        self.role = role
+        self.known = sorted(known)
+        scope = f" in profile {profile!r}" if profile else ""
+        super().__init__(
+            f"unknown role {role!r}{scope}; known roles: {', '.join(self.known) or '(none)'}"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MissingExtraError(MongarsError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, *, feature: str | None = None) -> None:
+        self.package = package
+        self.extra = extra
+        what = feature or "this feature"
+        super().__init__(
+            f'{what} needs the optional package {package!r}: pip install "mongars-llm[{extra}]"'
+        )
+
+
+class ProvisionError(MongarsError, RuntimeError):
+    """A provider failed to resolve, fetch or verify a model."""
+
+
+class ProvisionLockTimeout(ProvisionError, TimeoutError):
+    """Another process held a role's provisioning lock for too long."""
+
+
+class LLMRuntimeError(MongarsError, RuntimeError):
+    """A runtime failure with a stable machine-readable ``code``.
+
+    Codes: ``load_failed``, ``invalid_input``, ``input_too_long``,
+    ``adapter_not_found``, ``unsupported``, ``generation_failed``,
+    ``embedding_failed``, ``overloaded``.
+    """
+
+    def __init__(self, message: str, *, code: str = "runtime_error") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class DatasetError(MongarsError, ValueError):
+    """A dataset with invalid records; ``problems`` lists every one of them."""
+
+    def __init__(self, message: str, problems: Sequence[Any] = ()) -> None:
+        self.problems = list(problems)
+        super().__init__(message)
+
+
+class RegistryError(MongarsError, RuntimeError):
+    """The adapter registry could not be read or updated."""
+
+
+class BundleError(MongarsError, RuntimeError):
+    """A training bundle or wrapper export failed."""
