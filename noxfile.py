@@ -74,3 +74,10 @@ def bench(session: nox.Session) -> None:
     scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("bench_*.py"))
     for script in scripts:
         session.run("python", script)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job: the whole lifecycle offline on a tiny model."""
+    _install_package(session, "train,serve")
+    session.run("mongars-llm", "demo", *session.posargs)

@@ -33,9 +33,13 @@ class ModelSettings(BaseModel):
     quantize_4bit: bool = Field(
         True, description="Load the model in 4-bit when CUDA is available (bitsandbytes)."
     )
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Compute dtype of 4-bit matmuls."
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
     strict_quantization: bool = Field(
         False, description="Raise instead of warning when 4-bit is asked for but impossible."
     )
@@ -77,7 +81,9 @@ class Settings(BaseSettings):
     llm_adapter_registry_path: Path = Field(
         Path("models/encoders"), description="Adapter registry directory."
     )
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="Root of mongars-llm's caches."
+    )
     models_dir: Path | None = Field(
         None, description="Where provisioned models live; defaults to <cache_dir>/models."
     )
@@ -85,11 +91,14 @@ class Settings(BaseSettings):
         1800.0, gt=0, description="Seconds to wait for another process's provisioning lock."
     )
     hf_token: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("MONGARS_HF_TOKEN", "HF_TOKEN", "hf_token")
+        None,
+        validation_alias=AliasChoices("MONGARS_HF_TOKEN", "HF_TOKEN", "hf_token"),
+        description="Hugging Face token for gated or private repositories.",
     )
     ollama_host: str = Field(
         "http://127.0.0.1:11434",
         validation_alias=AliasChoices("MONGARS_OLLAMA_HOST", "OLLAMA_HOST", "ollama_host"),
+        description="Ollama daemon address for the `ollama` provider.",
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the admin API; admin routes refuse when unset."

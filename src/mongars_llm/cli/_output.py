@@ -1,0 +1,29 @@
+"""Shared output helpers for CLI commands: one JSON document, or a readable table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["print_json", "print_table"]
+
+
+def print_json(payload: Any) -> None:
+    """Print exactly one JSON document on stdout."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain aligned table (no colours, safe to pipe)."""
+    cells = [[("" if value is None else str(value)) for value in row] for row in rows]
+    widths = [len(header) for header in headers]
+    for row in cells:
+        for index, value in enumerate(row):
+            widths[index] = max(widths[index], len(value))
+    line = "  ".join(header.upper().ljust(widths[i]) for i, header in enumerate(headers))
+    print(line.rstrip())
+    for row in cells:
+        print("  ".join(value.ljust(widths[i]) for i, value in enumerate(row)).rstrip())
