@@ -30,9 +30,11 @@ TEST_DEPS = [
 OLAH = "olah==0.5.4"
 
 
-def _install_package(session: nox.Session, extras: str = "train,serve,ray") -> None:
+def _install_package(
+    session: nox.Session, extras: str = "train,serve,ray", *, test_deps: bool = True
+) -> None:
     session.install(TORCH)
-    session.install("-e", f".[{extras}]", *TEST_DEPS)
+    session.install("-e", f".[{extras}]", *(TEST_DEPS if test_deps else ()))
 
 
 def _olah_cli(session: nox.Session) -> str:
@@ -56,13 +58,18 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    paths = [
+        p
+        for p in ("src", "tests", "benchmarks", "examples", "docs", "noxfile.py")
+        if (ROOT / p).exists()
+    ]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    _install_package(session, "train,serve")
+    _install_package(session, "train,serve", test_deps=False)
     session.install("mypy>=1.10", "types-PyYAML")
     session.run("mypy", "src/mongars_llm")
 
@@ -79,5 +86,27 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The README's main job: the whole lifecycle offline on a tiny model."""
-    _install_package(session, "train,serve")
+    _install_package(session, "train,serve", test_deps=False)
     session.run("mongars-llm", "demo", *session.posargs)
+
+
+@nox.session(python=False)
+def parity(session: nox.Session) -> None:
+    """Regenerate tests/fixtures/llm2vec_parity with the real llm2vec (0.2.3).
+
+    llm2vec pins an old transformers, so it gets its own venv (.nox/_llm2vec);
+    the reference script saves a tiny model with transformers 4.44 and writes
+    LLM2Vec.encode vectors; then our parity test runs against the new fixture.
+    """
+    venv = ROOT / ".nox" / "_llm2vec"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        session.run("python", "-m", "venv", str(venv), external=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        session.run(*pip, TORCH, external=True)
+        session.run(
+            *pip, "llm2vec==0.2.3", "transformers==4.44.2", "peft==0.13.2", TORCH, external=True
+        )
+    fixture = ROOT / "tests" / "fixtures" / "llm2vec_parity"
+    session.run(str(python), "benchmarks/_llm2vec_reference.py", str(fixture), external=True)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/runtime/test_parity.py")
