@@ -28,6 +28,8 @@ _LAZY: dict[str, str] = {
     "DatasetError": "mongars_llm.errors",
     "RegistryError": "mongars_llm.errors",
     "BundleError": "mongars_llm.errors",
+    "ModelManager": "mongars_llm.manager",
+    "provision": "mongars_llm.provisioning",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -47,6 +49,8 @@ if TYPE_CHECKING:  # a mirror of _LAZY for IDEs and type checkers
         UnknownProfileError,
         UnknownRoleError,
     )
+    from .manager import ModelManager
+    from .provisioning import provision
     from .settings import ModelSettings, Settings, get_settings
 
 

@@ -1,0 +1,117 @@
+"""``mongars-llm provision``: put the weights of the active profile's roles on disk.
+
+Exit codes: 0 every role ok, 1 a role failed (or a dry run does not fit on
+disk), 2 a usage or configuration error (unknown role/profile, bad manifest,
+missing lock file). ``--json`` prints exactly one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import ConfigError, MissingExtraError
+from ._output import print_json, print_table
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _roles(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [name for value in values for name in value.split(",") if name.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..provisioning import provision
+    from ..provisioning._report import human_bytes
+
+    try:
+        report = provision(
+            _roles(args.roles),
+            force=args.force,
+            profile=args.profile,
+            manifest=args.manifest,
+            dry_run=args.dry_run,
+            locked=args.locked,
+            lock_path=args.lock_file,
+            show_progress=not (args.json or args.no_progress),
+        )
+    except (ConfigError, MissingExtraError) as err:
+        if not args.json:
+            raise  # cli.main prints it and exits 2
+        print_json({"ok": False, "error": str(err), "error_type": type(err).__name__})
+        return EXIT_USAGE
+    if args.json:
+        print_json(report.to_dict())
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    rows: list[list[Any]] = []
+    for entry in report:
+        row = [
+            entry.role,
+            entry.provider,
+            entry.model,
+            entry.action,
+            (entry.revision or "")[:12]
+            if entry.revision and len(entry.revision) > 12
+            else entry.revision,
+            human_bytes(entry.bytes),
+            f"{entry.seconds:.1f}s",
+        ]
+        if report.dry_run:
+            plan = entry.plan
+            row.append(
+                f"{len(plan.files)} files, free {human_bytes(plan.free_bytes)}"
+                if plan is not None and plan.files
+                else ""
+            )
+        row.append(entry.path or "")
+        rows.append(row)
+    headers = ["role", "provider", "model", "action", "revision", "size", "time"]
+    headers += ["plan"] if report.dry_run else []
+    print_table([*headers, "path"], rows)
+    for entry in report:
+        if entry.error and entry.action != "exists":
+            print(f"{entry.role}: {entry.action}: {entry.error}")
+        for adapter in entry.adapters:
+            print(f"{entry.role}: adapter {adapter.name} -> {adapter.path}")
+    if report.lock_file and not report.dry_run:
+        print(f"lock file: {report.lock_file}")
+    if report.dry_run:
+        print("dry run: nothing was downloaded or written")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "provision",
+        help="download and verify the models of the active profile's roles",
+        description="Make sure every role of the active profile has its weights on disk "
+        "(Hugging Face Hub, a local directory, or an Ollama daemon). Exit 0 when every "
+        "role is ok, 1 when one failed, 2 on a usage or configuration error.",
+    )
+    parser.add_argument("--manifest", metavar="PATH", help="manifest file (JSON or YAML)")
+    parser.add_argument("--profile", metavar="P", help="profile (default: the active one)")
+    parser.add_argument(
+        "--roles", nargs="+", metavar="R", help="roles to provision (default: all of them)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="bypass the cache and re-verify installed files"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the files and bytes each role would download and check free disk; write nothing",
+    )
+    parser.add_argument(
+        "--locked",
+        action="store_true",
+        help="provision exactly the revisions recorded in mongars.lock.json",
+    )
+    parser.add_argument(
+        "--lock-file", metavar="PATH", help="lock file (default: next to the manifest)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run)

@@ -1,0 +1,456 @@
+"""Per-role LoRA adapters, provisioned with their model.
+
+An adapter is a registry entry (``name`` [+ ``version``]) or a ``source``:
+
+* a local directory (used in place, never copied) or a local archive;
+* ``hf://org/repo[@revision]``: a Hub repository holding a peft adapter;
+* an ``http(s)://`` URL to a ``.tar.gz``/``.tgz``/``.tar``/``.zip`` archive.
+
+Archives and Hub adapters are installed atomically under
+``<models_dir>/adapters/<name>/<sha256-or-commit>``; archives are checked
+before anything is extracted: absolute paths, ``..`` components, links and
+special files are rejected. ``sha256`` is the digest of the archive for an
+archive, and for a directory the :func:`tree_sha256` of its files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any
+
+from .._fs import atomic_write_json, file_lock, sha256_file
+from ..errors import ProvisionError, ProvisionLockTimeout
+from ._report import AdapterRecord
+
+if TYPE_CHECKING:
+    from ..manifest.models import AdapterSpec
+    from ._base import ProvisionRequest
+
+__all__ = ["plan_adapters", "provision_adapters", "safe_extract", "tree_sha256"]
+
+MARKER_NAME = ".mongars-complete.json"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+ADAPTER_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "README.md"]
+
+
+def tree_sha256(root: str | Path) -> str:
+    """One digest for a directory: sha256 over ``"<path>  <file sha256>\\n"`` lines, sorted.
+
+    Files named ``.mongars-complete.json`` are left out, so an installed copy and
+    its source have the same digest.
+    """
+    root = Path(root)
+    digests = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER_NAME
+    }
+    return _digest_of_map(digests)
+
+
+def _digest_of_map(digests: dict[str, str]) -> str:
+    lines = "".join(f"{path}  {digest}\n" for path, digest in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
+
+
+def _is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# ---------------------------------------------------------------- entry points
+def provision_adapters(request: ProvisionRequest) -> list[AdapterRecord]:
+    """Provision every adapter of the role; the first failure raises ProvisionError."""
+    records = []
+    for spec in request.entry.adapters:
+        try:
+            records.append(_provision_one(spec, request))
+        except ProvisionError as err:
+            raise ProvisionError(f"adapter {spec.name!r}: {err}") from err
+    return records
+
+
+def plan_adapters(request: ProvisionRequest) -> list[dict[str, Any]]:
+    """What a real run would do with each adapter (reads nothing remote, writes nothing)."""
+    plans = []
+    for spec in request.entry.adapters:
+        source = spec.source or f"registry:{request.settings.llm_adapter_registry_path}"
+        installed: bool | None = None
+        if spec.source and spec.sha256 and _is_archive(spec.source):
+            installed = (_adapter_root(request, spec) / spec.sha256.lower() / MARKER_NAME).exists()
+        elif spec.source and not spec.source.startswith(("hf://", "http://", "https://")):
+            installed = request.resolve_path(spec.source).exists()
+        plans.append({"name": spec.name, "source": source, "installed": installed})
+    return plans
+
+
+def _provision_one(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
+    if not spec.source:
+        return _registry_adapter(spec, request)
+    source = spec.source
+    if source.startswith("hf://"):
+        return _locked(spec, request, lambda: _hf_adapter(spec, request))
+    if source.startswith(("http://", "https://")):
+        return _locked(spec, request, lambda: _url_adapter(spec, request))
+    path = request.resolve_path(source)
+    if path.is_dir():
+        return _dir_adapter(spec, path)
+    if path.is_file() and _is_archive(path.name):
+        return _locked(spec, request, lambda: _local_archive_adapter(spec, request, path))
+    if path.exists():
+        raise ProvisionError(
+            f"{path} is neither an adapter directory nor an archive ({', '.join(ARCHIVE_SUFFIXES)})"
+        )
+    raise ProvisionError(
+        f"source {path} does not exist (relative paths resolve against the manifest folder "
+        f"{request.base_dir})"
+    )
+
+
+def _locked(spec: AdapterSpec, request: ProvisionRequest, fn: Any) -> AdapterRecord:
+    lock = request.settings.resolved_models_dir / ".locks" / "adapters" / f"{_safe(spec.name)}.lock"
+    try:
+        with file_lock(
+            lock,
+            timeout=request.settings.provision_lock_timeout,
+            what=f"adapter {spec.name!r}",
+            error=ProvisionLockTimeout,
+        ):
+            result: AdapterRecord = fn()
+            return result
+    except ProvisionLockTimeout as err:
+        raise ProvisionError(str(err)) from err
+
+
+def _adapter_root(request: ProvisionRequest, spec: AdapterSpec) -> Path:
+    return request.settings.resolved_models_dir / "adapters" / _safe(spec.name)
+
+
+def _record(
+    spec: AdapterSpec, path: Path, sha256: str | None, version: str | None
+) -> AdapterRecord:
+    return AdapterRecord(
+        name=spec.name,
+        path=str(path),
+        sha256=sha256,
+        version=version,
+        source=spec.source,
+        use=spec.use,
+    )
+
+
+def _check_peft_dir(path: Path) -> None:
+    config = path / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError as err:
+        raise ProvisionError(
+            f"{path} has no adapter_config.json: not a peft adapter directory"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise ProvisionError(f"{config} is not valid JSON ({err})") from err
+
+
+def _adapter_dir_in(root: Path) -> Path:
+    """The folder holding adapter_config.json: ``root`` or its only sub-folder."""
+    if (root / "adapter_config.json").is_file():
+        return root
+    children = [c for c in root.iterdir() if c.name != MARKER_NAME]
+    if len(children) == 1 and children[0].is_dir():
+        return children[0]
+    return root
+
+
+# ---------------------------------------------------------------- kinds
+def _registry_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
+    """Look a name (+version) up in the adapter registry (the one place that knows it)."""
+    from ..errors import RegistryError
+    from ..registry import AdapterRegistry
+
+    registry = AdapterRegistry(request.settings.llm_adapter_registry_path)
+    try:
+        if spec.version:
+            entry = registry.get(spec.version)
+            if entry.name != spec.name:
+                raise ProvisionError(
+                    f"registry version {spec.version} of {registry.path} is adapter "
+                    f"{entry.name!r}, not {spec.name!r}"
+                )
+        else:
+            latest = registry.latest(name=spec.name)
+            if latest is None:
+                known = sorted({e.name for e in registry.list()})
+                raise ProvisionError(
+                    f"no adapter named {spec.name!r} in the registry {registry.path} (known: "
+                    f"{', '.join(known) or 'none'}); train and register it, set "
+                    "MONGARS_LLM_ADAPTER_REGISTRY_PATH, or give the adapter a 'source'"
+                )
+            entry = latest
+        registry.verify(entry)
+        path = registry.adapter_path(entry)
+    except RegistryError as err:
+        raise ProvisionError(str(err)) from err
+    _check_peft_dir(path)
+    digest = _digest_of_map(dict(entry.sha256)) if entry.sha256 else tree_sha256(path)
+    _check_digest(spec, digest, what=f"registry adapter {path}")
+    return _record(spec, path, digest, entry.version)
+
+
+def _dir_adapter(spec: AdapterSpec, path: Path) -> AdapterRecord:
+    _check_peft_dir(path)
+    digest = tree_sha256(path)
+    _check_digest(spec, digest, what=f"directory {path} (tree_sha256)")
+    return _record(spec, path, digest, spec.version)
+
+
+def _check_digest(spec: AdapterSpec, actual: str, *, what: str) -> None:
+    if spec.sha256 and spec.sha256.lower() != actual:
+        raise ProvisionError(
+            f"sha256 mismatch for {what}: expected {spec.sha256.lower()}, got {actual}; the "
+            "files changed or the manifest's sha256 is wrong"
+        )
+
+
+def _local_archive_adapter(
+    spec: AdapterSpec, request: ProvisionRequest, archive: Path
+) -> AdapterRecord:
+    digest = sha256_file(archive)
+    _check_digest(spec, digest, what=f"archive {archive}")
+    return _install_archive(spec, request, archive, digest)
+
+
+def _url_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
+    import httpx
+
+    assert spec.source is not None and spec.sha256 is not None
+    expected = spec.sha256.lower()
+    final = _adapter_root(request, spec) / expected
+    if (final / MARKER_NAME).is_file() and not request.force:
+        return _record(spec, _adapter_dir_in(final), expected, spec.version)
+    root = _adapter_root(request, spec)
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = next(
+        s for s in (*ARCHIVE_SUFFIXES, "") if spec.source.lower().split("?")[0].endswith(s)
+    )
+    download = root / f".download-{uuid.uuid4().hex[:8]}{suffix or '.tar.gz'}"
+    digest = hashlib.sha256()
+    try:
+        with (
+            httpx.Client(follow_redirects=True, timeout=httpx.Timeout(600, connect=10)) as client,
+            client.stream("GET", spec.source) as response,
+        ):
+            if response.status_code >= 400:
+                raise ProvisionError(f"GET {spec.source} answered HTTP {response.status_code}")
+            with open(download, "wb") as handle:
+                for chunk in response.iter_bytes(1 << 20):
+                    digest.update(chunk)
+                    handle.write(chunk)
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise ProvisionError(
+                f"sha256 mismatch for {spec.source}: expected {expected}, got {actual}; nothing "
+                "was installed"
+            )
+        return _install_archive(spec, request, download, actual)
+    except httpx.HTTPError as err:
+        raise ProvisionError(f"cannot download {spec.source}: {type(err).__name__}: {err}") from err
+    finally:
+        download.unlink(missing_ok=True)
+
+
+def _install_archive(
+    spec: AdapterSpec, request: ProvisionRequest, archive: Path, digest: str
+) -> AdapterRecord:
+    root = _adapter_root(request, spec)
+    final = root / digest
+    if (final / MARKER_NAME).is_file() and not request.force:
+        return _record(spec, _adapter_dir_in(final), digest, spec.version)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        safe_extract(archive, staging)
+        _check_peft_dir(_adapter_dir_in(staging))
+        atomic_write_json(staging / MARKER_NAME, {"name": spec.name, "sha256": digest})
+        _swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _record(spec, _adapter_dir_in(final), digest, spec.version)
+
+
+def _hf_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
+    from huggingface_hub import HfApi, snapshot_download
+
+    from .huggingface import HuggingFaceProvider
+
+    assert spec.source is not None
+    repo_id, _, revision = spec.source[len("hf://") :].partition("@")
+    hub = HuggingFaceProvider()
+    token = request.settings.hf_token.get_secret_value() if request.settings.hf_token else None
+    api = HfApi(endpoint=hub.endpoint, token=token)
+    try:
+        commit = api.repo_info(repo_id, revision=revision or None).sha
+    except Exception as err:
+        raise ProvisionError(
+            f"cannot resolve {spec.source} on {hub.endpoint}: {type(err).__name__}: {err}"
+        ) from err
+    assert commit is not None
+    root = _adapter_root(request, spec)
+    final = root / commit
+    if (final / MARKER_NAME).is_file() and not request.force:
+        return _record(spec, final, tree_sha256(final), spec.version or commit)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            snapshot_download(
+                repo_id,
+                revision=commit,
+                local_dir=staging,
+                cache_dir=staging / ".cache" / "hub",
+                allow_patterns=ADAPTER_PATTERNS,
+                token=token,
+                endpoint=hub.endpoint,
+            )
+            result = api.verify_repo_checksums(repo_id, revision=commit, local_dir=staging)
+        except Exception as err:
+            raise ProvisionError(
+                f"downloading {spec.source} failed: {type(err).__name__}: {err}"
+            ) from err
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        present = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()}
+        if [m for m in result.mismatches if m["path"] in present]:
+            raise ProvisionError(f"{spec.source}: files do not match the Hub's checksums")
+        _check_peft_dir(staging)
+        digest = tree_sha256(staging)
+        _check_digest(spec, digest, what=f"{spec.source} (tree_sha256)")
+        atomic_write_json(staging / MARKER_NAME, {"name": spec.name, "revision": commit})
+        _swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _record(spec, final, digest, spec.version or commit)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, aside)
+    os.rename(staging, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- archives
+def _check_member_name(name: str, archive: Path) -> PurePosixPath:
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if (
+        not name
+        or name.startswith(("/", "\\"))
+        or posix.is_absolute()
+        or PureWindowsPath(name).drive
+        or ".." in posix.parts
+    ):
+        raise ProvisionError(
+            f"archive {archive.name} has an unsafe member path {name!r} (absolute or outside the "
+            "archive); refusing to extract it"
+        )
+    return posix
+
+
+def safe_extract(archive: Path, dest: Path) -> list[str]:
+    """Extract a .tar[.gz]/.zip into ``dest`` after checking every member.
+
+    Rejects absolute paths, ``..`` components, symbolic and hard links, and
+    anything that is not a regular file or directory, before writing a byte.
+    Returns the extracted file paths.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    if archive.name.lower().endswith(".zip"):
+        return _extract_zip(archive, dest)
+    try:
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with` below
+    except (tarfile.TarError, OSError) as err:
+        raise ProvisionError(f"{archive.name} is not a readable tar archive: {err}") from err
+    with tar:
+        members = tar.getmembers()
+        for member in members:
+            _check_member_name(member.name, archive)
+            if member.issym() or member.islnk():
+                raise ProvisionError(
+                    f"archive {archive.name} contains a link {member.name!r} -> "
+                    f"{member.linkname!r}; links are not allowed in adapter archives"
+                )
+            if not (member.isfile() or member.isdir()):
+                raise ProvisionError(
+                    f"archive {archive.name} contains a special file {member.name!r}; only "
+                    "regular files and directories are allowed"
+                )
+        written = []
+        for member in members:
+            target = _target(dest, _check_member_name(member.name, archive))
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            with source, open(target, "wb") as handle:
+                shutil.copyfileobj(source, handle)
+            written.append(target.relative_to(dest).as_posix())
+    return written
+
+
+def _extract_zip(archive: Path, dest: Path) -> list[str]:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ProvisionError(f"{archive.name} is not a readable zip archive: {err}") from err
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            _check_member_name(info.filename, archive)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise ProvisionError(
+                    f"archive {archive.name} contains a link {info.filename!r}; links are not "
+                    "allowed in adapter archives"
+                )
+            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ProvisionError(
+                    f"archive {archive.name} contains a special file {info.filename!r}"
+                )
+        written = []
+        for info in infos:
+            target = _target(dest, _check_member_name(info.filename, archive))
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as source, open(target, "wb") as handle:
+                shutil.copyfileobj(source, handle)
+            written.append(target.relative_to(dest).as_posix())
+    return written
+
+
+def _target(dest: Path, member: PurePosixPath) -> Path:
+    target = (dest / Path(*member.parts)) if member.parts else dest
+    resolved_dest = dest.resolve()
+    if resolved_dest not in (target.resolve(), *target.resolve().parents):
+        raise ProvisionError(f"archive member {member} would land outside {dest}")
+    return target
+
+
+def adapter_names(specs: Iterable[AdapterSpec]) -> list[str]:
+    return [spec.name for spec in specs]
