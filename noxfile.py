@@ -51,7 +51,12 @@ def _olah_cli(session: nox.Session) -> str:
 def tests(session: nox.Session) -> None:
     """The whole test suite, with the real olah, loopback servers and Ray."""
     _install_package(session)
-    env = {"MONGARS_TEST_OLAH_CLI": _olah_cli(session), "MONGARS_TEST_STRICT": "1"}
+    env = {
+        "MONGARS_TEST_OLAH_CLI": _olah_cli(session),
+        "MONGARS_TEST_STRICT": "1",
+        # tiny models: one thread each is faster than oversubscribing 2 cores
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     session.run("pytest", *(session.posargs or ["-q"]), env=env)
 
 

@@ -30,6 +30,9 @@ _LAZY: dict[str, str] = {
     "BundleError": "mongars_llm.errors",
     "ModelManager": "mongars_llm.manager",
     "provision": "mongars_llm.provisioning",
+    "UnifiedLLMRuntime": "mongars_llm.runtime",
+    "build_bundle": "mongars_llm.training",
+    "export_wrapper": "mongars_llm.export",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -49,9 +52,12 @@ if TYPE_CHECKING:  # a mirror of _LAZY for IDEs and type checkers
         UnknownProfileError,
         UnknownRoleError,
     )
+    from .export import export_wrapper
     from .manager import ModelManager
     from .provisioning import provision
+    from .runtime import UnifiedLLMRuntime
     from .settings import ModelSettings, Settings, get_settings
+    from .training import build_bundle
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,176 @@
+"""``mongars-llm bundle build|export-wrapper``: LoRA training bundles (DESIGN §4, §5)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError
+from ._output import print_json
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# flag -> BundleConfig field for the plain value options (None = not given)
+_VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--dataset-path", "dataset_path", Path, "training JSONL file"),
+    ("--dataset-id", "dataset_id", str, "Hugging Face dataset id (needs the [train] extra)"),
+    ("--dataset-split", "dataset_split", str, "split of --dataset-id (default: train)"),
+    ("--dataset-config", "dataset_config", str, "configuration name of --dataset-id"),
+    ("--eval-dataset-path", "eval_dataset_path", Path, "eval JSONL file"),
+    ("--eval-dataset-id", "eval_dataset_id", str, "Hugging Face dataset id for eval"),
+    ("--eval-dataset-split", "eval_dataset_split", str, "split of --eval-dataset-id"),
+    ("--eval-fraction", "eval_fraction", float, "held-out share when no eval set (0.1)"),
+    ("--base-model", "base_model", str, "Hub id or local checkpoint of the base model"),
+    ("--base-model-revision", "base_model_revision", str, "branch, tag or commit to pin"),
+    ("--output-dir", "output_dir", Path, "parent of run directories (<registry>/runs)"),
+    ("--registry-path", "registry_path", Path, "adapter registry (models/encoders)"),
+    ("--run-name", "run_name", str, "run directory name (generated when unset)"),
+    ("--adapter-name", "adapter_name", str, "registry name (the run name when unset)"),
+    ("--epochs", "epochs", float, "passes over the data (1)"),
+    ("--max-steps", "max_steps", int, "optimizer steps; overrides --epochs"),
+    ("--batch-size", "batch_size", int, "records per micro-batch (4)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (1)"),
+    ("--learning-rate", "learning_rate", float, "peak learning rate (2e-4)"),
+    ("--lr-scheduler", "lr_scheduler", str, "linear | cosine | constant | constant_with_warmup"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps (0)"),
+    ("--lora-r", "lora_r", int, "LoRA rank (8)"),
+    ("--lora-alpha", "lora_alpha", int, "LoRA alpha (16)"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout (0.05)"),
+    ("--max-seq-len", "max_seq_len", int, "longest record in tokens (1024)"),
+    ("--overlong", "overlong", str, "records over --max-seq-len: error | truncate"),
+    ("--seed", "seed", int, "random seed (42)"),
+    ("--precision", "precision", str, "auto | fp32 | bf16 | fp16"),
+    ("--device", "device", str, "cpu | cuda | cuda:N (auto)"),
+    ("--save-steps", "save_steps", int, "checkpoint every N steps (for --resume)"),
+    ("--eval-steps", "eval_steps", int, "also evaluate every N steps"),
+]
+
+
+def _target_modules(value: str) -> list[str]:
+    return [part for part in value.replace(" ", ",").split(",") if part]
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..training import build_bundle
+
+    overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _VALUE_FLAGS}
+    if args.target_modules:
+        overrides["target_modules"] = [m for group in args.target_modules for m in group]
+    for flag in ("dry_run", "skip_invalid", "qlora"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    if args.no_register:
+        overrides["register_adapter"] = False
+    if args.resume is not None:
+        overrides["resume"] = True if args.resume is True else Path(args.resume)
+    if args.json:
+        overrides["progress"] = False
+    try:
+        result = build_bundle(args.config, **overrides)
+    except DatasetError as err:
+        summary = getattr(err, "summary", None)
+        if args.json and summary is not None:
+            print_json({"ok": False, "error": str(err), "dataset_summary": summary.model_dump()})
+        print(f"mongars-llm: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print_json({"ok": True, **result.to_dict()})
+        return EXIT_OK
+    summary = result.dataset_summary
+    print(
+        f"dataset: {summary.rows_valid} valid record(s), {summary.rows_skipped} skipped, "
+        f"{summary.lines_blank} blank line(s), duplicate ratio {summary.duplicate_ratio:.1%}, "
+        f"{summary.trainable_tokens} trainable token(s)"
+    )
+    print(f"summary: {result.run_dir / 'dataset_summary.json'}")
+    if result.config.dry_run:
+        print("dry run: stopped after the dataset checks")
+        return EXIT_OK
+    metrics = result.metrics
+    if metrics.get("eval_loss") is not None:
+        print(
+            f"eval loss {metrics['eval_loss_initial']:.4f} -> {metrics['eval_loss']:.4f} "
+            f"(perplexity {metrics['eval_perplexity']:.2f}) after {metrics['steps']} step(s)"
+        )
+    print(f"bundle: {result.run_dir}")
+    if result.registry_entry is not None:
+        print(
+            f"registered: version {result.registry_entry.version} "
+            f"({result.registry_entry.name}) in {result.config.registry_path}"
+        )
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import export_wrapper
+
+    out = export_wrapper(
+        args.run_dir,
+        output_dir=args.output_dir,
+        base_model_id=args.base_model_id,
+        merge=args.merge,
+    )
+    if args.json:
+        print_json({"ok": True, "wrapper_dir": str(out), "merged": args.merge})
+    else:
+        print(f"wrapper: {out}")
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bundle",
+        help="build LoRA training bundles and export wrappers",
+        description="Validate a dataset, LoRA/QLoRA fine-tune, export and register (docs/training.md).",
+    )
+    commands = parser.add_subparsers(dest="bundle_command", metavar="COMMAND")
+    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
+
+    build = commands.add_parser(
+        "build",
+        help="validate data, fine-tune, export the wrapper and register the adapter",
+        description="Flags win over --config; unset flags keep the file's (or default) values.",
+    )
+    build.add_argument("--config", type=Path, help="bundle config file (JSON or YAML)")
+    for flag, field, kind, text in _VALUE_FLAGS:
+        build.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    build.add_argument(
+        "--target-modules",
+        type=_target_modules,
+        action="append",
+        metavar="NAMES",
+        help="modules to adapt, comma-separated (q_proj,v_proj) or all-linear",
+    )
+    build.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the run's newest checkpoint (or the given checkpoint directory)",
+    )
+    build.add_argument("--qlora", action="store_true", help="4-bit base (CUDA + bitsandbytes)")
+    build.add_argument("--dry-run", action="store_true", help="check the data, write the summary")
+    build.add_argument(
+        "--skip-invalid", action="store_true", help="drop invalid records instead of failing"
+    )
+    build.add_argument("--no-register", action="store_true", help="do not touch the registry")
+    build.add_argument(
+        "--json", action="store_true", help="print one JSON document; no progress bars"
+    )
+    build.set_defaults(handler=_build)
+
+    export = commands.add_parser(
+        "export-wrapper",
+        help="(re)write the wrapper folder of a bundle run",
+        description="Deep-merges wrapper_config.json into wrapper/config.json and writes the "
+        "self-contained loader module.",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="bundle run directory")
+    export.add_argument("--output-dir", type=Path, help="wrapper folder (RUN_DIR/wrapper)")
+    export.add_argument("--base-model-id", help="override the base model id in the config")
+    export.add_argument("--merge", action="store_true", help="also write a merged fp16 snapshot")
+    export.add_argument("--json", action="store_true", help="print one JSON document")
+    export.set_defaults(handler=_export)

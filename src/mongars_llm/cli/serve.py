@@ -1,0 +1,140 @@
+"""``mongars-llm serve``: the HTTP server (uvicorn), or a Ray Serve deployment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the admin API and the OpenAI-compatible API over HTTP",
+        description="Serve chat and embeddings over HTTP (OpenAI-compatible API on /v1, "
+        "admin API on /api/v1). Settings come from MONGARS_* environment variables; "
+        "these flags override them.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--profile", help="manifest profile (default: the active one)")
+    parser.add_argument("--manifest", type=Path, help="manifest file (JSON or YAML)")
+    parser.add_argument(
+        "--model", type=Path, help="checkpoint directory to serve (sets unified_model_dir)"
+    )
+    parser.add_argument(
+        "--embeddings-only",
+        action="store_true",
+        help="serve /v1/embeddings and /v1/models only",
+    )
+    parser.add_argument("--device", help="pin the model to a device ('cpu', 'cuda', 'cuda:1')")
+    parser.add_argument(
+        "--quantize-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load in 4-bit NF4 when CUDA is available (default: from settings)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes; each loads its own copy of the model (default: 1)",
+    )
+    parser.add_argument(
+        "--ray", action="store_true", help="deploy on Ray Serve instead of a single process"
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=2, help="Ray Serve replicas (with --ray; default: 2)"
+    )
+    parser.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per Ray replica (with --ray; fractions allowed; default: 1)",
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _environment(args: argparse.Namespace) -> dict[str, str]:
+    """The MONGARS_* variables equivalent to the flags (for worker processes)."""
+    env: dict[str, str] = {}
+    if args.profile:
+        env["MONGARS_LLM_MODELS_PROFILE"] = args.profile
+    if args.manifest:
+        env["MONGARS_LLM_MODELS_PATH"] = str(args.manifest.expanduser().resolve())
+    if args.model:
+        env["MONGARS_UNIFIED_MODEL_DIR"] = str(args.model.expanduser().resolve())
+    if args.device:
+        env["MONGARS_MODEL__DEVICE"] = args.device
+    if args.quantize_4bit is not None:
+        env["MONGARS_MODEL__QUANTIZE_4BIT"] = "true" if args.quantize_4bit else "false"
+    if args.embeddings_only:
+        env["MONGARS_SERVER_EMBEDDINGS_ONLY"] = "true"
+    return env
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a valid port (1-65535)")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be at least 1")
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas {args.replicas} must be at least 1")
+    if args.ray and args.workers != 1:
+        raise ConfigError("--workers does not apply with --ray; use --replicas")
+    if args.model is not None and not args.model.expanduser().exists():
+        raise ConfigError(f"--model {args.model}: no such directory; give a checkpoint directory")
+    if args.manifest is not None and not args.manifest.expanduser().is_file():
+        raise ConfigError(f"--manifest {args.manifest}: no such file")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .._extras import require
+
+    _check(args)
+    uvicorn = require("uvicorn", "serve", feature="mongars-llm serve")
+    # flags become environment variables so that every worker/replica sees the same settings
+    os.environ.update(_environment(args))
+    from ..settings import get_settings
+
+    settings = get_settings(reload=True)
+    if args.ray:
+        from ..server.ray import run as run_ray
+
+        run_ray(
+            settings,
+            host=args.host,
+            port=args.port,
+            num_replicas=args.replicas,
+            ray_actor_options={"num_cpus": args.replica_cpus},
+            embeddings_only=args.embeddings_only,
+        )
+        return 0
+    level = _uvicorn_log_level()
+    if args.workers > 1:
+        uvicorn.run(
+            "mongars_llm.server._app:create_app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=level,
+        )
+        return 0
+    from ..server import create_app
+
+    app = create_app(settings, embeddings_only=args.embeddings_only or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=level)
+    return 0
+
+
+def _uvicorn_log_level() -> str:
+    import logging
+
+    level = logging.getLogger("mongars_llm").getEffectiveLevel()
+    return logging.getLevelName(min(level, logging.INFO)).lower()

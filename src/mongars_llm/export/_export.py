@@ -1,0 +1,188 @@
+"""``export_wrapper``: turn a bundle run directory into a portable ``wrapper/`` folder.
+
+The wrapper folder holds ``config.json`` (DEFAULT_WRAPPER_CONFIG deep-merged
+with an existing ``wrapper/config.json`` and the run's ``wrapper_config.json``),
+copies of ``adapter/`` and ``tokenizer/``, an optional merged fp16 snapshot
+(``merged/``) and ``mongars_wrapper.py``, a loader that needs only
+torch/transformers/peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .._fs import atomic_write_bytes, atomic_write_json
+from .._version import __version__
+from ..errors import BundleError
+from ..logging import log_event
+
+__all__ = [
+    "DEFAULT_WRAPPER_CONFIG",
+    "WRAPPER_MANIFEST_VERSION",
+    "WRAPPER_MODULE_NAME",
+    "deep_merge",
+    "export_wrapper",
+]
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_MANIFEST_VERSION = 1
+WRAPPER_MODULE_NAME = "mongars_wrapper.py"
+_TEMPLATE = Path(__file__).with_name("_wrapper_module.py")
+
+DEFAULT_WRAPPER_CONFIG: dict[str, Any] = {
+    "format": "mongars-llm-wrapper",
+    "manifest_version": WRAPPER_MANIFEST_VERSION,
+    "base_model": {"id": None, "revision": None, "dtype": "float32", "trust_remote_code": False},
+    "tokenizer": {},
+    "generation": {
+        "max_new_tokens": 256,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "stop": [],
+    },
+    "embedding": {
+        "pooling": "mean",
+        "normalize": True,
+        "instruction": None,
+        "max_length": None,
+        "batch_size": 16,
+    },
+    "layout": {
+        "module": WRAPPER_MODULE_NAME,
+        "tokenizer_dir": "tokenizer",
+        "adapter_dir": "adapter",
+        "merged_dir": None,
+        "merged_dtype": "float16",
+        "use_merged": False,
+    },
+}
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``; nested mappings merge key by key, the rest replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    return data
+
+
+def export_wrapper(
+    run_dir: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    base_model_id: str | None = None,
+    merge: bool = False,
+) -> Path:
+    """Write the wrapper folder of the bundle in ``run_dir`` and return its path.
+
+    ``output_dir`` defaults to ``<run_dir>/wrapper``; ``base_model_id`` replaces
+    the base model recorded at training time (e.g. a mirror or a local copy);
+    ``merge=True`` also writes a merged fp16 snapshot that the loader prefers.
+    """
+    run_dir = Path(run_dir)
+    adapter_dir, tokenizer_dir = run_dir / "adapter", run_dir / "tokenizer"
+    for needed in (adapter_dir, tokenizer_dir):
+        if not needed.is_dir():
+            raise BundleError(
+                f"{run_dir} is not a bundle run directory: {needed.name}/ is missing (build one "
+                "with `mongars-llm bundle build`)"
+            )
+    out = Path(output_dir) if output_dir is not None else run_dir / "wrapper"
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = copy.deepcopy(DEFAULT_WRAPPER_CONFIG)
+    if (out / "config.json").is_file():
+        config = deep_merge(config, _read_json(out / "config.json"))
+    if (run_dir / "wrapper_config.json").is_file():
+        config = deep_merge(config, _read_json(run_dir / "wrapper_config.json"))
+    if base_model_id:
+        config = deep_merge(config, {"base_model": {"id": base_model_id, "revision": None}})
+    if not config["base_model"].get("id"):
+        metadata_file = run_dir / "run_metadata.json"
+        recorded = (
+            _read_json(metadata_file).get("base_model", {}) if metadata_file.is_file() else {}
+        )
+        if not recorded.get("id"):
+            raise BundleError(
+                f"{run_dir}: no base model recorded; pass base_model_id= (--base-model-id)"
+            )
+        config["base_model"].update({"id": recorded["id"], "revision": recorded.get("revision")})
+
+    layout = config["layout"]
+    _replace_tree(adapter_dir, out / layout["adapter_dir"])
+    _replace_tree(tokenizer_dir, out / layout["tokenizer_dir"])
+    merged = out / "merged"
+    if merge:
+        _write_merged(config, adapter_dir, tokenizer_dir, merged)
+        layout.update(merged_dir="merged", merged_dtype="float16", use_merged=True)
+    else:
+        shutil.rmtree(merged, ignore_errors=True)
+        layout.update(merged_dir=None, use_merged=False)
+    atomic_write_bytes(out / layout["module"], _TEMPLATE.read_bytes())
+    config.update(
+        manifest_version=WRAPPER_MANIFEST_VERSION,
+        mongars_llm_version=__version__,
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write_json(out / "config.json", config)
+    log_event(logger, "wrapper_exported", run_dir=str(run_dir), output=str(out), merged=bool(merge))
+    return out
+
+
+def _replace_tree(source: Path, target: Path) -> None:
+    if source.resolve() == target.resolve():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+
+
+def _write_merged(
+    config: dict[str, Any], adapter_dir: Path, tokenizer_dir: Path, target: Path
+) -> None:
+    """Base + adapter merged into plain weights, saved in fp16 with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = config["base_model"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base["id"],
+            revision=base.get("revision"),
+            dtype=torch.float32,
+            trust_remote_code=bool(base.get("trust_remote_code")),
+        )
+    except (OSError, ValueError) as err:
+        raise BundleError(
+            f"cannot load the base model {base['id']!r} to merge the adapter: {err}; pass "
+            "base_model_id= to point at a reachable copy"
+        ) from err
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.to(torch.float16)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)

@@ -1,0 +1,305 @@
+"""Loading a checkpoint once: device, dtype, 4-bit quantisation, LLM2Vec layouts.
+
+Precision follows DESIGN §3: NF4/FP4 4-bit (bitsandbytes, all four ``bnb_4bit_*``
+settings) when CUDA is present and enabled; otherwise bf16 on CPUs with native
+bf16 arithmetic (AMX or AVX512-BF16), else fp32. fp16 is never used on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import LLMRuntimeError
+from ..logging import log_event
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = [
+    "LoadPlan",
+    "QuantizationFallbackWarning",
+    "cpu_supports_bf16",
+    "detect_llm2vec_layout",
+    "load_causal_lm",
+    "plan_load",
+]
+
+logger = logging.getLogger("mongars_llm.runtime")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class QuantizationFallbackWarning(UserWarning):
+    """4-bit loading was asked for but is impossible here (no CUDA); weights load unquantised."""
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16).
+
+    Without it, PyTorch emulates bf16 matmuls and they are slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
+    return "AMX" in capability or "BF16" in capability
+
+
+def _parse_dtype(value: Any) -> torch.dtype | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower().removeprefix("torch.")]
+    except KeyError:
+        raise LLMRuntimeError(
+            f"unknown dtype {value!r}; use one of auto, float32, bfloat16, float16",
+            code="invalid_input",
+        ) from None
+
+
+@dataclass
+class LoadPlan:
+    """Where and how the weights load, decided before anything is read."""
+
+    device: str
+    dtype: torch.dtype
+    quantization: str | None = None  # "nf4" | "fp4"
+    quantization_config: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_device(device: str | None, settings: Settings) -> str:
+    device = device or settings.model.device
+    if not device or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LLMRuntimeError(
+                f"device {device!r} was asked for but CUDA is not available; "
+                "use device='cpu' or unset MONGARS_MODEL__DEVICE",
+                code="load_failed",
+            )
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise LLMRuntimeError(
+                f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))",
+                code="load_failed",
+            )
+    return device
+
+
+def plan_load(
+    *,
+    device: str | None,
+    dtype: Any,
+    quantize_4bit: bool | None,
+    settings: Settings,
+) -> LoadPlan:
+    """Decide device, dtype and quantisation from arguments > settings > hardware."""
+    model_settings = settings.model
+    resolved_device = _resolve_device(device, settings)
+    on_cuda = resolved_device.startswith("cuda")
+    explicit_dtype = _parse_dtype(dtype) or _parse_dtype(model_settings.dtype)
+    notes: list[str] = []
+
+    if on_cuda:
+        chosen = explicit_dtype or (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        )
+    else:
+        if explicit_dtype is torch.float16:
+            warnings.warn(
+                "float16 is not used on CPU (slow and lossy there); loading in float32 instead",
+                UserWarning,
+                stacklevel=3,
+            )
+            explicit_dtype = torch.float32
+        chosen = explicit_dtype or (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+        if explicit_dtype is None:
+            notes.append(
+                "cpu dtype: "
+                + ("bf16 (native bf16)" if chosen is torch.bfloat16 else "fp32 (no native bf16)")
+            )
+
+    # 4-bit: an explicit argument, or a setting the user set, is a request; the
+    # default setting (True) means "when CUDA is available".
+    asked = quantize_4bit if quantize_4bit is not None else model_settings.quantize_4bit
+    explicitly_asked = quantize_4bit is True or (
+        quantize_4bit is None
+        and model_settings.quantize_4bit
+        and "quantize_4bit" in model_settings.model_fields_set
+    )
+    plan = LoadPlan(device=resolved_device, dtype=chosen, notes=notes)
+    if not asked:
+        return plan
+    if not on_cuda:
+        if explicitly_asked:
+            message = (
+                f"4-bit quantisation was requested but the model loads on {resolved_device!r} "
+                "(no CUDA device): loading unquantised weights in "
+                f"{str(chosen).removeprefix('torch.')} instead. Set quantize_4bit=False "
+                "(MONGARS_MODEL__QUANTIZE_4BIT=false) to silence this, or "
+                "MONGARS_MODEL__STRICT_QUANTIZATION=true to make it an error."
+            )
+            if model_settings.strict_quantization:
+                raise LLMRuntimeError(message, code="load_failed")
+            warnings.warn(message, QuantizationFallbackWarning, stacklevel=3)
+            logger.warning("%s", message)
+        else:
+            notes.append("4-bit: off (no CUDA)")
+        return plan
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        message = (
+            '4-bit quantisation needs bitsandbytes: pip install "mongars-llm[quant]" '
+            "(or set MONGARS_MODEL__QUANTIZE_4BIT=false)"
+        )
+        if model_settings.strict_quantization or explicitly_asked:
+            raise LLMRuntimeError(message, code="load_failed") from err
+        warnings.warn(message + "; loading unquantised", QuantizationFallbackWarning, stacklevel=3)
+        return plan
+
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = _DTYPES[model_settings.bnb_4bit_compute_dtype]
+    plan.quantization = model_settings.bnb_4bit_quant_type
+    plan.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_settings.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=model_settings.bnb_4bit_use_double_quant,
+    )
+    plan.dtype = compute_dtype if explicit_dtype is None else explicit_dtype
+    return plan
+
+
+@dataclass
+class Llm2VecLayout:
+    """A published LLM2Vec directory: a LoRA adapter (MNTP) naming its base model."""
+
+    base: str
+    adapter_dir: Path
+    config: dict[str, Any]
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        return None
+    candidate = (adapter_dir / base).resolve()
+    return str(candidate) if candidate.exists() else str(base)
+
+
+def detect_llm2vec_layout(path: str | Path) -> Llm2VecLayout | None:
+    """An adapter directory (``adapter_config.json``) is loaded as base + adapter.
+
+    The base is the adapter's ``base_model_name_or_path`` (resolved relative to
+    the adapter directory first); ``llm2vec_config.json`` supplies the pooling
+    mode and maximum length when present.
+    """
+    adapter_dir = Path(path)
+    if not adapter_dir.is_dir():
+        return None
+    base = _adapter_base(adapter_dir)
+    if base is None:
+        return None
+    config_path = adapter_dir / "llm2vec_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    return Llm2VecLayout(base=base, adapter_dir=adapter_dir, config=config)
+
+
+def read_llm2vec_config(path: str | Path) -> dict[str, Any]:
+    config_path = Path(path) / "llm2vec_config.json"
+    if config_path.is_file():
+        return dict(json.loads(config_path.read_text(encoding="utf-8")))
+    return {}
+
+
+def load_causal_lm(
+    source: str,
+    plan: LoadPlan,
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    tokenizer_source: str | None = None,
+) -> tuple[Any, Any]:
+    """Load the causal LM and its tokenizer once, per ``plan``; sdpa attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {
+        "dtype": plan.dtype,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": "sdpa",
+        "low_cpu_mem_usage": True,
+    }
+    if revision:
+        kwargs["revision"] = revision
+    if token:
+        kwargs["token"] = token
+    if plan.quantization_config is not None:
+        kwargs["quantization_config"] = plan.quantization_config
+        kwargs["device_map"] = {"": plan.device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source or source,
+            trust_remote_code=trust_remote_code,
+            **({"revision": revision} if revision and not tokenizer_source else {}),
+            **({"token": token} if token else {}),
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except LLMRuntimeError:
+        raise
+    except Exception as err:
+        raise LLMRuntimeError(
+            f"could not load the model from {source!r}: {err}. Check that the path is a "
+            "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer) "
+            "or a Hub repo id you can access",
+            code="load_failed",
+        ) from err
+    if plan.quantization_config is None:
+        model.to(plan.device)  # type: ignore[arg-type]
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        # LLM2Vec and most decoder-only recipes pad with EOS; padded positions are masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    log_event(
+        logger,
+        "llm_runtime_plan",
+        logging.DEBUG,
+        source=source,
+        device=plan.device,
+        dtype=str(plan.dtype).removeprefix("torch."),
+        quantization=plan.quantization,
+    )
+    return model, tokenizer

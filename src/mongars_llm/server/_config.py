@@ -1,0 +1,58 @@
+"""Server limits and switches (env prefix ``MONGARS_SERVER_``).
+
+These live beside the model settings rather than inside them because they only
+matter to the HTTP layer: how many requests run at once, how many may wait, how
+large a request may be.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServerConfig"]
+
+
+class ServerConfig(BaseSettings):
+    """Limits of the HTTP server; every field is also ``MONGARS_SERVER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="MONGARS_SERVER_", extra="ignore")
+
+    embeddings_only: bool = Field(
+        False, description="Serve /v1/embeddings only; chat and completions answer 404."
+    )
+    max_concurrency: int = Field(
+        64,
+        ge=1,
+        description="Inference requests handled at once (the runtime batches them together).",
+    )
+    max_queue: int = Field(
+        256, ge=0, description="Requests that may wait for a slot; beyond it the answer is 503."
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for a slot before a 503 with Retry-After."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After (seconds) sent with 503s.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413."
+    )
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="Most inputs in one embeddings request (413 beyond)."
+    )
+    max_input_chars: int = Field(
+        200_000,
+        ge=1,
+        description="Most characters in one input text or in all messages of a chat (413 beyond).",
+    )
+    max_prompts: int = Field(
+        32, ge=1, description="Most prompts in one /v1/completions request (413 beyond)."
+    )
+    max_messages: int = Field(
+        512, ge=1, description="Most messages in one chat request (413 beyond)."
+    )
+    registry_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="Poll the adapter registry this often and load a new latest version "
+        "(off when unset; the Ray deployment always polls).",
+    )

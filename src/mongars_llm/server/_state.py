@@ -1,0 +1,237 @@
+"""What one app instance holds: settings, the runtime (loaded lazily), the model
+manager, the admission controller, provisioning jobs and the registry watcher."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LLMRuntimeError, UnknownRoleError
+from ..logging import log_event
+from ..settings import Settings
+from ._config import ServerConfig
+from ._errors import APIError
+from ._jobs import JobStore
+from ._limits import AdmissionController
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ._adapters import RegistryWatcher
+
+__all__ = ["BASE_ADAPTER", "EmbedFn", "ServerState"]
+
+logger = logging.getLogger("mongars_llm.server")
+
+#: the adapter name that selects the bare base weights (``model="general:base"``)
+BASE_ADAPTER = "base"
+
+#: embed(texts, instruction=, adapter=, normalize=, pooling=) -> float32 (n, hidden)
+EmbedFn = Callable[..., Awaitable["np.ndarray"]]
+
+
+class ServerState:
+    """Shared by every route through ``request.app.state.mongars``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: ServerConfig,
+        *,
+        runtime: Any | None,
+        manager: Any | None,
+        embeddings_only: bool,
+        embed_fn: EmbedFn | None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.runtime = runtime
+        self.embeddings_only = embeddings_only
+        self.embed_fn = embed_fn
+        self.load_error: BaseException | None = None
+        self.loading = runtime is None
+        self.started_at = time.time()
+        self.admission = AdmissionController(
+            max_concurrency=config.max_concurrency,
+            max_queue=config.max_queue,
+            queue_timeout_s=config.queue_timeout_s,
+        )
+        self.jobs = JobStore(self._provision)
+        self.watcher: RegistryWatcher | None = None
+        self._manager = manager
+        self._manager_lock = threading.Lock()
+        self._load_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ manager
+    @property
+    def manager(self) -> Any:
+        """The :class:`~mongars_llm.manager.ModelManager` (built on first use)."""
+        if self._manager is None:
+            with self._manager_lock:
+                if self._manager is None:
+                    from ..manager import ModelManager
+
+                    self._manager = ModelManager(settings=self.settings)
+        return self._manager
+
+    def _provision(self, roles: list[str] | None, *, force: bool, progress: Any) -> Any:
+        from ..provisioning import provision
+
+        return provision(
+            roles, force=force, manager=self.manager, progress=progress, show_progress=False
+        )
+
+    # ------------------------------------------------------------------ runtime
+    def start_loading(self) -> None:
+        """Load the shared runtime in a background thread (readiness flips when done)."""
+        if self.runtime is not None or self._load_thread is not None:
+            return
+        self.loading = True
+        self._load_thread = threading.Thread(
+            target=self._load, name="mongars-runtime-loader", daemon=True
+        )
+        self._load_thread.start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            from ..runtime import UnifiedLLMRuntime
+
+            runtime = UnifiedLLMRuntime.shared(self.settings)
+        except BaseException as err:  # recorded and reported by /readyz and every route
+            self.load_error = err
+            self.loading = False
+            log_event(logger, "server_load_failed", logging.ERROR, error=str(err))
+            return
+        self.runtime = runtime
+        self.loading = False
+        log_event(
+            logger,
+            "server_ready",
+            model=getattr(runtime, "model_id", None),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        self.start_watcher()
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        if self._load_thread is not None:
+            self._load_thread.join(timeout)
+        return self.runtime is not None
+
+    def require_runtime(self) -> Any:
+        """The runtime, or a 503 saying it is still loading / failed to load."""
+        if self.runtime is not None:
+            return self.runtime
+        retry = {"Retry-After": str(self.config.retry_after_s)}
+        if self.load_error is not None:
+            raise LLMRuntimeError(
+                f"the model failed to load: {self.load_error}", code="load_failed"
+            ) from None
+        raise APIError(
+            503,
+            "the model is still loading; retry shortly (GET /readyz says when it is ready)",
+            code="model_loading",
+            type="server_error",
+            headers=retry,
+        )
+
+    def start_watcher(self) -> None:
+        poll = self.config.registry_poll_s
+        if poll is None or self.runtime is None or self.watcher is not None:
+            return
+        from ._adapters import RegistryWatcher
+
+        self.watcher = RegistryWatcher(
+            self.runtime, self.settings.llm_adapter_registry_path, poll_s=poll
+        )
+        self.watcher.start()
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    # ------------------------------------------------------------------ models
+    def role_names(self) -> list[str]:
+        try:
+            return list(self.manager.role_names)
+        except Exception as err:  # a broken manifest must not take /v1/models down
+            log_event(logger, "server_manifest_unavailable", logging.WARNING, error=str(err))
+            return []
+
+    def adapter_names(self) -> list[str]:
+        """Adapters selectable by requests: the runtime's plus the watcher's aliases."""
+        runtime = self.runtime
+        names = list(getattr(runtime, "adapter_names", ()) or ()) if runtime is not None else []
+        if self.watcher is not None:
+            names.extend(alias for alias in self.watcher.aliases if alias not in names)
+        if names:
+            names.insert(0, BASE_ADAPTER)
+        return names
+
+    def resolve_model(
+        self, model: str, adapter: str | None
+    ) -> tuple[str | None, str | tuple[()] | None]:
+        """``model`` (a role, ``role:adapter`` or the checkpoint id) → (role, adapter).
+
+        The adapter is ``None`` for the runtime's defaults, a runtime adapter
+        name, or ``()`` for ``role:base`` (no adapter). Unknown names are a 404
+        listing what is available; an adapter given both ways with different
+        names is a 422.
+        """
+        runtime = self.runtime
+        model_id = getattr(runtime, "model_id", None) if runtime is not None else None
+        roles = self.role_names()
+        base, suffix = model, None
+        if model not in roles and model != model_id and ":" in model:
+            base, suffix = model.split(":", 1)
+        if base in roles:
+            role: str | None = base
+        elif model_id is not None and base == model_id:
+            role = None
+        else:
+            available = ", ".join(roles) or "(none)"
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; available models: {available} "
+                "(see GET /v1/models)",
+                code="model_not_found",
+                param="model",
+            )
+        if suffix is not None and adapter is not None and suffix != adapter:
+            raise APIError(
+                422,
+                f"the adapter is given twice with different names ({suffix!r} in 'model', "
+                f"{adapter!r} in 'adapter'); give it once",
+                code="invalid_value",
+                param="adapter",
+            )
+        chosen = suffix if suffix is not None else adapter
+        if chosen is None:
+            return role, None
+        if chosen == BASE_ADAPTER:
+            return role, ()  # an explicit empty selection: no adapter at all
+        return role, self.resolve_adapter(chosen)
+
+    def resolve_adapter(self, name: str) -> str:
+        resolved = self.watcher.resolve(name) if self.watcher is not None else name
+        runtime = self.runtime
+        known = list(getattr(runtime, "adapter_names", ()) or ()) if runtime is not None else []
+        if runtime is not None and resolved not in known:
+            raise APIError(
+                404,
+                f"unknown adapter {name!r}; loaded adapters: {', '.join(self.adapter_names()) or '(none)'}",
+                code="adapter_not_found",
+                param="adapter",
+            )
+        return resolved
+
+    def role_entry(self, role: str | None) -> Any | None:
+        if role is None:
+            return None
+        try:
+            return self.manager.role(role)
+        except UnknownRoleError:
+            return None

@@ -1,0 +1,362 @@
+"""Wire models of the HTTP API (pydantic), following the OpenAI API reference.
+
+Request models accept the fields the official ``openai`` client sends; the few
+extensions (``adapter``, ``top_k``, ``instruction``) are marked as such in their
+descriptions. Fields that mongars-llm cannot honour (``n > 1``, ``logprobs``,
+``tools``) are rejected with a 422 that names the field rather than ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+__all__ = [
+    "ChatCompletionChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionChunkChoice",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "CompletionChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ContentPart",
+    "DeltaMessage",
+    "EmbeddingData",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "EmbeddingUsage",
+    "ErrorInfo",
+    "ErrorResponse",
+    "HealthResponse",
+    "ModelCard",
+    "ModelList",
+    "ProvisionJob",
+    "ProvisionRequest",
+    "ReadyResponse",
+    "ResponseMessage",
+    "StreamOptions",
+    "Usage",
+]
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Stop = StrictStr | list[StrictStr] | None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="What went wrong and how to fix it.")
+    type: str = Field(
+        description="Error family: invalid_request_error, authentication_error, "
+        "permission_error, not_found_error, overloaded_error, server_error."
+    )
+    param: str | None = Field(None, description="The request field at fault, if any.")
+    code: str | None = Field(None, description="Stable machine-readable code.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error body, OpenAI-shaped: ``{"error": {message, type, param, code}}``."""
+
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="A role name, or 'role:adapter' for a loaded LoRA adapter.")
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "mongars-llm"
+    root: str | None = Field(None, description="The checkpoint the role runs on.")
+    parent: str | None = Field(None, description="For 'role:adapter' ids: the role.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- chat
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only ``text`` parts are supported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model: StrictStr = Field(
+        description="A role name from GET /v1/models, or 'role:adapter' to use a LoRA adapter.",
+        examples=["general"],
+    )
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Most tokens to generate; above the server bound is a 422."
+    )
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Extension: keep only the k most likely tokens (0 = off)."
+    )
+    n: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = Field(None, description="Up to 4 strings that end the generation.")
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    user: StrictStr | None = None
+    adapter: StrictStr | None = Field(
+        None, description="Extension: the LoRA adapter to use (same as model='role:adapter')."
+    )
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "general",
+                    "messages": [{"role": "user", "content": "Hello!"}],
+                    "max_tokens": 8,
+                },
+                {
+                    "model": "general",
+                    "messages": [{"role": "user", "content": "Hello!"}],
+                    "max_tokens": 8,
+                    "stream": True,
+                },
+            ]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Newer name of max_tokens; wins when both are set."
+    )
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------- completions
+
+
+class CompletionRequest(_SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "general", "prompt": "The capital of France is", "max_tokens": 8}
+            ]
+        }
+    )
+
+    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] = Field(
+        description="A prompt, a list of prompts, or token ids (one list per prompt)."
+    )
+    echo: bool = False
+    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "embedding", "input": ["first text", "second text"]},
+                {
+                    "model": "embedding",
+                    "input": "a text",
+                    "encoding_format": "base64",
+                    "dimensions": 8,
+                },
+            ]
+        }
+    )
+
+    model: StrictStr = Field(
+        description="A role name from GET /v1/models (or 'role:adapter').", examples=["embedding"]
+    )
+    input: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] = Field(
+        description="A text, a list of texts, token ids, or a list of token-id lists."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float",
+        description="'base64' is the little-endian float32 bytes of each vector, base64-encoded "
+        "(the official client asks for it by default).",
+    )
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Keep the first N dimensions and re-normalise to unit length."
+    )
+    user: StrictStr | None = None
+    instruction: StrictStr | None = Field(
+        None,
+        description="Extension: an LLM2Vec instruction prepended to every input and excluded "
+        "from pooling (defaults to the role's configured instruction).",
+    )
+    adapter: StrictStr | None = Field(
+        None, description="Extension: the LoRA adapter to use (same as model='role:adapter')."
+    )
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --------------------------------------------------------------------------- health
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    model: str | None = Field(None, description="The loaded checkpoint, once ready.")
+    embeddings_only: bool = False
+    adapters: list[str] = Field(default_factory=list)
+    detail: str | None = None
+
+
+# --------------------------------------------------------------------------- admin
+
+
+class ProvisionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    roles: list[StrictStr] | None = Field(
+        None, description="Roles to provision; all roles of the active profile when omitted."
+    )
+    force: bool = Field(False, description="Bypass the per-process cache and re-verify.")
+
+
+class ProvisionJob(BaseModel):
+    """A provisioning run started by POST /api/v1/models/provision."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    roles: list[str] | None
+    force: bool
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    report: dict[str, Any] | None = Field(
+        None, description="The provisioning report (one entry per role) once finished."
+    )
+    error: str | None = Field(None, description="Why the job failed before producing a report.")
+    events: list[dict[str, Any]] = Field(
+        default_factory=list, description="Progress events recorded so far."
+    )

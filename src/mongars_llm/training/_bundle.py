@@ -1,0 +1,450 @@
+"""``build_bundle``: validate data → LoRA fine-tune → export → register.
+
+Run directory layout (DESIGN §4)::
+
+    <output_dir>/<run_name>/
+      dataset_summary.json        hygiene report of the training set
+      eval_dataset_summary.json   same for an explicit eval set
+      adapter/                    peft format (adapter_config.json + safetensors)
+      tokenizer/                  the tokenizer used for training
+      wrapper_config.json         input of the wrapper export (§5)
+      wrapper/                    self-contained loader + config + artefacts
+      checkpoints/step-N/         resumable state (adapter, optimizer, scheduler, RNG)
+      train_log.jsonl             one line per optimizer step
+      run_metadata.json           resolved config, versions, metrics, digests
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
+from .._version import __version__
+from ..errors import BundleError, DatasetError
+from ..logging import log_event
+from ..registry import AdapterRegistry, RegistryEntry, digest_tree
+from ._config import BundleConfig, load_bundle_config
+from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
+
+__all__ = ["BundleResult", "build_bundle"]
+
+logger = logging.getLogger(__name__)
+
+RUN_METADATA_VERSION = 1
+
+
+@dataclass
+class BundleResult:
+    """What :func:`build_bundle` produced. ``adapter_dir``/``wrapper_dir`` are ``None``
+    for a dry run; ``registry_entry`` is ``None`` when nothing was registered."""
+
+    run_dir: Path
+    config: BundleConfig
+    dataset_summary: DatasetSummary
+    adapter_dir: Path | None = None
+    wrapper_dir: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    registry_entry: RegistryEntry | None = None
+    eval_dataset_summary: DatasetSummary | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: the trained peft model, still in memory (``None`` for a dry run)
+    model: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (what ``mongars-llm bundle build --json`` prints)."""
+        return {
+            "run_dir": str(self.run_dir),
+            "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
+            "wrapper_dir": str(self.wrapper_dir) if self.wrapper_dir else None,
+            "dry_run": self.config.dry_run,
+            "metrics": {k: v for k, v in self.metrics.items() if k != "evals"},
+            "registry_entry": (
+                self.registry_entry.model_dump(mode="json") if self.registry_entry else None
+            ),
+            "dataset_summary": self.dataset_summary.model_dump(mode="json"),
+            "eval_dataset_summary": (
+                self.eval_dataset_summary.model_dump(mode="json")
+                if self.eval_dataset_summary
+                else None
+            ),
+        }
+
+
+def build_bundle(
+    config_or_path: BundleConfig | Mapping[str, Any] | str | Path | None = None,
+    **overrides: Any,
+) -> BundleResult:
+    """Build a training bundle: validate, fine-tune, export the wrapper and register.
+
+    ``config_or_path`` is a :class:`BundleConfig`, a mapping or a JSON/YAML
+    file; keyword ``overrides`` (any config field; ``None`` means "not given")
+    win over it. With ``dry_run=True`` it stops after the dataset checks.
+    Raises :class:`DatasetError` (every bad record listed), :class:`ConfigError`
+    or :class:`BundleError`.
+    """
+    config = load_bundle_config(config_or_path, **overrides)
+    config.require_dataset()
+    started_at = _now()
+    run_name = config.resolved_run_name()
+    run_dir = (config.resolved_output_dir() / run_name).resolve()
+    if (run_dir / "run_metadata.json").exists() and not config.dry_run and not config.resume:
+        raise BundleError(
+            f"{run_dir} already holds a finished bundle; choose another --run-name or "
+            "--output-dir (bundles are never overwritten)"
+        )
+    # refuse impossible precision (QLoRA off CUDA) before anything is loaded
+    precision = None
+    if not config.dry_run:
+        from ._trainer import resolve_precision
+
+        precision = resolve_precision(config)
+
+    from ._data import _load_tokenizer
+
+    tokenizer = _load_tokenizer(config.base_model, config.base_model_revision)
+    pad_added = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels are masked by position, EOS survives
+        pad_added = True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_summary, train_examples = load_examples(
+        _rows(config.dataset_path, config.dataset_id, config.dataset_config, config.dataset_split),
+        source=str(config.dataset_path or config.dataset_id),
+        tokenizer=tokenizer,
+        max_seq_len=config.max_seq_len,
+        skip_invalid=config.skip_invalid,
+        overlong=config.overlong,
+        summary_path=run_dir / "dataset_summary.json",
+    )
+    eval_summary: DatasetSummary | None = None
+    eval_examples: list[EncodedExample] = []
+    if config.eval_dataset_path is not None or config.eval_dataset_id is not None:
+        eval_summary, eval_examples = load_examples(
+            _rows(
+                config.eval_dataset_path,
+                config.eval_dataset_id,
+                config.dataset_config,
+                config.eval_dataset_split,
+            ),
+            source=str(config.eval_dataset_path or config.eval_dataset_id),
+            tokenizer=tokenizer,
+            max_seq_len=config.max_seq_len,
+            skip_invalid=config.skip_invalid,
+            overlong=config.overlong,
+            summary_path=run_dir / "eval_dataset_summary.json",
+        )
+    elif config.eval_fraction > 0 and len(train_examples) >= 2:
+        train_examples, eval_examples = _hold_out(train_examples, config.eval_fraction, config.seed)
+    log_event(
+        logger,
+        "bundle_dataset",
+        rows=train_summary.rows_valid,
+        invalid=train_summary.rows_invalid,
+        duplicates=train_summary.duplicates,
+        trainable_tokens=train_summary.trainable_tokens,
+    )
+    if config.dry_run:
+        return BundleResult(
+            run_dir=run_dir,
+            config=config,
+            dataset_summary=train_summary,
+            eval_dataset_summary=eval_summary,
+        )
+
+    trainable = sum(e.trainable_tokens for e in train_examples)
+    if trainable < config.min_trainable_tokens:
+        raise DatasetError(
+            f"only {trainable} trainable (completion) token(s) remain in {len(train_examples)} "
+            f"training record(s), fewer than min_trainable_tokens={config.min_trainable_tokens}; "
+            "the run would learn nothing. Add data or raise max_seq_len",
+            [],
+        )
+    assert precision is not None
+    return _train_and_package(
+        config,
+        precision=precision,
+        tokenizer=tokenizer,
+        pad_added=pad_added,
+        run_name=run_name,
+        run_dir=run_dir,
+        started_at=started_at,
+        train_summary=train_summary,
+        eval_summary=eval_summary,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+    )
+
+
+def _train_and_package(
+    config: BundleConfig,
+    *,
+    precision: Any,
+    tokenizer: Any,
+    pad_added: bool,
+    run_name: str,
+    run_dir: Path,
+    started_at: str,
+    train_summary: DatasetSummary,
+    eval_summary: DatasetSummary | None,
+    train_examples: list[EncodedExample],
+    eval_examples: list[EncodedExample],
+) -> BundleResult:
+    import peft
+
+    from ..export import export_wrapper
+    from ._trainer import build_peft_model, load_base_model, seed_everything, train
+
+    seed_everything(config.seed)
+    t0 = time.perf_counter()
+    with _hub_progress(config.progress):
+        base = load_base_model(config, precision)
+    base_commit = getattr(base.config, "_commit_hash", None) or config.base_model_revision
+    model = build_peft_model(base, config)
+    trainable_params, total_params = model.get_nb_trainable_parameters()
+    fingerprint = {
+        "dataset_sha256": _examples_digest(train_examples),
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "group_by_length": config.group_by_length,
+        "seed": config.seed,
+        "lora_r": config.lora_r,
+        "learning_rate": config.learning_rate,
+        "base_model": config.base_model,
+    }
+    outcome = train(
+        model,
+        config=config,
+        precision=precision,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=run_dir,
+        fingerprint=fingerprint,
+    )
+    metrics = {
+        **outcome.metrics,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _write_jsonl(run_dir / "train_log.jsonl", outcome.history)
+
+    adapter_dir = run_dir / "adapter"
+    tokenizer_dir = run_dir / "tokenizer"
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    lora_config = model.peft_config["default"]
+    target_modules = sorted(lora_config.target_modules or [])
+    modules_to_save = sorted(lora_config.modules_to_save or [])
+
+    atomic_write_json(
+        run_dir / "wrapper_config.json",
+        _wrapper_config(config, tokenizer, base_commit, precision, run_name),
+    )
+    wrapper_dir = export_wrapper(run_dir)
+
+    compatibility = {
+        "base_model": config.base_model,
+        "base_model_revision": base_commit,
+        "peft_version": peft.__version__,
+        "r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save,
+    }
+    digests: dict[str, Any] = {
+        "adapter": digest_tree(adapter_dir),
+        "tokenizer": digest_tree(tokenizer_dir),
+        "wrapper": digest_tree(wrapper_dir),
+        "dataset_summary.json": sha256_file(run_dir / "dataset_summary.json"),
+    }
+    registry_metrics = {
+        k: metrics.get(k)
+        for k in (
+            "eval_loss",
+            "eval_perplexity",
+            "eval_loss_initial",
+            "train_loss",
+            "steps",
+            "tokens_seen",
+        )
+    }
+    dataset_stats = {
+        "source": train_summary.source,
+        "format": train_summary.format,
+        "rows": train_summary.rows_valid,
+        "rows_skipped": train_summary.rows_skipped,
+        "duplicate_ratio": train_summary.duplicate_ratio,
+        "trainable_tokens": train_summary.trainable_tokens,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+    }
+    entry = None
+    if config.register_adapter:
+        entry = AdapterRegistry(config.registry_path).register(
+            adapter_dir,
+            name=config.adapter_name or run_name,
+            run_name=run_name,
+            run_dir=run_dir,
+            compatibility=compatibility,
+            metrics=registry_metrics,
+            dataset=dataset_stats,
+            sha256=digests["adapter"],
+        )
+    run_metadata = {
+        "schema_version": RUN_METADATA_VERSION,
+        "run_name": run_name,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "config": config.model_dump(mode="json"),
+        "base_model": {"id": config.base_model, "revision": base_commit},
+        "seed": config.seed,
+        "precision": precision.as_dict(),
+        "tokenizer": {"pad_token_added_as_eos": pad_added, "pad_token": tokenizer.pad_token},
+        "lora": compatibility,
+        "versions": _versions(),
+        "metrics": metrics,
+        "dataset": dataset_stats,
+        "resumed_from": outcome.resumed_from,
+        "registry": (
+            {"path": str(Path(config.registry_path).resolve()), "version": entry.version}
+            if entry
+            else None
+        ),
+        "sha256": digests,
+    }
+    atomic_write_json(run_dir / "run_metadata.json", run_metadata)
+    log_event(
+        logger,
+        "bundle_built",
+        run=run_name,
+        steps=metrics["steps"],
+        eval_loss=metrics.get("eval_loss"),
+        version=entry.version if entry else None,
+    )
+    return BundleResult(
+        run_dir=run_dir,
+        config=config,
+        dataset_summary=train_summary,
+        eval_dataset_summary=eval_summary,
+        adapter_dir=adapter_dir,
+        wrapper_dir=wrapper_dir,
+        metrics=metrics,
+        registry_entry=entry,
+        history=outcome.history,
+        model=outcome.model,
+    )
+
+
+# ------------------------------------------------------------------ helpers
+@contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """Silence transformers' weight-loading bars when progress is off (``--json``)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _rows(
+    path: Path | None, dataset_id: str | None, dataset_config: str | None, split: str
+) -> list[tuple[int, Any]]:
+    if path is not None:
+        return read_jsonl_rows(path)
+    from .._extras import require
+
+    datasets = require("datasets", "train", feature="--dataset-id")
+    try:
+        dataset = datasets.load_dataset(dataset_id, dataset_config, split=split)
+    except Exception as err:  # the datasets library raises many unrelated types
+        raise DatasetError(f"cannot load dataset {dataset_id!r} (split {split!r}): {err}") from err
+    return hub_rows(dataset)
+
+
+def _hold_out(
+    examples: list[EncodedExample], fraction: float, seed: int
+) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evals = [e for i, e in enumerate(examples) if i in held]
+    return train, evals
+
+
+def _examples_digest(examples: list[EncodedExample]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.input_ids, example.labels]).encode())
+    return digest.hexdigest()
+
+
+def _wrapper_config(
+    config: BundleConfig, tokenizer: Any, base_commit: str | None, precision: Any, run_name: str
+) -> dict[str, Any]:
+    return {
+        "base_model": {
+            "id": config.base_model,
+            "revision": base_commit,
+            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
+                precision.precision
+            ],
+            "trust_remote_code": config.trust_remote_code,
+        },
+        "tokenizer": {
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "model_max_length": config.max_seq_len,
+        },
+        "embedding": {"max_length": config.max_seq_len},
+        "adapter": {"name": config.adapter_name or run_name},
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"mongars-llm": __version__, "python": platform.python_version()}
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "tokenizers",
+        "safetensors",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+    ):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,186 @@
+"""``BundleConfig``: every knob of a training bundle, from a file, code or CLI flags."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+
+__all__ = ["BundleConfig", "load_bundle_config"]
+
+DEFAULT_BASE_MODEL = "dphn/Dolphin-X1-8B"
+
+
+class BundleConfig(BaseModel):
+    """Configuration of :func:`~mongars_llm.training.build_bundle`.
+
+    Each field is also a ``mongars-llm bundle build`` flag (``lora_r`` →
+    ``--lora-r``); flags and keyword overrides win over a config file. The
+    resolved config is written to ``run_metadata.json``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset_path: Path | None = Field(None, description="Training JSONL file.")
+    dataset_id: str | None = Field(None, description="Hugging Face dataset id (needs [train]).")
+    dataset_split: str = "train"
+    dataset_config: str | None = Field(None, description="Hub dataset configuration name.")
+    eval_dataset_path: Path | None = None
+    eval_dataset_id: str | None = None
+    eval_dataset_split: str = "validation"
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Held-out share of the training rows used for eval when no eval set is given.",
+    )
+    skip_invalid: bool = Field(False, description="Drop (and count) invalid records.")
+    overlong: Literal["error", "truncate"] = Field(
+        "error", description="Records longer than max_seq_len: an error, or truncated."
+    )
+    max_seq_len: int = Field(1024, ge=8)
+    min_trainable_tokens: int = Field(
+        1, ge=1, description="Refuse to train when fewer label tokens remain in the whole set."
+    )
+
+    # model
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="Hub id or local checkpoint dir.")
+    base_model_revision: str | None = Field(None, description="Branch, tag or commit to pin.")
+    trust_remote_code: bool = False
+    qlora: bool = Field(False, description="4-bit base + LoRA (CUDA and bitsandbytes only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on CUDA when supported, else fp16."
+    )
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'; auto when unset.")
+
+    # LoRA
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (or ['all-linear']); peft's default when unset."
+    )
+    modules_to_save: list[str] | None = None
+
+    # optimisation
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    group_by_length: bool = Field(
+        True, description="Batch records of similar length together (less padding, faster)."
+    )
+
+    # run
+    output_dir: Path | None = Field(None, description="Parent of run dirs; <registry>/runs.")
+    run_name: str | None = Field(None, description="Run directory name; generated when unset.")
+    adapter_name: str | None = Field(None, description="Registry name; the run name when unset.")
+    registry_path: Path = Path("models/encoders")
+    register_adapter: bool = Field(True, description="Add the adapter to the registry.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps too.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    logging_steps: int = Field(10, ge=1)
+    resume: bool | Path = Field(
+        False, description="True: newest checkpoint of the run; or a checkpoint directory."
+    )
+    dry_run: bool = Field(False, description="Validate the data, write the summary, stop.")
+    progress: bool = Field(True, description="Progress bars on stderr (off with --json).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BundleConfig:
+        if self.dataset_path is not None and self.dataset_id is not None:
+            raise ValueError("give dataset_path or dataset_id, not both")
+        if self.eval_dataset_path is not None and self.eval_dataset_id is not None:
+            raise ValueError("give eval_dataset_path or eval_dataset_id, not both")
+        if self.run_name is not None and not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name
+        ):
+            raise ValueError(
+                f"run_name {self.run_name!r} must be letters, digits, '.', '_' or '-' "
+                "(it names a directory)"
+            )
+        return self
+
+    def require_dataset(self) -> None:
+        if self.dataset_path is None and self.dataset_id is None:
+            raise ConfigError(
+                "no training data: pass --dataset-path FILE.jsonl or --dataset-id ORG/NAME "
+                "(or set dataset_path in the config file)"
+            )
+
+    def resolved_run_name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.base_model).name).strip("-") or "model"
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return f"{base}-{stamp}"
+
+    def resolved_output_dir(self) -> Path:
+        return self.output_dir if self.output_dir is not None else self.registry_path / "runs"
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read the bundle config {path}: {err}") from err
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError (via str)
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from err
+    except Exception as err:  # yaml.YAMLError is no ValueError
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the bundle config must be a mapping of options")
+    base = path.parent
+    for key in ("dataset_path", "eval_dataset_path", "output_dir", "registry_path"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[key] = str(base / value)  # relative to the config file, like the manifest
+    return data
+
+
+def load_bundle_config(
+    config_or_path: BundleConfig | Mapping[str, Any] | str | Path | None = None,
+    **overrides: Any,
+) -> BundleConfig:
+    """Merge a config (object, mapping or JSON/YAML file) with ``overrides`` (``None`` = unset)."""
+    if isinstance(config_or_path, BundleConfig):
+        data = config_or_path.model_dump(exclude_unset=True)
+        source = "<BundleConfig>"
+    elif isinstance(config_or_path, Mapping):
+        data, source = dict(config_or_path), "<mapping>"
+    elif config_or_path is not None:
+        path = Path(config_or_path)
+        data, source = _read_config_file(path), str(path)
+    else:
+        data, source = {}, "<defaults>"
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BundleConfig.model_validate(data)
+    except ValidationError as err:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid bundle config ({source}): {details}") from err

@@ -1,0 +1,582 @@
+"""A small, deterministic LoRA/QLoRA training loop (torch + peft, no ``Trainer``).
+
+Why not ``transformers.Trainer``: on CPU its per-step machinery costs a lot on
+small adapters, and its resume restores the data position only approximately.
+Here the micro-batch order is a pure function of ``(seed, epoch)``, so a
+checkpoint needs only the step number to restore the data position, and a
+resumed run ends bit-for-bit where a straight run ends. The loss is computed
+on label positions only (the LM head runs on completion tokens, not on the
+prompt), token-weighted across gradient-accumulation micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError, ConfigError
+from ..logging import log_event
+from ._config import BundleConfig
+from ._data import IGNORE_INDEX, EncodedExample
+
+__all__ = ["Precision", "TrainOutcome", "load_base_model", "resolve_precision", "train"]
+
+logger = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Device and precision resolved before any weights load (recorded in metadata)."""
+
+    device: str
+    precision: str  # fp32 | bf16 | fp16
+    qlora: bool
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, _DTYPES[self.precision])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "qlora": self.qlora}
+
+
+def resolve_precision(config: BundleConfig) -> Precision:
+    """Pick device and precision; refuse QLoRA without CUDA before anything loads.
+
+    CPU trains in fp32 (bf16/fp16 autocast on CPU is slow and lossy for LoRA);
+    CUDA uses bf16 where supported, else fp16.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = config.device or ("cuda" if cuda else "cpu")
+    on_cuda = device.startswith("cuda")
+    if config.qlora:
+        if not on_cuda or not cuda:
+            raise ConfigError(
+                "QLoRA (qlora=true) needs a CUDA GPU and bitsandbytes; this machine has "
+                f"{'no CUDA device' if not cuda else 'device=' + device}. Train plain LoRA "
+                "(drop --qlora) or run on a CUDA machine"
+            )
+        from .._extras import require
+
+        require("bitsandbytes", "quant", feature="QLoRA training")
+    if on_cuda and not cuda:
+        raise ConfigError(f"device={device!r} but CUDA is not available; use device='cpu'")
+    precision = config.precision
+    if precision == "auto":  # fp32 on CPU: bf16 there is slow and lossy for LoRA
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
+    if precision == "fp16" and not on_cuda:
+        raise ConfigError("precision='fp16' is not supported for CPU training; use fp32 or bf16")
+    return Precision(device=device, precision=precision, qlora=config.qlora)
+
+
+def load_base_model(config: BundleConfig, precision: Precision) -> Any:
+    """Load the base causal LM in the resolved precision (4-bit when QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    loader: Any = AutoModelForCausalLM
+    kwargs: dict[str, Any] = {
+        "revision": config.base_model_revision,
+        "trust_remote_code": config.trust_remote_code,
+        "dtype": precision.torch_dtype,
+    }
+    if precision.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=precision.torch_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": precision.device}
+    try:
+        model = loader.from_pretrained(config.base_model, **kwargs)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot load the base model {config.base_model!r}: {err}") from err
+    if precision.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.to(precision.device)
+    model.config.use_cache = False
+    return model
+
+
+def build_peft_model(model: Any, config: BundleConfig) -> Any:
+    """Seed every RNG, then inject the LoRA layers (so their init is reproducible)."""
+    from peft import LoraConfig, get_peft_model
+
+    seed_everything(config.seed)
+    target: Any = config.target_modules
+    if target == ["all-linear"]:
+        target = "all-linear"
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target,
+        modules_to_save=config.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ConfigError(f"cannot build the LoRA adapter: {err}") from err
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ------------------------------------------------------------------ batching
+@dataclass
+class Batch:
+    input_ids: Any
+    attention_mask: Any
+    labels: Any
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int, device: str) -> Batch:
+    """Right-pad a micro-batch; padding gets label -100 by *position*, never by token id,
+    so an EOS label survives when pad == eos."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example.labels)
+    return Batch(ids.to(device), mask.to(device), labels.to(device))
+
+
+class BatchPlan:
+    """Micro-batch ``k`` is a pure function of ``(seed, k)``: epoch ``k // per_epoch``
+    is ordered with ``seed + epoch``. Optimizer step ``s`` uses micro-batches
+    ``s*grad_accum .. s*grad_accum + grad_accum - 1``.
+
+    With ``lengths`` given, records are grouped by length (as transformers'
+    ``group_by_length``): a shuffled epoch is cut into mega-chunks of
+    ``GROUP_BATCHES`` micro-batches, each sorted by length, and the resulting
+    micro-batches are shuffled again. Less padding, same randomness per epoch.
+    """
+
+    GROUP_BATCHES = 16
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
+        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
+        self.lengths = list(lengths) if lengths is not None else None
+        self.per_epoch = math.ceil(n / batch_size)
+        self.steps_per_epoch = math.ceil(self.per_epoch / grad_accum)
+        self._batches: dict[int, list[list[int]]] = {}
+
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        if max_steps is not None:
+            return max_steps
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            import torch
+
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+            size = self.batch_size
+            if self.lengths is None:
+                batches = [order[i : i + size] for i in range(0, self.n, size)]
+            else:
+                lengths, chunk = self.lengths, size * self.GROUP_BATCHES
+                batches = []
+                for start in range(0, self.n, chunk):
+                    group = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+                    batches.extend(group[i : i + size] for i in range(0, len(group), size))
+                shuffle = torch.randperm(len(batches), generator=generator).tolist()
+                batches = [batches[i] for i in shuffle]
+            self._batches = {epoch: batches}
+        return self._batches[epoch]
+
+    def micro_batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        return self._epoch(epoch)[j]
+
+    def step(self, step: int) -> list[list[int]]:
+        first = step * self.grad_accum
+        return [self.micro_batch(k) for k in range(first, first + self.grad_accum)]
+
+    def epoch_at(self, step: int) -> float:
+        return round(step * self.grad_accum / self.per_epoch, 4)
+
+
+# ------------------------------------------------------------------- losses
+def _logits_fn(model: Any) -> Callable[[Batch], tuple[Any, Any]]:
+    """``batch -> (logits at label positions, shifted targets)``.
+
+    The LM head runs on the positions that have a label only; models with a
+    custom logit transform (soft-capping, scaling) fall back to full logits.
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = causal.config
+    fast = (
+        hasattr(causal, "get_decoder")
+        and causal.get_output_embeddings() is not None
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logit_scale", None) is None
+        and getattr(cfg, "logits_scaling", None) is None
+    )
+
+    def full(batch: Batch) -> tuple[Any, Any]:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return out.logits[:, :-1][keep], targets[keep]
+
+    if not fast:
+        return full
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+
+    def selective(batch: Batch) -> tuple[Any, Any]:
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return head(hidden[:, :-1][keep]), targets[keep]
+
+    return selective
+
+
+def _loss_sum(logits_fn: Callable[[Batch], tuple[Any, Any]], batch: Batch) -> Any:
+    import torch.nn.functional as F
+
+    logits, targets = logits_fn(batch)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _label_tokens(batch: Batch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def evaluate(
+    model: Any, examples: Sequence[EncodedExample], *, batch_size: int, pad_id: int, device: str
+) -> dict[str, Any] | None:
+    """Token-weighted eval loss and perplexity (``None`` without eval examples)."""
+    import torch
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    logits_fn = _logits_fn(model)
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    with torch.no_grad():
+        for start in range(0, len(ordered), batch_size):
+            batch = collate(ordered[start : start + batch_size], pad_id, device)
+            total += float(_loss_sum(logits_fn, batch))
+            count += _label_tokens(batch)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": count}
+
+
+# --------------------------------------------------------------- checkpoints
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    directory: Path, *, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temp dir renamed into place)."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = directory / f"step-{state['step']:08d}"
+    tmp = directory / f".tmp-step-{state['step']:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "adapter_state.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    for old in sorted(directory.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_checkpoint(run_dir: Path, resume: bool | Path) -> Path | None:
+    if resume is False:
+        return None
+    if resume is True:
+        found = sorted((run_dir / "checkpoints").glob("step-*"))
+        if not found:
+            raise BundleError(
+                f"resume requested but {run_dir / 'checkpoints'} holds no checkpoint; start "
+                "without --resume"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise BundleError(f"{path} is not a training checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_state.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise BundleError(
+            f"checkpoint {path} does not match this adapter (different LoRA settings or base "
+            "model); resume with the config it was written with"
+        )
+    device_tensors = {}
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        device_tensors[name] = tensor.to(params[name].device)
+    with torch.no_grad():
+        for name, tensor in device_tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# --------------------------------------------------------------------- train
+@dataclass
+class TrainOutcome:
+    model: Any
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+def train(
+    model: Any,
+    *,
+    config: BundleConfig,
+    precision: Precision,
+    train_examples: Sequence[EncodedExample],
+    eval_examples: Sequence[EncodedExample],
+    pad_id: int,
+    run_dir: Path,
+    fingerprint: dict[str, Any],
+) -> TrainOutcome:
+    """Run the optimisation loop on a peft model; returns metrics and the loss history."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    device = precision.device
+    plan = BatchPlan(
+        len(train_examples),
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        seed=config.seed,
+        lengths=[len(e.input_ids) for e in train_examples] if config.group_by_length else None,
+    )
+    total_steps = plan.total_steps(config.epochs, config.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    fingerprint = {**fingerprint, "total_steps": total_steps}
+    checkpoints = run_dir / "checkpoints"
+    state: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "evals": [],
+        "tokens_seen": 0,
+        "train_seconds": 0.0,
+        "fingerprint": fingerprint,
+    }
+    resumed_from = None
+    checkpoint = find_checkpoint(run_dir, config.resume)
+    eval_kwargs: dict[str, Any] = {
+        "batch_size": config.batch_size * 2,
+        "pad_id": pad_id,
+        "device": device,
+    }
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        changed = {
+            k: (saved["fingerprint"].get(k), v)
+            for k, v in fingerprint.items()
+            if saved["fingerprint"].get(k) != v
+        }
+        if changed:
+            raise BundleError(
+                f"cannot resume from {checkpoint}: the run changed since it was written "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
+        state = saved
+        resumed_from = str(checkpoint)
+        log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=state["step"])
+    else:
+        initial = evaluate(model, eval_examples, **eval_kwargs)
+        if initial is not None:
+            state["evals"].append({"step": 0, **initial})
+
+    logits_fn = _logits_fn(model)
+    model.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        desc="training",
+        unit="step",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    save_steps, eval_steps = config.save_steps, config.eval_steps
+    try:
+        while state["step"] < total_steps:
+            step = state["step"]
+            started = time.perf_counter()
+            batches = [
+                collate([train_examples[i] for i in idx], pad_id, device) for idx in plan.step(step)
+            ]
+            label_tokens = sum(_label_tokens(b) for b in batches)
+            loss_value = 0.0
+            for batch in batches:
+                loss = _loss_sum(logits_fn, batch) / max(label_tokens, 1)
+                loss.backward()
+                loss_value += float(loss.detach())
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["train_seconds"] += time.perf_counter() - started
+            state["tokens_seen"] += sum(b.tokens for b in batches)
+            state["step"] = step = step + 1
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "label_tokens": label_tokens,
+                "epoch": plan.epoch_at(step),
+            }
+            state["history"].append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            if step % config.logging_steps == 0 or step == total_steps:
+                log_event(logger, "bundle_train_step", **record)
+            if eval_steps and step % eval_steps == 0 and step < total_steps:
+                result = evaluate(model, eval_examples, **eval_kwargs)
+                if result is not None:
+                    state["evals"].append({"step": step, **result})
+                    log_event(logger, "bundle_eval", step=step, **result)
+            if save_steps and step % save_steps == 0 and step < total_steps:
+                save_checkpoint(
+                    checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+                )
+    except KeyboardInterrupt:
+        if state["step"] > 0:  # keep the work done so far: --resume continues from here
+            with contextlib.suppress(Exception):
+                save_checkpoint(
+                    checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+                )
+        raise
+    finally:
+        bar.close()
+
+    final = evaluate(model, eval_examples, **eval_kwargs)
+    if final is not None:
+        state["evals"].append({"step": state["step"], **final})
+    history = state["history"]
+    seconds = state["train_seconds"]
+    metrics: dict[str, Any] = {
+        "steps": state["step"],
+        "epochs": plan.epoch_at(state["step"]),
+        "train_loss": history[-1]["loss"] if history else None,
+        "train_loss_mean": sum(h["loss"] for h in history) / len(history) if history else None,
+        "tokens_seen": state["tokens_seen"],
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(state["tokens_seen"] / seconds, 2) if seconds else None,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+    }
+    if state["evals"]:
+        metrics["eval_loss_initial"] = state["evals"][0]["eval_loss"]
+        metrics["eval_loss"] = state["evals"][-1]["eval_loss"]
+        metrics["eval_perplexity"] = state["evals"][-1]["eval_perplexity"]
+        metrics["evals"] = state["evals"]
+    return TrainOutcome(model=model, metrics=metrics, history=history, resumed_from=resumed_from)

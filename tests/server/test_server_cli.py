@@ -1,0 +1,66 @@
+"""``mongars-llm serve`` as a user runs it: a subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mongars_llm.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_serve_command_serves_embeddings_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "MONGARS_CACHE_DIR": str(tmp_path), "MONGARS_ADMIN_TOKEN": "cli-secret-1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mongars_llm", "serve", "--model", str(tiny_model_dir),
+         "--port", str(port), "--embeddings-only", "--device", "cpu", "--no-quantize-4bit"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mongars-llm serve never became ready"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        model = httpx.get(f"{url}/readyz").json()["model"]
+        assert model == str(tiny_model_dir)
+        assert len(client.embeddings.create(model=model, input=["a", "b"]).data) == 2
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode()
+    assert "cli-secret-1" not in output
+
+
+def test_serve_rejects_bad_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["serve", "--port", "0"]) == 2
+    assert main(["serve", "--ray", "--workers", "2"]) == 2
+    assert "--replicas" in capsys.readouterr().err
