@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 
 from .errors import ProvisionLockTimeout
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "file_lock", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "file_lock", "human_bytes", "sha256_file"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -70,3 +70,15 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def human_bytes(value: int | None) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as the Hub shows sizes); ``None`` -> ``"-"``."""
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._fs import human_bytes
 from ._output import print_json
-
-
-def _human_bytes(value: int | None) -> str:
-    if value is None:
-        return "(missing)"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -43,8 +33,8 @@ def _run(args: argparse.Namespace) -> int:
     q = report["quantization_4bit"]
     print(f"4-bit NF4       {'possible' if q['possible'] else 'not possible'} ({q['why']})")
     cache = report["cache"]
-    print(f"cache dir       {cache['cache_dir']}  {_human_bytes(cache['cache_dir_bytes'])}")
-    print(f"models dir      {cache['models_dir']}  {_human_bytes(cache['models_dir_bytes'])}")
+    print(f"cache dir       {cache['cache_dir']}  {human_bytes(cache['cache_dir_bytes'])}")
+    print(f"models dir      {cache['models_dir']}  {human_bytes(cache['models_dir_bytes'])}")
     print("settings:")
     for key, value in report["settings"].items():
         if isinstance(value, dict):

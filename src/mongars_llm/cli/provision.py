@@ -23,8 +23,8 @@ def _roles(values: list[str] | None) -> list[str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .._fs import human_bytes
     from ..provisioning import provision
-    from ..provisioning._report import human_bytes
 
     try:
         report = provision(

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._fs import file_lock
+from .._fs import file_lock, human_bytes
 from ..errors import ConfigError, ProvisionError, ProvisionLockTimeout
 from ..logging import log_event
 from ._adapters import plan_adapters, provision_adapters
 from ._base import Provider, ProvisionRequest, get_provider
 from ._lockfile import LOCK_FILE_NAME, LockedRole, lock_record, read_lock, update_lock
-from ._report import ProgressEvent, ProvisionEntry, ProvisionReport, human_bytes
+from ._report import ProgressEvent, ProvisionEntry, ProvisionReport
 from ._singleflight import SingleFlight
 
 if TYPE_CHECKING:

@@ -159,16 +159,5 @@ class ProgressEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def human_bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{value} B"  # pragma: no cover
-
-
 def path_str(path: Path | str | None) -> str | None:
     return None if path is None else str(path)

@@ -644,51 +644,54 @@ async def _stream_completion(
 # ----------------------------------------------------------------- inputs
 
 
-def _completion_prompts(body: CompletionRequest, state: ServerState) -> list[str | list[int]]:
-    prompt = body.prompt
-    prompts: list[str | list[int]]
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]  # type: ignore[arg-type]
-    else:
-        prompts = list(prompt)  # type: ignore[arg-type]
-    if not prompts:
-        raise APIError(422, "prompt cannot be an empty list", code="invalid_value", param="prompt")
-    if len(prompts) > state.config.max_prompts:
-        raise APIError(
-            413,
-            f"{len(prompts)} prompts is more than the limit of {state.config.max_prompts} "
-            "(MONGARS_SERVER_MAX_PROMPTS)",
-            code="too_many_inputs",
-            param="prompt",
-        )
-    _check_items(prompts, state, "prompt", allow_empty_text=True)
-    return prompts
-
-
-def _embedding_inputs(body: EmbeddingRequest, state: ServerState) -> list[str | list[int]]:
-    value = body.input
-    items: list[str | list[int]]
+def _as_items(value: Any, param: str) -> list[str | list[int]]:
+    """A string, a token-id list, or a list of either -> a list of items."""
     if isinstance(value, str):
-        items = [value]
-    elif value and all(isinstance(v, int) for v in value):
-        items = [list(value)]  # type: ignore[arg-type]
-    else:
-        items = list(value)  # type: ignore[arg-type]
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [list(value)]
+    items = list(value)
     if not items:
-        raise APIError(422, "input cannot be an empty list", code="invalid_value", param="input")
-    limit = state.config.max_embedding_inputs
+        raise APIError(422, f"{param} cannot be an empty list", code="invalid_value", param=param)
+    return items
+
+
+def _checked_items(
+    value: Any, state: ServerState, param: str, *, limit: int, env: str, allow_empty_text: bool
+) -> list[str | list[int]]:
+    items = _as_items(value, param)
     if len(items) > limit:
         raise APIError(
             413,
-            f"{len(items)} inputs is more than the limit of {limit} per request "
-            "(MONGARS_SERVER_MAX_EMBEDDING_INPUTS); split the request",
+            f"{len(items)} {param}s is more than the limit of {limit} per request ({env}); "
+            "split the request",
             code="too_many_inputs",
-            param="input",
+            param=param,
         )
-    _check_items(items, state, "input", allow_empty_text=False)
+    _check_items(items, state, param, allow_empty_text=allow_empty_text)
     return items
+
+
+def _completion_prompts(body: CompletionRequest, state: ServerState) -> list[str | list[int]]:
+    return _checked_items(
+        body.prompt,
+        state,
+        "prompt",
+        limit=state.config.max_prompts,
+        env="MONGARS_SERVER_MAX_PROMPTS",
+        allow_empty_text=True,
+    )
+
+
+def _embedding_inputs(body: EmbeddingRequest, state: ServerState) -> list[str | list[int]]:
+    return _checked_items(
+        body.input,
+        state,
+        "input",
+        limit=state.config.max_embedding_inputs,
+        env="MONGARS_SERVER_MAX_EMBEDDING_INPUTS",
+        allow_empty_text=False,
+    )
 
 
 def _check_items(
