@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,18 @@ from typing import Any, Literal
 
 from ..errors import LLMRuntimeError
 from ._batching import ModeGate
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates: a
+    warning users can do nothing about, printed on every adapter build."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        yield
+
 
 __all__ = ["AdapterStack", "AdapterUse"]
 
@@ -153,10 +166,11 @@ class AdapterStack:
             config.base_model_name_or_path
         )
         device = str(next(self._lm.parameters()).device)
-        if self._peft is None:
-            self._peft = get_peft_model(self._lm, config, adapter_name=name)
-        else:
-            self._peft.add_adapter(name, config)
+        with quiet_peft_deprecations():
+            if self._peft is None:
+                self._peft = get_peft_model(self._lm, config, adapter_name=name)
+            else:
+                self._peft.add_adapter(name, config)
         weights = load_peft_weights(path, device=device)
         weights = self._match_keys(weights)
         result = set_peft_model_state_dict(self._peft, weights, adapter_name=name)

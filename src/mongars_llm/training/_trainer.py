@@ -136,8 +136,11 @@ def build_peft_model(model: Any, config: BundleConfig) -> Any:
         modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
     )
+    from ..runtime._adapters import quiet_peft_deprecations
+
     try:
-        return get_peft_model(model, lora)
+        with quiet_peft_deprecations():
+            return get_peft_model(model, lora)
     except ValueError as err:
         raise ConfigError(f"cannot build the LoRA adapter: {err}") from err
 
