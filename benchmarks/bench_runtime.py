@@ -9,6 +9,16 @@ smaller run. Every ratio compares numbers measured in this same run, on a
   (``AutoModelForCausalLM`` + a separate ``AutoModel`` encoder, as llm2vec users do);
 * embedding throughput on 1,000 mixed-length texts vs a plain transformers loop
   (batches of 32 in input order, mean pooling) at the same precision;
+* the same texts vs llm2vec's own ``LLM2Vec.encode`` (llm2vec 0.2.3, fp32, mean
+  pooling, causal, batches of 32), run in its own venv since it pins
+  transformers 4.44: create it with ``nox -s parity`` (``.nox/_llm2vec``) or point
+  ``MONGARS_BENCH_LLM2VEC_VENV`` at a venv with ``llm2vec==0.2.3``. When it exists
+  the bench model is written by that venv's transformers 4.44 (a transformers 5
+  checkpoint does not load in 4.44; a 4.44 one loads in both), so every section
+  runs on the one checkpoint. Each side embeds the whole list in one call, in
+  ABBA order, so that both see the same load on a shared machine (this adds
+  ~4.5 min on 2 cores; ``--llm2vec-texts N`` shortens it). Without the venv the
+  comparison is skipped, with a line saying how to enable it;
 * 16 concurrent ``aembed`` callers vs the same calls one by one;
 * 8 concurrent ``agenerate`` callers vs the same calls one by one.
 """
@@ -27,23 +37,59 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+LLM2VEC_VENV_ENV = "MONGARS_BENCH_LLM2VEC_VENV"
+LLM2VEC_HELPER = HERE.parent / "_llm2vec_bench.py"
+
+# ~51M parameters; passed to mongars_llm.testing.build_tiny_model.
+MODEL_CONFIG = {
+    "hidden_size": 768,
+    "num_layers": 8,
+    "num_heads": 12,
+    "num_kv_heads": 4,
+    "intermediate_size": 2048,
+    "max_position_embeddings": 1024,
+    "seed": 0,
+}
 
 
-def build_model(path: Path) -> Path:
+def llm2vec_python() -> Path | None:
+    """The llm2vec venv's interpreter (``nox -s parity`` creates it), or None."""
+    venv = Path(os.environ.get(LLM2VEC_VENV_ENV) or HERE.parent.parent / ".nox" / "_llm2vec")
+    python = venv / "bin" / "python"
+    return python if python.exists() else None
+
+
+def build_model(path: Path, l2v_python: Path | None = None) -> Path:
+    """Build the bench model; with transformers 4.44 (llm2vec's venv) when given."""
+    import mongars_llm.testing
     from mongars_llm.testing import build_tiny_model
 
     if (path / "config.json").exists():
         return path
-    return build_tiny_model(
-        path,
-        hidden_size=768,
-        num_layers=8,
-        num_heads=12,
-        num_kv_heads=4,
-        intermediate_size=2048,
-        max_position_embeddings=1024,
-        seed=0,
-    )
+    if l2v_python is not None:
+        proc = subprocess.run(
+            [
+                str(l2v_python),
+                str(LLM2VEC_HELPER),
+                "build",
+                str(mongars_llm.testing.__file__),
+                str(path),
+                json.dumps(MODEL_CONFIG),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode == 0:
+            return path
+        print(f"# building the model with {l2v_python} failed:\n{proc.stderr[-2000:]}")
+        print("# falling back to this venv's transformers (the llm2vec comparison will skip)")
+    return build_tiny_model(path, **MODEL_CONFIG)  # type: ignore[arg-type]
+
+
+def checkpoint_transformers(model_dir: Path) -> str:
+    """The transformers version that wrote the checkpoint ('' if not recorded)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return str(config.get("transformers_version", ""))
 
 
 def make_texts(n: int, seed: int = 0, max_words: int = 64) -> list[str]:
@@ -52,6 +98,98 @@ def make_texts(n: int, seed: int = 0, max_words: int = 64) -> list[str]:
     words = " ".join(TINY_CORPUS).split()
     rng = random.Random(seed)
     return [" ".join(rng.choices(words, k=rng.randint(4, max_words))) for _ in range(n)]
+
+
+# -------------------------------------------------------------------- llm2vec
+def compare_llm2vec(
+    rt: object, model_dir: Path, texts: list[str], l2v_python: Path | None, *, order: str = "ABBA"
+) -> None:
+    """``rt.embed`` vs ``LLM2Vec.encode`` on the same checkpoint, texts and precision.
+
+    llm2vec runs in a worker process in its venv, loaded and warmed up once. Each
+    pass embeds the whole list in one call, as users call either API (both sort by
+    length inside the call); passes run in ``order`` (A = runtime, B = llm2vec),
+    ABBA by default, so that a drift in the load from other jobs on a shared
+    machine falls on both sides alike; the times of each side are summed.
+    """
+    import numpy as np
+
+    print(f"\n## embedding throughput vs llm2vec, {len(texts)} mixed-length texts, fp32")
+    if l2v_python is None:
+        print(
+            "skipped: no llm2vec venv (create it with `nox -s parity`, or set "
+            f"{LLM2VEC_VENV_ENV} to a venv with llm2vec==0.2.3 and transformers==4.44.2)"
+        )
+        return
+    written_by = checkpoint_transformers(model_dir)
+    if not written_by.startswith("4."):
+        print(
+            f"skipped: {model_dir} was written by transformers {written_by or '?'}, which "
+            "llm2vec's transformers 4.44 cannot load; build it afresh (a new --model path)"
+        )
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="mongars-bench-l2v-"))
+    (workdir / "texts.json").write_text(json.dumps(texts))
+    batch_size = rt.settings.model.max_batch_size  # type: ignore[attr-defined]
+    worker = subprocess.Popen(
+        [
+            str(l2v_python),
+            str(LLM2VEC_HELPER),
+            "encode",
+            str(model_dir),
+            str(workdir / "texts.json"),
+            str(workdir / "vectors.npy"),
+            str(batch_size),
+            str(rt.max_length),  # type: ignore[attr-defined]
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+
+    def reply() -> dict:
+        line = worker.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"the llm2vec worker exited with {worker.wait()}")
+        return json.loads(line)
+
+    try:
+        reply()  # loaded and warmed up
+        ours, t_rt, t_l2v = None, [], []
+        for side in order:
+            if side == "A":
+                started = time.perf_counter()
+                ours = rt.embed(texts)  # type: ignore[attr-defined]
+                t_rt.append(time.perf_counter() - started)
+            else:
+                worker.stdin.write(f"0 {len(texts)}\n")
+                worker.stdin.flush()
+                t_l2v.append(reply()["seconds"])
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        meta = reply()
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=60)
+    n = len(texts)
+    theirs = np.load(workdir / "vectors.npy")[:n]  # the first llm2vec pass
+    theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True)
+    cos = (ours * theirs).sum(1)
+    print(
+        f"llm2vec {meta['llm2vec']} on transformers {meta['transformers']}, torch "
+        f"{meta['torch']} ({meta['threads']} threads): {meta['model_class']}, "
+        f"{meta['attn_implementation']}, {meta['dtype']}, batch size {batch_size}; "
+        f"checkpoint written by transformers {written_by}"
+    )
+    for name, times in (("runtime.embed ", t_rt), ("LLM2Vec.encode", t_l2v)):
+        passes = ", ".join(f"{t:.1f}" for t in times)
+        print(
+            f"{name} : {len(times) * n / sum(times):8.1f} texts/s "
+            f"({sum(times) / len(times):.1f} s per pass; passes {passes} s)"
+        )
+    print(f"ratio          : {sum(t_l2v) / len(t_l2v) / (sum(t_rt) / len(t_rt)):.2f}x ({order})")
+    print(f"min cosine vs LLM2Vec.encode: {cos.min():.6f}")
 
 
 # --------------------------------------------------------------------- memory
@@ -137,6 +275,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 texts instead of 1,000")
     parser.add_argument("--model", type=Path, help="reuse/build the bench model here")
+    parser.add_argument(
+        "--llm2vec-texts",
+        type=int,
+        metavar="N",
+        help="texts for the llm2vec comparison (the first N; default: all of them)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -150,12 +294,14 @@ def main() -> None:
     from mongars_llm.settings import Settings
 
     workdir = Path(tempfile.mkdtemp(prefix="mongars-bench-"))
-    model_dir = build_model(args.model or workdir / "model")
+    l2v_python = llm2vec_python()
+    model_dir = build_model(args.model or workdir / "model", l2v_python)
     n_texts = 200 if args.quick else 1000
     print(
         f"# bench_runtime: torch {torch.__version__}, {os.cpu_count()} CPU(s), "
         f"native bf16: {cpu_supports_bf16()}, quick={args.quick}"
     )
+    print(f"# model {model_dir}, written by transformers {checkpoint_transformers(model_dir)}")
 
     memory = measure_memory(model_dir)
     base = memory["baseline"]
@@ -187,6 +333,8 @@ def main() -> None:
     print(f"plain loop    : {n_texts / t_plain:8.1f} texts/s ({t_plain:.1f} s)")
     print(f"ratio         : {t_plain / t_rt:.2f}x")
     print(f"(min cosine vs the plain loop {cos.min():.4f}: LLM2Vec mean pooling leaves BOS out)")
+
+    compare_llm2vec(rt, model_dir, texts[: args.llm2vec_texts or n_texts], l2v_python)
 
     async def concurrency() -> tuple[float, float, float, float]:
         # one short query per caller, as a server sees them
