@@ -103,3 +103,26 @@ def test_bodies_over_the_limit_are_413(
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_too_large"
         assert "MONGARS_SERVER_MAX_BODY_BYTES" in response.json()["error"]["message"]
+
+
+@pytest.mark.serve
+def test_chunked_bodies_over_the_limit_are_413(
+    serve: Any, server_settings: Any, runtime: Any, manager: Any
+) -> None:
+    config = ServerConfig(max_body_bytes=2048)
+    small = b'{"model": "embedding", "input": "a short text"}'
+    big = b'{"model": "embedding", "input": "' + b"x" * 5000 + b'"}'
+
+    def chunked(body: bytes) -> Any:  # no Content-Length: Transfer-Encoding: chunked
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    with serve(create_app(server_settings, runtime, manager, config=config)) as server:
+        url = f"{server.url}/v1/embeddings"
+        headers = {"content-type": "application/json"}
+        response = httpx.post(url, content=chunked(big), headers=headers)
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert "MONGARS_SERVER_MAX_BODY_BYTES" in response.json()["error"]["message"]
+        ok = httpx.post(url, content=chunked(small), headers=headers)
+        assert ok.status_code == 200 and len(ok.json()["data"]) == 1

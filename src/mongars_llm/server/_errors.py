@@ -162,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
             code = "method_not_allowed"
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
-            code = None
+            code = getattr(exc, "code", None)  # BodyTooLarge: request_too_large
         body = error_body(message, type=_TYPE_BY_STATUS.get(status, "server_error"), code=code)
         return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 

@@ -6,7 +6,9 @@ request that finds the queue full, or waits longer than ``queue_timeout_s``, is
 answered at once with 503 and ``Retry-After`` — the server never piles up work
 it cannot finish. A slot is held until the response (a stream too) is fully sent.
 
-The middleware also rejects bodies larger than ``max_body_bytes`` with 413.
+The middleware also rejects bodies larger than ``max_body_bytes`` with 413:
+at once when ``Content-Length`` says so, and while the body is read when it
+comes without one (``Transfer-Encoding: chunked``) or is longer than declared.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import logging
 from collections import deque
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 from ..logging import log_event
 from ._errors import error_body
 
-__all__ = ["AdmissionController", "LimitsMiddleware", "Overloaded"]
+__all__ = ["AdmissionController", "BodyTooLarge", "LimitsMiddleware", "Overloaded"]
 
 logger = logging.getLogger("mongars_llm.server")
 
@@ -30,6 +34,23 @@ Scope = dict[str, Any]
 
 class Overloaded(Exception):
     """No slot is free and the queue is full (or the wait timed out)."""
+
+
+class BodyTooLarge(HTTPException):
+    """The request body went past ``max_body_bytes`` while it was read (413).
+
+    An ``HTTPException`` so that FastAPI's body parsing lets it through to the
+    app's error handler instead of turning it into a 400.
+    """
+
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is larger than the limit of {limit} bytes "
+            "(MONGARS_SERVER_MAX_BODY_BYTES)",
+        )
 
 
 class AdmissionController:
@@ -117,6 +138,7 @@ class LimitsMiddleware:
                 code="request_too_large",
             )
             return
+        receive = self._limit_body(receive)
         if scope["path"] not in self.guarded_paths or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
@@ -146,6 +168,22 @@ class LimitsMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.controller.release()
+
+    def _limit_body(self, receive: Any) -> Any:
+        """``receive`` raising :class:`BodyTooLarge` past the limit, whatever the headers say."""
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return limited_receive
 
 
 def _content_length(scope: Scope) -> int | None:
