@@ -19,7 +19,10 @@ smaller run. Every ratio compares numbers measured in this same run, on a
   ABBA order, so that both see the same load on a shared machine (this adds
   ~4.5 min on 2 cores; ``--llm2vec-texts N`` shortens it). Without the venv the
   comparison is skipped, with a line saying how to enable it;
-* 16 concurrent ``aembed`` callers vs the same calls one by one;
+* the runtime's default CPU dtype (bf16 only with AVX512-BF16/AMX) vs float32 vs
+  bfloat16 forced, on 200 texts: throughput and min cosine vs float32;
+* 16 concurrent ``aembed`` callers vs the same calls one by one, with packed
+  batches (the default) and with padded ones (``embed_pack_tokens=0``);
 * 8 concurrent ``agenerate`` callers vs the same calls one by one.
 """
 
@@ -193,6 +196,29 @@ def compare_llm2vec(
 
 
 # --------------------------------------------------------------------- memory
+def compare_precision(model_dir: Path, texts: list[str]) -> None:
+    """The runtime's default CPU dtype, float32 and bfloat16 on the same texts."""
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.settings import Settings
+
+    results = {}
+    for dtype in ("auto", "float32", "bfloat16"):
+        settings = Settings(model={"quantize_4bit": False, "dtype": dtype}, _env_file=None)  # type: ignore[call-arg]
+        with UnifiedLLMRuntime.from_pretrained(model_dir, settings=settings) as runtime:
+            runtime.embed(texts[:8])  # warm-up
+            started = time.perf_counter()
+            vectors = runtime.embed(texts)
+            results[dtype] = (time.perf_counter() - started, vectors, str(runtime.dtype))
+    base_s, base_vectors, _ = results["float32"]
+    print(f"\n## precision, {len(texts)} texts (runtime.embed)")
+    for dtype, (seconds, vectors, actual) in results.items():
+        cos = (vectors * base_vectors).sum(1).min()
+        print(
+            f"{dtype:>8} ({actual.removeprefix('torch.')}): {len(texts) / seconds:6.1f} texts/s, "
+            f"{base_s / seconds:.2f}x float32, min cosine vs float32 {cos:.6f}"
+        )
+
+
 def _peak_rss_mb() -> float:
     """Peak RSS of this process (VmHWM; ru_maxrss would carry the parent's over exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -335,30 +361,45 @@ def main() -> None:
     print(f"(min cosine vs the plain loop {cos.min():.4f}: LLM2Vec mean pooling leaves BOS out)")
 
     compare_llm2vec(rt, model_dir, texts[: args.llm2vec_texts or n_texts], l2v_python)
+    compare_precision(model_dir, texts[:200])
 
-    async def concurrency() -> tuple[float, float, float, float]:
-        # one short query per caller, as a server sees them
-        calls = [" ".join(t.split()[:12]) for t in texts[:16]]
+    # one short query per caller, as a server sees them
+    queries = [" ".join(t.split()[:12]) for t in texts[:16]]
+    prompts = [[{"role": "user", "content": t[:80]}] for t in texts[:8]]
+
+    async def embed_calls(runtime: UnifiedLLMRuntime) -> tuple[float, float]:
         started = time.perf_counter()
-        for c in calls:
-            await rt.aembed(c)
+        for q in queries:
+            await runtime.aembed(q)
         seq = time.perf_counter() - started
         started = time.perf_counter()
-        await asyncio.gather(*(rt.aembed(c) for c in calls))
-        conc = time.perf_counter() - started
-        prompts = [[{"role": "user", "content": t[:80]}] for t in texts[:8]]
+        await asyncio.gather(*(runtime.aembed(q) for q in queries))
+        return seq, time.perf_counter() - started
+
+    async def generate_calls() -> tuple[float, float]:
         started = time.perf_counter()
         for p in prompts:
             await rt.agenerate(p, temperature=0, max_new_tokens=24)
-        gseq = time.perf_counter() - started
+        seq = time.perf_counter() - started
         started = time.perf_counter()
         await asyncio.gather(*(rt.agenerate(p, temperature=0, max_new_tokens=24) for p in prompts))
-        gconc = time.perf_counter() - started
-        return seq, conc, gseq, gconc
+        return seq, time.perf_counter() - started
 
-    seq, conc, gseq, gconc = asyncio.run(concurrency())
+    unpacked = UnifiedLLMRuntime.from_pretrained(
+        model_dir,
+        settings=Settings(model={"quantize_4bit": False, "embed_pack_tokens": 0}, _env_file=None),  # type: ignore[call-arg]
+    )
+    unpacked.embed(queries)  # warm-up
     print("\n## concurrency (micro-batching)")
-    print(f"16 aembed  : sequential {seq:.2f} s, concurrent {conc:.2f} s -> {seq / conc:.2f}x")
+    for label, runtime in (("packed", rt), ("padded", unpacked)):
+        runs = [asyncio.run(embed_calls(runtime)) for _ in range(3)]
+        seq, conc = min(r[0] for r in runs), min(r[1] for r in runs)
+        print(
+            f"16 aembed, {label}: sequential {seq:.2f} s, concurrent {conc:.2f} s "
+            f"-> {seq / conc:.2f}x (fastest of 3 runs each)"
+        )
+    unpacked.close()
+    gseq, gconc = asyncio.run(generate_calls())
     print(f" 8 agenerate: sequential {gseq:.2f} s, concurrent {gconc:.2f} s -> {gseq / gconc:.2f}x")
     print(f"\nbatches: {rt.stats()}")
     assert np.isfinite(ours).all()

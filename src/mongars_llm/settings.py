@@ -56,6 +56,14 @@ class ModelSettings(BaseModel):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Token budget of one embedding batch (padded tokens)."
     )
+    embed_pack_tokens: int = Field(
+        256,
+        ge=0,
+        description=(
+            "Pack short embedding inputs into rows of up to this many tokens, each text "
+            "attending only to itself (no padding between them); 0 turns packing off."
+        ),
+    )
 
 
 class Settings(BaseSettings):

@@ -14,10 +14,17 @@
 * Batches are length-sorted and capped by a token budget (``max_batch_tokens``
   padded tokens) as well as by size; ``batch_invariant`` runs every text alone so
   its vector never depends on its batch mates.
+* Short inputs are *packed*: several texts share one row of at most
+  ``embed_pack_tokens`` tokens, each with its own positions (restarting at 0) and
+  a block-diagonal 4-D mask, so they attend only to themselves and nothing is
+  computed for padding between them. The result is the same vector as running
+  the text alone (up to float rounding).
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +33,17 @@ import torch
 
 from ..errors import LLMRuntimeError
 
-__all__ = ["POOLING_MODES", "EncodedText", "encode_inputs", "plan_chunks", "pool", "run_decoder"]
+__all__ = [
+    "POOLING_MODES",
+    "EncodedText",
+    "PackedBatch",
+    "collate_packed",
+    "encode_inputs",
+    "plan_chunks",
+    "plan_packed",
+    "pool",
+    "run_decoder",
+]
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 
@@ -190,6 +207,142 @@ def plan_chunks(
     if current:
         chunks.append(current)
     return chunks
+
+
+def plan_packed(
+    lengths: Sequence[int], *, batch_size: int, max_batch_tokens: int, row_tokens: int
+) -> list[list[list[int]]]:
+    """Forward batches of rows of indices: short inputs share rows of <= ``row_tokens``.
+
+    Best-fit decreasing says how many rows are needed; the texts are then dealt,
+    longest first, to the least-filled row, so the rows end up about equally
+    long (the longest row is the batch's padded width). A text longer than
+    ``row_tokens`` gets a row of its own; a row holds at most ``batch_size``
+    texts. Batches hold at most ``batch_size`` texts and ``max_batch_tokens``
+    padded tokens (one row may exceed the budget, as one text may in
+    :func:`plan_chunks`). O(n log n).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    room: list[tuple[int, int]] = []  # (free tokens, row) of rows with free texts, sorted
+    counts: list[int] = []
+    for index in order:  # best-fit decreasing: how many rows are needed
+        n = lengths[index]
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            free, row = room.pop(at)
+        else:
+            free, row = row_tokens, len(counts)
+            counts.append(0)
+        counts[row] += 1
+        if free - n > 0 and counts[row] < batch_size:
+            bisect.insort(room, (free - n, row))
+    rows: list[list[int]] = [[] for _ in counts]
+    heap = [(0, row) for row in range(len(rows))]  # (fill, row): least filled first
+    for index in order:
+        n = lengths[index]
+        fill, row = heapq.heappop(heap)
+        if rows[row] and (fill + n > row_tokens or len(rows[row]) >= batch_size):
+            heapq.heappush(heap, (fill, row))
+            fill, row = 0, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        heapq.heappush(heap, (fill + n, row))
+    fills = {row: fill for fill, row in heap}
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    texts = width = 0  # the current batch's texts, and its width (its first, fullest row)
+    for row in sorted(fills, key=lambda r: -fills[r]):
+        if current and (
+            texts + len(rows[row]) > batch_size or (len(current) + 1) * width > max_batch_tokens
+        ):
+            batches.append(current)
+            current, texts = [], 0
+        if not current:
+            width = fills[row]
+        current.append(rows[row])
+        texts += len(rows[row])
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class PackedBatch:
+    """Model inputs for packed rows, and where each text sits in them."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    positions: torch.Tensor  # (rows, width), restarting at 0 for each text
+    mask: torch.Tensor  # (rows, 1, width, width), block-diagonal
+    index: torch.Tensor  # (texts, longest): flat positions of each text's tokens
+    valid: torch.Tensor  # (texts, longest): which of ``index`` are real tokens
+    pooled: torch.Tensor  # (texts, longest): the pooled span
+    text_ids: torch.Tensor  # (texts, longest): each text's token ids
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def gather(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, width, hidden) -> (texts, longest, hidden), one text per row."""
+        return hidden.reshape(-1, hidden.shape[-1])[self.index]
+
+
+def collate_packed(
+    rows: list[list[EncodedText]],
+    *,
+    pad_id: int,
+    bidirectional: bool,
+    float_mask_dtype: torch.dtype | None,
+    device: Any,
+) -> PackedBatch:
+    """Pack each row's texts end to end; texts attend only within themselves.
+
+    ``float_mask_dtype`` turns the boolean mask into the additive one that the
+    ``eager`` attention implementation expects; ``None`` keeps it boolean (sdpa).
+    """
+    width = max(sum(len(e) for e in row) for row in rows)
+    texts = [e for row in rows for e in row]
+    longest = max(len(e) for e in texts)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    index = torch.zeros((len(texts), longest), dtype=torch.long)
+    valid = torch.zeros((len(texts), longest), dtype=torch.bool)
+    pooled = torch.zeros((len(texts), longest), dtype=torch.bool)
+    text_ids = torch.full((len(texts), longest), pad_id, dtype=torch.long)
+    k = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for item in row:
+            n = len(item)
+            item_ids = torch.tensor(item.ids, dtype=torch.long)
+            ids[r, start : start + n] = item_ids
+            positions[r, start : start + n] = torch.arange(n)
+            segment[r, start : start + n] = k
+            index[k, :n] = torch.arange(r * width + start, r * width + start + n)
+            valid[k, :n] = True
+            pooled[k, :n] = torch.tensor(item.pooled, dtype=torch.bool)
+            text_ids[k, :n] = item_ids
+            start += n
+            k += 1
+    mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    if not bidirectional:
+        mask &= torch.ones((width, width), dtype=torch.bool).tril()
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty rows
+    mask = mask[:, None]
+    if float_mask_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=float_mask_dtype).masked_fill(
+            ~mask, torch.finfo(float_mask_dtype).min
+        )
+    return PackedBatch(
+        input_ids=ids.to(device),
+        positions=positions.to(device),
+        mask=mask.to(device),
+        index=index.to(device),
+        valid=valid.to(device),
+        pooled=pooled.to(device),
+        text_ids=text_ids.to(device),
+    )
 
 
 def collate(

@@ -706,7 +706,15 @@ class UnifiedLLMRuntime:
         import numpy as np
         import torch
 
-        from ._embedding import collate, encode_inputs, plan_chunks, pool, run_decoder
+        from ._embedding import (
+            collate,
+            collate_packed,
+            encode_inputs,
+            plan_chunks,
+            plan_packed,
+            pool,
+            run_decoder,
+        )
 
         # Tokenise here, on the worker, so callers (and the event loop) only queue.
         ready = []
@@ -732,28 +740,67 @@ class UnifiedLLMRuntime:
         first = requests[0]
         encoded = [e for r in requests for e in (r.encoded or [])]
         lengths = [len(e) for e in encoded]
-        chunks = plan_chunks(
-            lengths,
-            batch_size=first.batch_size,
-            max_batch_tokens=self.settings.model.max_batch_tokens,
-            batch_invariant=first.batch_invariant,
-        )
+        pack_tokens = self._pack_tokens(first, lengths)
+        if pack_tokens:
+            plan = plan_packed(
+                lengths,
+                batch_size=first.batch_size,
+                max_batch_tokens=self.settings.model.max_batch_tokens,
+                row_tokens=pack_tokens,
+            )
+            if all(len(row) == 1 for rows in plan for row in rows):
+                pack_tokens = 0  # nothing shares a row: plain padded batches
+        if not pack_tokens:
+            chunks = plan_chunks(
+                lengths,
+                batch_size=first.batch_size,
+                max_batch_tokens=self.settings.model.max_batch_tokens,
+                batch_invariant=first.batch_invariant,
+            )
+            plan = [[[i] for i in chunk] for chunk in chunks]
         started = time.perf_counter()
         out = np.empty((len(encoded), self.hidden_size), dtype=np.float32)
         padding_side = getattr(self._tokenizer, "padding_side", "right") or "right"
+        eager = self._config._attn_implementation == "eager"
+        pad_id = self._tokenizer.pad_token_id
         padded = 0
         try:
             with self._adapters.active(first.mode), torch.inference_mode():
                 decoder = self.decoder
-                for chunk in chunks:
-                    ids, attention, pooled = collate(
-                        [encoded[i] for i in chunk],
-                        pad_id=self._tokenizer.pad_token_id,
-                        padding_side=padding_side,
-                        device=self.device,
-                    )
-                    padded += ids.numel()
-                    hidden = run_decoder(decoder, ids, attention, bidirectional=first.bidirectional)
+                for rows in plan:
+                    texts = [i for row in rows for i in row]
+                    if pack_tokens:
+                        packed = collate_packed(
+                            [[encoded[i] for i in row] for row in rows],
+                            pad_id=pad_id,
+                            bidirectional=first.bidirectional,
+                            float_mask_dtype=self.dtype if eager else None,
+                            device=self.device,
+                        )
+                        padded += packed.padded_tokens
+                        hidden = decoder(
+                            input_ids=packed.input_ids,
+                            attention_mask=packed.mask,
+                            position_ids=packed.positions,
+                            use_cache=False,
+                        ).last_hidden_state
+                        hidden, attention, pooled, ids = (
+                            packed.gather(hidden),
+                            packed.valid,
+                            packed.pooled,
+                            packed.text_ids,
+                        )
+                    else:
+                        ids, attention, pooled = collate(
+                            [encoded[i] for i in texts],
+                            pad_id=pad_id,
+                            padding_side=padding_side,
+                            device=self.device,
+                        )
+                        padded += ids.numel()
+                        hidden = run_decoder(
+                            decoder, ids, attention, bidirectional=first.bidirectional
+                        )
                     vectors = pool(
                         hidden,
                         attention,
@@ -764,7 +811,7 @@ class UnifiedLLMRuntime:
                     )
                     if first.normalize:
                         vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-                    out[chunk] = vectors.cpu().numpy()
+                    out[texts] = vectors.cpu().numpy()
         except Exception as err:
             error = (
                 err
@@ -794,7 +841,8 @@ class UnifiedLLMRuntime:
             "llm_embed",
             requests=len(requests),
             batch_size=len(encoded),
-            forward_batches=len(chunks),
+            forward_batches=len(plan),
+            packed=bool(pack_tokens),
             tokens=sum(lengths),
             padded_tokens=padded,
             pooling=first.pooling,
@@ -805,6 +853,20 @@ class UnifiedLLMRuntime:
             quantization=self.quantization,
             seconds=round(time.perf_counter() - started, 4),
         )
+
+    def _pack_tokens(self, request: _EmbedRequest, lengths: list[int]) -> int:
+        """Row size for packing this batch, or 0 to pad each text to the longest."""
+        rows = min(self.settings.model.embed_pack_tokens, self.settings.model.max_batch_tokens)
+        if not rows or request.batch_invariant or request.batch_size < 2 or len(lengths) < 2:
+            return 0
+        if self._config._attn_implementation not in ("sdpa", "eager"):
+            return 0  # flash/flex attention take no 4-D mask
+        window = getattr(self._config, "sliding_window", None)
+        if window and getattr(self._config, "use_sliding_window", True):
+            if max(lengths) > window:
+                return 0  # a custom mask would drop the window for this long text
+            rows = min(rows, window)
+        return rows
 
     def embed(
         self,
