@@ -138,6 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code: str | None
         if status == 404:
             state = getattr(request.app.state, "mongars", None)
             path = request.url.path
