@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 LLM2VEC_VENV_ENV = "MONGARS_BENCH_LLM2VEC_VENV"
@@ -297,6 +298,62 @@ def plain_loop(model_dir: Path, texts: list[str], batch_size: int = 32) -> tuple
     return time.perf_counter() - started, np.vstack(vectors)
 
 
+def measure_concurrency(rt: Any, model_dir: Path, texts: list[str], *, rounds: int) -> None:
+    """16 ``aembed`` and 8 ``agenerate`` callers at once vs the same calls one by one.
+
+    One short query per caller, as a server sees them. The embedding calls run
+    in ``rounds`` interleaved rounds (one by one, concurrent packed, concurrent
+    padded) and the medians are compared, so that load on a shared machine
+    falls on every side alike. One by one, a single text is never packed.
+    """
+    from statistics import median
+
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.settings import Settings
+
+    queries = [" ".join(t.split()[:12]) for t in texts[:16]]
+    prompts = [[{"role": "user", "content": t[:80]}] for t in texts[:8]]
+    settings = Settings(model={"quantize_4bit": False, "embed_pack_tokens": 0}, _env_file=None)  # type: ignore[call-arg]
+    padded_rt = UnifiedLLMRuntime.from_pretrained(model_dir, settings=settings)
+
+    async def one_by_one() -> float:
+        started = time.perf_counter()
+        for q in queries:
+            await rt.aembed(q)
+        return time.perf_counter() - started
+
+    async def together(runtime: Any) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(runtime.aembed(q) for q in queries))
+        return time.perf_counter() - started
+
+    padded_rt.embed(queries)  # warm-up
+    times: dict[str, list[float]] = {"one by one": [], "packed": [], "padded": []}
+    for _ in range(rounds):
+        times["one by one"].append(asyncio.run(one_by_one()))
+        times["packed"].append(asyncio.run(together(rt)))
+        times["padded"].append(asyncio.run(together(padded_rt)))
+    padded_rt.close()
+    seq = median(times["one by one"])
+    print(f"\n## concurrency (micro-batching), medians of {rounds} interleaved rounds")
+    print(f"16 aembed one by one         : {seq:.3f} s")
+    for label in ("packed", "padded"):
+        conc = median(times[label])
+        print(f"16 aembed concurrent, {label}: {conc:.3f} s -> {seq / conc:.2f}x")
+
+    async def generate_calls() -> tuple[float, float]:
+        started = time.perf_counter()
+        for p in prompts:
+            await rt.agenerate(p, temperature=0, max_new_tokens=24)
+        seq = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.gather(*(rt.agenerate(p, temperature=0, max_new_tokens=24) for p in prompts))
+        return seq, time.perf_counter() - started
+
+    gseq, gconc = asyncio.run(generate_calls())
+    print(f" 8 agenerate: sequential {gseq:.2f} s, concurrent {gconc:.2f} s -> {gseq / gconc:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 texts instead of 1,000")
@@ -306,6 +363,9 @@ def main() -> None:
         type=int,
         metavar="N",
         help="texts for the llm2vec comparison (the first N; default: all of them)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="interleaved rounds of the aembed concurrency test"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,44 +423,7 @@ def main() -> None:
     compare_llm2vec(rt, model_dir, texts[: args.llm2vec_texts or n_texts], l2v_python)
     compare_precision(model_dir, texts[:200])
 
-    # one short query per caller, as a server sees them
-    queries = [" ".join(t.split()[:12]) for t in texts[:16]]
-    prompts = [[{"role": "user", "content": t[:80]}] for t in texts[:8]]
-
-    async def embed_calls(runtime: UnifiedLLMRuntime) -> tuple[float, float]:
-        started = time.perf_counter()
-        for q in queries:
-            await runtime.aembed(q)
-        seq = time.perf_counter() - started
-        started = time.perf_counter()
-        await asyncio.gather(*(runtime.aembed(q) for q in queries))
-        return seq, time.perf_counter() - started
-
-    async def generate_calls() -> tuple[float, float]:
-        started = time.perf_counter()
-        for p in prompts:
-            await rt.agenerate(p, temperature=0, max_new_tokens=24)
-        seq = time.perf_counter() - started
-        started = time.perf_counter()
-        await asyncio.gather(*(rt.agenerate(p, temperature=0, max_new_tokens=24) for p in prompts))
-        return seq, time.perf_counter() - started
-
-    unpacked = UnifiedLLMRuntime.from_pretrained(
-        model_dir,
-        settings=Settings(model={"quantize_4bit": False, "embed_pack_tokens": 0}, _env_file=None),  # type: ignore[call-arg]
-    )
-    unpacked.embed(queries)  # warm-up
-    print("\n## concurrency (micro-batching)")
-    for label, runtime in (("packed", rt), ("padded", unpacked)):
-        runs = [asyncio.run(embed_calls(runtime)) for _ in range(3)]
-        seq, conc = min(r[0] for r in runs), min(r[1] for r in runs)
-        print(
-            f"16 aembed, {label}: sequential {seq:.2f} s, concurrent {conc:.2f} s "
-            f"-> {seq / conc:.2f}x (fastest of 3 runs each)"
-        )
-    unpacked.close()
-    gseq, gconc = asyncio.run(generate_calls())
-    print(f" 8 agenerate: sequential {gseq:.2f} s, concurrent {gconc:.2f} s -> {gseq / gconc:.2f}x")
+    measure_concurrency(rt, model_dir, texts, rounds=args.rounds)
     print(f"\nbatches: {rt.stats()}")
     assert np.isfinite(ours).all()
     rt.close()

@@ -24,12 +24,16 @@ def _free_port() -> int:
 
 @pytest.mark.serve
 @pytest.mark.slow
-def test_serve_command_serves_embeddings_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_command_serves_embeddings_only(
+    tiny_model_dir: Path, tmp_path: Path, workers: int
+) -> None:
     port = _free_port()
     env = {**os.environ, "MONGARS_CACHE_DIR": str(tmp_path), "MONGARS_ADMIN_TOKEN": "cli-secret-1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "mongars_llm", "serve", "--model", str(tiny_model_dir),
-         "--port", str(port), "--embeddings-only", "--device", "cpu", "--no-quantize-4bit"],
+         "--port", str(port), "--embeddings-only", "--device", "cpu", "--no-quantize-4bit",
+         "--workers", str(workers)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -40,22 +44,28 @@ def test_serve_command_serves_embeddings_only(tiny_model_dir: Path, tmp_path: Pa
         while True:
             assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    assert ready.json()["model"] == str(tiny_model_dir)
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "mongars-llm serve never became ready"
             time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        model = httpx.get(f"{url}/readyz").json()["model"]
-        assert model == str(tiny_model_dir)
-        assert len(client.embeddings.create(model=model, input=["a", "b"]).data) == 2
-        with pytest.raises(openai.NotFoundError):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        # with several workers a request may reach one still loading: retry on 503
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=5)
+        model = str(tiny_model_dir)
+        for _ in range(4 * workers):  # the flags reach every worker process
+            assert len(client.embeddings.create(model=model, input=["a", "b"]).data) == 2
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "x"}]
+                )
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
     assert "cli-secret-1" not in output
+    assert output.count("Started server process") == workers, output
 
 
 def test_serve_rejects_bad_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

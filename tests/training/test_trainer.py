@@ -217,3 +217,38 @@ def test_qlora_off_cuda_is_refused_before_anything_loads(
             run_name="q",
         )
     assert not (tmp_path / "runs" / "q").exists()
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda_and_the_adapter_serves_on_the_nf4_base(
+    tiny_base: Path, colours_file: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("bitsandbytes")
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.settings import Settings
+
+    result = build_bundle(
+        **_common(tiny_base, colours_file, tmp_path),
+        run_name="qlora",
+        qlora=True,
+        max_steps=40,
+        learning_rate=5e-3,
+        target_modules=["all-linear"],
+        lora_dropout=0.0,
+    )
+    metrics = result.metrics
+    assert metrics["steps"] == 40
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"], metrics
+    assert result.adapter_dir is not None
+    settings = Settings(model={"quantize_4bit": True}, _env_file=None)  # type: ignore[call-arg]
+    with UnifiedLLMRuntime.from_pretrained(
+        tiny_base, settings=settings, device="cuda:0", adapters={"qlora": result.adapter_dir}
+    ) as rt:
+        assert rt.quantization == "nf4" and rt.device == "cuda:0"
+        reply = rt.generate("red", adapter="qlora", temperature=0, max_new_tokens=4)
+        assert reply.usage.completion_tokens >= 1
+        assert rt.embed(["red", "blue"], adapter="qlora").shape == (2, rt.hidden_size)
