@@ -43,6 +43,7 @@ __all__ = [
     "plan_packed",
     "pool",
     "run_decoder",
+    "run_packed",
 ]
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -388,6 +389,17 @@ def run_decoder(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
     )
     return out.last_hidden_state
+
+
+def run_packed(decoder: Any, packed: PackedBatch) -> torch.Tensor:
+    """Last hidden states of each packed text: (texts, longest, hidden)."""
+    out = decoder(
+        input_ids=packed.input_ids,
+        attention_mask=packed.mask,
+        position_ids=packed.positions,
+        use_cache=False,
+    )
+    return packed.gather(out.last_hidden_state)
 
 
 def pool(

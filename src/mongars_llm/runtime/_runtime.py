@@ -714,6 +714,7 @@ class UnifiedLLMRuntime:
             plan_packed,
             pool,
             run_decoder,
+            run_packed,
         )
 
         # Tokenise here, on the worker, so callers (and the event loop) only queue.
@@ -778,18 +779,8 @@ class UnifiedLLMRuntime:
                             device=self.device,
                         )
                         padded += packed.padded_tokens
-                        hidden = decoder(
-                            input_ids=packed.input_ids,
-                            attention_mask=packed.mask,
-                            position_ids=packed.positions,
-                            use_cache=False,
-                        ).last_hidden_state
-                        hidden, attention, pooled, ids = (
-                            packed.gather(hidden),
-                            packed.valid,
-                            packed.pooled,
-                            packed.text_ids,
-                        )
+                        hidden = run_packed(decoder, packed)
+                        attention, pooled, ids = packed.valid, packed.pooled, packed.text_ids
                     else:
                         ids, attention, pooled = collate(
                             [encoded[i] for i in texts],
