@@ -33,7 +33,7 @@ def tokens_match(given: str, expected: SecretStr) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.get_secret_value().encode("utf-8"))
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Dependency of every admin route: 401 without a token, 403 with a wrong one,
     403 for everybody while no admin token is configured."""
     expected: SecretStr | None = request.app.state.mongars.settings.admin_token
@@ -56,7 +56,7 @@ def require_admin(request: Request) -> None:
         raise APIError(403, "the admin token is not valid", code="invalid_token")
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Dependency of the OpenAI-compatible routes when ``settings.api_key`` is set."""
     expected: SecretStr | None = request.app.state.mongars.settings.api_key
     if expected is None or not expected.get_secret_value():
