@@ -47,6 +47,14 @@ class ModelSettings(BaseModel):
         None, description="Device to pin the model to ('cpu', 'cuda', 'cuda:1'); auto when unset."
     )
     dtype: DType = Field("auto", description="Weights dtype; 'auto' picks from the hardware.")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Torch CPU threads when the model runs on the CPU (torch.set_num_threads, "
+            "process-wide); unset keeps torch's default of one per core."
+        ),
+    )
     max_new_tokens: int = Field(512, ge=1, description="Upper bound for generated tokens.")
     max_input_tokens: int = Field(4096, ge=1, description="Upper bound for prompt/input tokens.")
     max_batch_size: int = Field(32, ge=1, description="Largest micro-batch the runtime forms.")

@@ -166,6 +166,31 @@ def test_shared_from_the_active_profile(tiny_model_dir: Path, tmp_path: Path) ->
     assert reply.usage.completion_tokens == 4
 
 
+def test_cpu_threads_setting_sets_torch_threads(tiny_model_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # a fresh process: torch's thread count is process-wide
+    code = (
+        "import sys, torch\n"
+        "from mongars_llm.runtime import UnifiedLLMRuntime\n"
+        "rt = UnifiedLLMRuntime.from_pretrained(sys.argv[1], device='cpu')\n"
+        "print(torch.get_num_threads(), rt.embed('x').shape[0])\n"
+    )
+    env = {**os.environ, "MONGARS_MODEL__CPU_THREADS": "3", "MONGARS_MODEL__QUANTIZE_4BIT": "0"}
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split()[-2:] == ["3", "1"], out.stderr
+
+
 def test_closed_runtime_refuses_work(tiny_model_dir: Path) -> None:
     rt = UnifiedLLMRuntime.from_pretrained(tiny_model_dir, settings=runtime_settings())
     rt.close()

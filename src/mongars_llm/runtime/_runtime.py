@@ -253,6 +253,11 @@ class UnifiedLLMRuntime:
         max_length = max_length or llm2vec_config.get("max_length")
 
         plan = plan_load(device=device, dtype=dtype, quantize_4bit=quantize_4bit, settings=settings)
+        if settings.model.cpu_threads and not plan.device.startswith("cuda"):
+            import torch
+
+            torch.set_num_threads(settings.model.cpu_threads)
+            plan.notes.append(f"cpu threads: {settings.model.cpu_threads}")
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         model, tokenizer = load_causal_lm(
             source,
