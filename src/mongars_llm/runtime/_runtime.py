@@ -564,13 +564,7 @@ class UnifiedLLMRuntime:
                         lock=self._tokenizer_lock,
                     )
             except Exception as err:
-                error = (
-                    err
-                    if isinstance(err, LLMRuntimeError)
-                    else LLMRuntimeError(f"generation failed: {err}", code="generation_failed")
-                )
-                if error is not err:
-                    error.__cause__ = err
+                error = _as_runtime_error(err, "generation failed", "generation_failed")
                 for request in chunk:
                     if request.row.stream is not None:
                         request.row.stream._finish(None, error)
@@ -755,8 +749,8 @@ class UnifiedLLMRuntime:
                 row_tokens=pack_tokens,
             )
             if all(len(row) == 1 for rows in plan for row in rows):
-                pack_tokens = 0  # nothing shares a row: plain padded batches
-        if not pack_tokens:
+                pack_tokens = 0  # nothing shares a row: the same batches, padded
+        else:
             chunks = plan_chunks(
                 lengths,
                 batch_size=first.batch_size,
@@ -809,13 +803,7 @@ class UnifiedLLMRuntime:
                         vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
                     out[texts] = vectors.cpu().numpy()
         except Exception as err:
-            error = (
-                err
-                if isinstance(err, LLMRuntimeError)
-                else LLMRuntimeError(f"embedding failed: {err}", code="embedding_failed")
-            )
-            if error is not err:
-                error.__cause__ = err
+            error = _as_runtime_error(err, "embedding failed", "embedding_failed")
             for request in requests:
                 request.future.set_exception(error)
             return
@@ -942,6 +930,15 @@ _EMBED_KEYS = {
     "truncate": True,
     "batch_invariant": None,
 }
+
+
+def _as_runtime_error(err: Exception, what: str, code: str) -> LLMRuntimeError:
+    """``err`` itself if it is an :class:`LLMRuntimeError`, else one wrapping it."""
+    if isinstance(err, LLMRuntimeError):
+        return err
+    error = LLMRuntimeError(f"{what}: {err}", code=code)
+    error.__cause__ = err
+    return error
 
 
 def _gen_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
