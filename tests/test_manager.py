@@ -135,6 +135,11 @@ def test_describe_is_the_api_payload() -> None:
             "roles": ["general", "coding", "embedding"],
         },
         {
+            "name": "smol",
+            "description": builtin_manifest().profiles["smol"].description,
+            "roles": ["general", "coding", "embedding"],
+        },
+        {
             "name": "small",
             "description": builtin_manifest().profiles["small"].description,
             "roles": ["general", "coding", "embedding"],

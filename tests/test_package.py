@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +80,85 @@ def test_profile_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_MODELS_PROFILE", "plain")
     assert resolve_profile_name(None, settings) == "plain"
     assert resolve_profile_name("explicit", settings) == "explicit"
+
+
+# ------------------------------------------------------------------ distributions
+_TREE = ["src", "tests", "docs", "examples", "benchmarks", "README.md", "LICENSE",
+         "CHANGELOG.md", "pyproject.toml", "noxfile.py", ".gitignore"]  # fmt: skip
+_SECRET = f"hf_{os.urandom(12).hex()}"  # random: this file itself ships in the sdist
+_STRAY = {
+    ".env": f"MONGARS_HF_TOKEN={_SECRET}\n",
+    ".env.local": f"MONGARS_ADMIN_TOKEN={_SECRET}\n",
+    "mongars.lock.json": "{}\n",
+    "models/encoders/manifest.json": "{}\n",
+    "runs/r1/adapter/adapter_config.json": "{}\n",
+    "configs/llm_models.json": "{}\n",
+    "examples/.env": f"HF_TOKEN={_SECRET}\n",
+    "examples/models/tiny/config.json": "{}\n",
+    "src/mongars_llm/.env": f"MONGARS_API_KEY={_SECRET}\n",
+}
+
+
+@pytest.mark.slow
+def test_sdist_and_wheel_ship_the_license_and_no_stray_file(tmp_path: Path) -> None:
+    """Built from a working tree holding secrets and local state (offline, no isolation)."""
+    import tarfile
+    import zipfile
+
+    for module in ("build", "hatchling"):
+        if importlib.util.find_spec(module) is None:
+            reason = f"{module} is not installed: pip install build hatchling"
+            if os.environ.get("MONGARS_TEST_STRICT") == "1":
+                pytest.fail(reason)
+            pytest.skip(reason)
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    for name in _TREE:
+        source = root / name
+        if source.is_dir():
+            shutil.copytree(
+                source, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
+        else:
+            shutil.copy2(source, tree / name)
+    for name, text in _STRAY.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), "."],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with tarfile.open(sdist) as archive:
+        sdist_names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+        sdist_text = b"".join(
+            archive.extractfile(m).read()  # type: ignore[union-attr]
+            for m in archive.getmembers()
+            if m.isfile()
+        )
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_names = archive.namelist()
+        wheel_text = b"".join(archive.read(name) for name in wheel_names)
+
+    assert "LICENSE" in sdist_names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel_names)
+    assert b"Apache License" in sdist_text and b"Version 2.0" in wheel_text
+    for names, text in ((sdist_names, sdist_text), (wheel_names, wheel_text)):
+        assert _SECRET.encode() not in text
+        stray = [
+            n
+            for n in names
+            if n.rsplit("/", 1)[-1].startswith(".env")
+            or n.endswith("mongars.lock.json")
+            or n.startswith(("models/", "runs/", "configs/", "examples/models/"))
+        ]
+        assert not stray, stray
+    assert "src/mongars_llm/py.typed" in sdist_names
+    assert "mongars_llm/py.typed" in wheel_names
+    assert "mongars_llm/_data/" in "\n".join(wheel_names)  # package data ships

@@ -15,7 +15,31 @@ from filelock import FileLock, Timeout
 
 from .errors import ProvisionLockTimeout
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "file_lock", "human_bytes", "sha256_file"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "ensure_within",
+    "file_lock",
+    "human_bytes",
+    "sha256_file",
+]
+
+
+def ensure_within(
+    root: Path, path: Path, *, what: str = "path", error: type[Exception] = ValueError
+) -> Path:
+    """Return ``path`` after checking that it stays inside ``root`` once resolved.
+
+    Both are resolved (``..`` and symbolic links followed), so neither a crafted
+    name nor a planted link can send a write elsewhere; raises ``error`` otherwise.
+    """
+    resolved_root = Path(root).resolve()
+    resolved = Path(path).resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise error(
+            f"refusing to write {what} {path}: it resolves to {resolved}, outside {resolved_root}"
+        )
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -87,6 +87,25 @@ def _cuda() -> dict[str, Any]:
     return {"available": True, "cuda_version": torch.version.cuda, "devices": devices}
 
 
+def _cpu_threads(settings: Settings) -> dict[str, Any]:
+    """The torch CPU threads the runtime will use here, and why (never changes them)."""
+    if _version("torch") is None:
+        return {"runtime": None, "torch_default": None, "why": "torch is not installed"}
+    try:
+        import torch
+
+        from .runtime._loading import choose_cpu_threads, usable_cpus
+    except Exception as err:  # a broken torch install is a finding, not a crash
+        return {"runtime": None, "torch_default": None, "why": f"torch failed to import: {err}"}
+    threads, why = choose_cpu_threads(settings.model.cpu_threads)
+    return {
+        "runtime": threads if threads is not None else torch.get_num_threads(),
+        "torch_default": torch.get_num_threads(),
+        "usable_cpus": usable_cpus(),
+        "why": why,
+    }
+
+
 def diagnose(settings: Settings | None = None) -> dict[str, Any]:
     """The doctor report as a JSON-serialisable dict."""
     settings = settings or get_settings()
@@ -123,6 +142,7 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
             "cores": os.cpu_count(),
             "bf16_flags": bf16_flags,
             "bf16_fast": bool(bf16_flags),
+            "threads": _cpu_threads(settings),
         },
         "quantization_4bit": {"possible": four_bit_possible, "why": reason_4bit},
         "cache": {
@@ -133,5 +153,23 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
         },
         # SecretStr fields serialise as '**********' in JSON mode: secrets stay masked.
         "settings": settings.model_dump(mode="json"),
+        "profile": _active_profile(settings),
         "recommendation": recommendation,
+    }
+
+
+def _active_profile(settings: Settings) -> dict[str, Any]:
+    """The profile ``serve``, ``chat`` and ``provision`` use with no ``--profile``."""
+    from .errors import MongarsError
+    from .manager import ModelManager
+
+    try:
+        manager = ModelManager(settings=settings)
+    except MongarsError as err:
+        return {"active": None, "manifest": None, "models": [], "reason": str(err)}
+    return {
+        "active": manager.profile_name,
+        "manifest": manager.manifest_source,
+        "models": sorted({entry.name for entry in manager.profile.models.values()}),
+        "reason": manager.profile_reason,
     }

@@ -20,7 +20,7 @@ class also inherits from the builtin a caller would naturally catch::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "BundleError",
@@ -126,12 +126,25 @@ class ProvisionLockTimeout(ProvisionError, TimeoutError):
 
 
 class LLMRuntimeError(MongarsError, RuntimeError):
-    """A runtime failure with a stable machine-readable ``code``.
+    """A runtime failure with a stable machine-readable ``code`` (see :attr:`CODES`)."""
 
-    Codes: ``load_failed``, ``invalid_input``, ``input_too_long``,
-    ``adapter_not_found``, ``unsupported``, ``generation_failed``,
-    ``embedding_failed``, ``overloaded``.
-    """
+    #: every ``code`` the runtime raises, with its meaning; docs/errors.md is generated
+    #: from it and a test checks that each code used in the source is listed here.
+    CODES: ClassVar[dict[str, str]] = {
+        "load_failed": "the model, its tokenizer or an adapter could not be loaded "
+        "(missing files, no access to the Hub, impossible quantisation)",
+        "invalid_input": "an argument is wrong: empty input, unknown pooling, bad sampling "
+        "value, unknown adapter use",
+        "input_too_long": "the input has more tokens than `settings.model.max_input_tokens` "
+        "(MONGARS_MODEL__MAX_INPUT_TOKENS) or the model's context",
+        "adapter_not_found": "the adapter named in the call is not loaded",
+        "unsupported": "the model cannot do what was asked (e.g. bidirectional attention "
+        "without sdpa/eager attention)",
+        "generation_failed": "the forward pass failed while generating",
+        "embedding_failed": "the forward pass failed while embedding",
+        "closed": "the runtime was closed (`close()`); build or fetch a new one",
+        "runtime_error": "any other runtime failure (the default code)",
+    }
 
     def __init__(self, message: str, *, code: str = "runtime_error") -> None:
         self.code = code

@@ -18,7 +18,7 @@ from .manifest.models import Profile
 from .settings import Settings, get_settings, resolve_profile_name
 
 if TYPE_CHECKING:
-    from .provisioning import ProvisionReport
+    from .provisioning import InstalledModel, ProvisionReport
 
 __all__ = ["ModelManager"]
 
@@ -47,6 +47,19 @@ class ModelManager:
         else:
             self.manifest = load_manifest(manifest, settings=self.settings)
         name = resolve_profile_name(profile, self.settings)
+        #: why this profile is active, when the machine chose it (else ``None``)
+        self.profile_reason: str | None = None
+        if self.manifest.source is None and not _profile_chosen(profile, self.settings):
+            from ._machine import machine_default_profile
+
+            machine = machine_default_profile()
+            if machine != name and machine in self.manifest.profiles:
+                self.profile_reason = (
+                    f"no CUDA here and no profile chosen: the built-in {machine!r} profile "
+                    f"instead of {name!r} (an 8B model); choose with --profile or "
+                    "LLM_MODELS_PROFILE"
+                )
+                name = machine
         if name not in self.manifest.profiles:
             available = list(self.manifest.profiles)
             close = difflib.get_close_matches(name, available, n=1)
@@ -130,3 +143,41 @@ class ModelManager:
         from .provisioning import provision
 
         return provision(roles, force=force, manager=self, **kwargs)
+
+    def installed(self) -> list[InstalledModel]:
+        """Every install under the models dir, with the roles of this profile that use it.
+
+        Hub snapshots, converted GGUF and Ollama models, and adapters (see
+        :func:`mongars_llm.provisioning.installed_models`); found from the disk
+        alone. Local directories that roles use in place are not installs.
+        """
+        from .provisioning import installed_models
+
+        return installed_models(manager=self)
+
+    def remove(self, target: str) -> list[InstalledModel]:
+        """Delete what ``target`` names from the models dir (``mongars-llm models rm``).
+
+        ``target`` is a role of the active profile, an installed model name
+        (``name@<revision prefix>`` for one revision) or a folder under the models
+        dir. Each install is removed under its provisioning lock, atomically; a
+        later :meth:`ensure_models_installed` installs it again. Raises
+        :class:`~mongars_llm.errors.ConfigError` for anything outside the models
+        dir (a ``local`` role's own folder is never deleted) and
+        :class:`~mongars_llm.errors.ProvisionError` when nothing matches.
+        """
+        from .provisioning import find_installed, remove_installed
+
+        return remove_installed(find_installed(target, manager=self), settings=self.settings)
+
+
+def _profile_chosen(explicit: str | None, settings: Settings) -> bool:
+    """Whether the argument, an environment variable or a setting named a profile."""
+    import os
+
+    return bool(
+        explicit
+        or os.environ.get("LLM_MODELS_PROFILE")
+        or os.environ.get("MONGARS_LLM_MODELS_PROFILE")
+        or "llm_models_profile" in settings.model_fields_set
+    )

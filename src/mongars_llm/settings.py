@@ -10,13 +10,22 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-__all__ = ["ModelSettings", "Settings", "get_settings", "resolve_profile_name"]
+from .errors import ConfigError
+
+__all__ = [
+    "ModelSettings",
+    "Settings",
+    "SettingsErrorsMixin",
+    "get_settings",
+    "resolve_profile_name",
+    "settings_error",
+]
 
 APP_NAME = "mongars-llm"
 
@@ -25,6 +34,11 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 def _default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def _default_data_dir_registry() -> Path:
+    """``<user data dir>/encoders``: ``~/.local/share/mongars-llm/encoders`` on Linux."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "encoders"
 
 
 class ModelSettings(BaseModel):
@@ -49,10 +63,12 @@ class ModelSettings(BaseModel):
     dtype: DType = Field("auto", description="Weights dtype; 'auto' picks from the hardware.")
     cpu_threads: int | None = Field(
         None,
-        ge=1,
+        ge=0,
         description=(
             "Torch CPU threads when the model runs on the CPU (torch.set_num_threads, "
-            "process-wide); unset keeps torch's default of one per core."
+            "process-wide). Unset: one less than the usable CPUs (at least 1), measured "
+            "faster than torch's one per core on shared machines, unless OMP_NUM_THREADS "
+            "is set; 0 keeps torch's default."
         ),
     )
     max_new_tokens: int = Field(512, ge=1, description="Upper bound for generated tokens.")
@@ -74,8 +90,73 @@ class ModelSettings(BaseModel):
     )
 
 
-class Settings(BaseSettings):
-    """All configuration of mongars-llm; see docs/settings.md for the reference."""
+def _env_name(settings_cls: type[BaseSettings], loc: tuple[int | str, ...]) -> str:
+    """The environment variable that sets the value at ``loc`` (``MONGARS_MODEL__DTYPE``)."""
+    config = settings_cls.model_config
+    prefix = str(config.get("env_prefix") or "")
+    field = settings_cls.model_fields.get(str(loc[0])) if loc else None
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, AliasChoices):
+        for choice in alias.choices:
+            if isinstance(choice, str) and choice.isupper():
+                return choice
+    delimiter = str(config.get("env_nested_delimiter") or "__")
+    return prefix + delimiter.join(str(part).upper() for part in loc)
+
+
+def _is_secret(settings_cls: type[BaseSettings], loc: tuple[int | str, ...]) -> bool:
+    field = settings_cls.model_fields.get(str(loc[0])) if loc else None
+    return field is not None and "SecretStr" in repr(field.annotation)
+
+
+def settings_error(
+    err: ValidationError | SettingsError, settings_cls: type[BaseSettings]
+) -> ConfigError:
+    """One readable :class:`ConfigError` for invalid settings: each bad value with its
+    environment variable, what was expected, and where the fix goes."""
+    if isinstance(err, SettingsError):  # e.g. MONGARS_MODEL='{not json'
+        return ConfigError(
+            f"invalid settings: {err}. Fix or unset that environment variable "
+            "(nested values as MONGARS_MODEL__<NAME>=value); see docs/settings.md"
+        )
+    problems = []
+    variables = []
+    for item in err.errors(include_url=False):
+        loc = tuple(item.get("loc", ()))
+        env = _env_name(settings_cls, loc)
+        variables.append(env)
+        dotted = ".".join(str(part) for part in loc) or "(settings)"
+        value = "****" if _is_secret(settings_cls, loc) else repr(item.get("input"))
+        if len(value) > 80:
+            value = value[:77] + "..."
+        origin = "environment variable" if env in os.environ else "setting"
+        problems.append(f"{dotted} = {value} ({origin} {env}): {item.get('msg')}")
+    fix = (
+        "fix the value or unset "
+        + ", ".join(dict.fromkeys(variables))
+        + " (environment, .env file or Settings(...) argument); see docs/settings.md"
+    )
+    return ConfigError(f"invalid settings: {'; '.join(problems)}; {fix}")
+
+
+class SettingsErrorsMixin:
+    """Makes a settings class raise :class:`ConfigError` (naming each environment
+    variable) instead of pydantic's multi-line ``ValidationError``. Put it first:
+    ``class ServerConfig(SettingsErrorsMixin, BaseSettings)``."""
+
+    def __init__(self, *args: Any, **values: Any) -> None:
+        try:
+            super().__init__(*args, **values)
+        except (ValidationError, SettingsError) as err:
+            raise settings_error(err, type(self)) from err  # type: ignore[arg-type]
+
+
+class Settings(SettingsErrorsMixin, BaseSettings):
+    """All configuration of mongars-llm; see docs/settings.md for the reference.
+
+    Invalid values raise :class:`~mongars_llm.errors.ConfigError` (a ``ValueError``)
+    naming the environment variable, e.g. ``MONGARS_MODEL__MAX_NEW_TOKENS``.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="MONGARS_",
@@ -95,7 +176,20 @@ class Settings(BaseSettings):
         None, description="Checkpoint directory the shared runtime loads (overrides the role)."
     )
     llm_adapter_registry_path: Path = Field(
-        Path("models/encoders"), description="Adapter registry directory."
+        default_factory=_default_data_dir_registry,
+        description=(
+            "Adapter registry directory; training runs go to its runs/ folder. Default: "
+            "the user data dir's encoders/ (~/.local/share/mongars-llm/encoders on Linux), "
+            "never the working directory."
+        ),
+    )
+    dataset_max_line_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description=(
+            "Longest line of a training JSONL file, in bytes (1 MiB); a longer line is an "
+            "invalid record (the file is streamed, a line is never held beyond this)."
+        ),
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir, description="Root of mongars-llm's caches."
@@ -104,7 +198,34 @@ class Settings(BaseSettings):
         None, description="Where provisioned models live; defaults to <cache_dir>/models."
     )
     provision_lock_timeout: float = Field(
-        1800.0, gt=0, description="Seconds to wait for another process's provisioning lock."
+        1800.0,
+        gt=0,
+        description=(
+            "Seconds to wait for another process's provisioning lock; staging folders and "
+            "partial downloads older than this, whose lock nobody holds, are removed by the "
+            "next provisioning run."
+        ),
+    )
+    manifest_max_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest manifest file read, in bytes (1 MiB); a bigger one is refused.",
+    )
+    manifest_max_nodes: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "Most values (mappings, lists, scalars) a YAML manifest may hold once its aliases "
+            "are expanded; guards against 'billion laughs' documents."
+        ),
+    )
+    adapter_archive_max_bytes: int = Field(
+        8 * 1024**3,
+        ge=1,
+        description=(
+            "Most bytes an adapter archive may extract to (8 GiB), checked against the "
+            "declared sizes and the bytes actually written."
+        ),
     )
     hf_token: SecretStr | None = Field(
         None,

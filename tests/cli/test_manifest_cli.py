@@ -112,7 +112,7 @@ def test_validate_without_a_path_checks_the_builtin_manifest(
     assert main(["manifest", "validate", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["manifest"] == "<built-in>" and report["valid"] is True
-    assert set(report["profiles"]) == {"default", "small"}
+    assert set(report["profiles"]) == {"default", "smol", "small"}
 
 
 def test_validate_missing_file_and_syntax_error(

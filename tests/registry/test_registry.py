@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import subprocess
@@ -109,6 +110,56 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(RegistryError, match="corrupt"):
         AdapterRegistry(tmp_path).list()
+
+
+def _tamper(registry_dir: Path, version: str, sha256: dict[str, str]) -> None:
+    """Rewrite one entry's checksum map by hand, as a hostile or careless editor would."""
+    path = registry_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["entries"]:
+        if entry["version"] == version:
+            entry["sha256"] = sha256
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("key", ["../../secret.txt", "ABSOLUTE", "./../secret.txt", "a\\..\\b"])
+def test_checksum_keys_outside_the_adapter_folder_are_never_read(tmp_path: Path, key: str) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    entry = registry.register(_adapter(tmp_path / "reg", "a"), name="a", compatibility=COMPAT)
+    secret = tmp_path / "reg" / "runs" / "secret.txt"
+    secret.write_text("not an adapter file")
+    key = str(secret) if key == "ABSOLUTE" else key
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    # the recorded digest is right: only a check of the key itself can refuse it
+    _tamper(tmp_path / "reg", "1", {**entry.sha256, key: digest})
+
+    with pytest.raises(RegistryError) as info:
+        registry.verify("1")
+    message = str(info.value)
+    assert repr(key) in message and "not a relative path inside the adapter folder" in message
+    assert str(tmp_path / "reg" / "manifest.json") in message
+    assert digest not in message
+
+
+def test_a_checksum_key_that_links_outside_the_adapter_folder_is_refused(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "reg", "a")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"elsewhere")
+    (adapter / "extra.bin").symlink_to(outside)
+    with pytest.raises(RegistryError, match="resolves outside the adapter folder"):
+        registry.verify(registry.register(adapter, name="a", compatibility=COMPAT))
+
+
+def test_unsafe_names_and_checksum_keys_are_refused_at_registration(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "reg", "a")
+    with pytest.raises(RegistryError, match=r"checksum key '\.\./x'"):
+        registry.register(adapter, name="a", compatibility=COMPAT, sha256={"../x": "0" * 64})
+    for name in ("..", "a/b", ".hidden", ""):
+        with pytest.raises(RegistryError, match="adapter name"):
+            registry.register(adapter, name=name, compatibility=COMPAT)
+    assert registry.list() == []
 
 
 def test_importing_the_registry_does_not_import_torch() -> None:

@@ -13,7 +13,15 @@ from mongars_llm.settings import Settings
 
 
 def runtime_settings(**model: Any) -> Settings:
-    values = {"quantize_4bit": False, "max_new_tokens": 48, "batch_wait_ms": 20.0, **model}
+    # float32 unless a test asks otherwise: exactness checks (packing, parity, batching) must
+    # not depend on whether this CPU has native bf16 (where dtype="auto" picks bf16)
+    values = {
+        "quantize_4bit": False,
+        "max_new_tokens": 48,
+        "batch_wait_ms": 20.0,
+        "dtype": "float32",
+        **model,
+    }
     return Settings(model=values, _env_file=None)  # type: ignore[call-arg]
 
 

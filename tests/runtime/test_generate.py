@@ -182,7 +182,7 @@ def test_generation_logs_an_event_with_counts(runtime: Any, events: Any) -> None
     assert event["batch_size"] == 1
     assert event["completion_tokens"] == 4
     assert event["prompt_tokens"] == runtime.count_tokens("The quick")
-    assert event["device"] == "cpu" and event["dtype"] == "float32"
+    assert event["device"] == "cpu" and event["dtype"] == str(runtime.dtype).removeprefix("torch.")
     assert event["quantization"] is None and event["seconds"] >= 0
 
 

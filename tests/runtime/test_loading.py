@@ -26,13 +26,17 @@ def _no_shared_leak() -> Any:
     UnifiedLLMRuntime.reset_shared()
 
 
-def test_cpu_dtype_follows_the_cpu_flags(runtime: Any) -> None:
+def test_cpu_dtype_follows_the_cpu_flags(tiny_model_dir: Path) -> None:
     flags = Path("/proc/cpuinfo").read_text().split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert cpu_supports_bf16() is native
+    runtime = UnifiedLLMRuntime.from_pretrained(
+        tiny_model_dir, settings=runtime_settings(dtype="auto")
+    )
     assert runtime.dtype == (torch.bfloat16 if native else torch.float32)
     assert runtime.device == "cpu" and runtime.quantization is None
     assert next(runtime.model.parameters()).dtype == runtime.dtype
+    runtime.close()
 
 
 def test_dtype_can_be_overridden_but_never_fp16_on_cpu(tiny_model_dir: Path) -> None:
@@ -57,10 +61,12 @@ def test_four_bit_without_cuda_warns_once_and_loads_unquantised(
 ) -> None:
     with pytest.warns(QuantizationFallbackWarning, match="no CUDA device") as record:
         rt = UnifiedLLMRuntime.from_pretrained(
-            tiny_model_dir, settings=runtime_settings(), quantize_4bit=True
+            tiny_model_dir, settings=runtime_settings(dtype="auto"), quantize_4bit=True
         )
     assert len([w for w in record if w.category is QuantizationFallbackWarning]) == 1
-    assert rt.quantization is None and rt.dtype == torch.float32
+    # the auto precision of this CPU: bf16 where it is native (AMX, AVX512-BF16), else fp32
+    assert rt.quantization is None
+    assert rt.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
     rt.close()
     strict = runtime_settings(strict_quantization=True, quantize_4bit=True)
     with pytest.raises(LLMRuntimeError, match="4-bit") as info:
@@ -189,6 +195,49 @@ def test_cpu_threads_setting_sets_torch_threads(tiny_model_dir: Path) -> None:
         check=True,
     )
     assert out.stdout.split()[-2:] == ["3", "1"], out.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "1"),  # auto: one less than the 2 usable CPUs, not torch's 2
+        ({"OMP_NUM_THREADS": "2"}, "2"),  # the user's OpenMP setting is kept
+        ({"MONGARS_MODEL__CPU_THREADS": "0"}, "2"),  # 0: torch's own default
+    ],
+    ids=["auto", "omp-env", "zero"],
+)
+def test_cpu_threads_default_leaves_a_core_free(
+    tiny_model_dir: Path, env: dict[str, str], expected: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    # a fresh process pinned to 2 CPUs, before torch starts (its default is one per CPU)
+    code = (
+        "import os, sys\n"
+        "os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])\n"
+        "import torch\n"
+        "from mongars_llm.runtime import UnifiedLLMRuntime\n"
+        "rt = UnifiedLLMRuntime.from_pretrained(sys.argv[1], device='cpu')\n"
+        "print(torch.get_num_threads(), rt.generate('Hi', max_new_tokens=2).usage.prompt_tokens > 0)\n"
+    )
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MONGARS_MODEL__CPU_THREADS")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)],
+        env={**base, "MONGARS_MODEL__QUANTIZE_4BIT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    assert out.stdout.split()[-2:] == [expected, "True"], out.stderr
 
 
 def test_closed_runtime_refuses_work(tiny_model_dir: Path) -> None:

@@ -106,3 +106,26 @@ class SlowOllama:
     def __exit__(self, *exc: Any) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# --------------------------------------------------------------------- adapters
+
+
+def make_lora_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A real LoRA adapter (peft format) with non-zero weights for the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+#: what the registry records for adapters made by :func:`make_lora_adapter`
+def lora_compatibility(base: Path) -> dict[str, Any]:
+    return {"base_model": str(base), "r": 4, "target_modules": ["q_proj", "v_proj"]}

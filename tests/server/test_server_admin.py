@@ -200,3 +200,65 @@ def test_the_admin_token_never_reaches_logs(
     assert "/api/v1/models" in caplog.text + out + err  # the requests were logged...
     assert ADMIN_TOKEN not in caplog.text
     assert ADMIN_TOKEN not in out + err  # ...but never the token
+
+
+def test_provision_force_is_a_strict_boolean(live_server: Any) -> None:
+    for force in ("yes", "true", 1):
+        response = _call(
+            live_server.url,
+            "POST",
+            "/api/v1/models/provision",
+            {"roles": ["general"], "force": force},
+            "",
+            ADMIN_TOKEN,
+        )
+        assert response.status_code == 422, (force, response.text)
+        assert response.json()["error"]["param"] == "force"
+
+
+@pytest.mark.parametrize(
+    ("name", "env", "value"),
+    [
+        ("admin_token", "MONGARS_ADMIN_TOKEN", "   "),
+        ("admin_token", "MONGARS_ADMIN_TOKEN", "\t\n"),
+        ("admin_token", "MONGARS_ADMIN_TOKEN", "real-token\n"),
+        ("api_key", "MONGARS_API_KEY", "  "),
+    ],
+)
+def test_credentials_nobody_could_send_are_refused_at_start_up(
+    server_settings: Any, runtime: Any, name: str, env: str, value: str
+) -> None:
+    from pydantic import SecretStr
+
+    from mongars_llm.errors import ConfigError
+
+    settings = server_settings.model_copy(update={name: SecretStr(value)})
+    with pytest.raises(ConfigError, match=env) as info:
+        create_app(settings, runtime)
+    assert value.strip() not in str(info.value) or not value.strip()  # never echoed
+    # an empty value is "not set": the admin API is off, the API is open
+    create_app(server_settings.model_copy(update={name: SecretStr("")}), runtime)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_whitespace_admin_token(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MONGARS_CACHE_DIR": str(tmp_path), "MONGARS_ADMIN_TOKEN": "   "}
+    result = subprocess.run(  # without the check it would serve until the timeout
+        [sys.executable, "-m", "mongars_llm", "serve", "--model", str(tiny_model_dir),
+         "--port", str(port), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "MONGARS_ADMIN_TOKEN is only whitespace" in result.stderr
+    assert "Traceback" not in result.stderr

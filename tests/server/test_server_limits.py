@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import time
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from mongars_llm.server import ServerConfig, create_app
 from mongars_llm.server._limits import AdmissionController, Overloaded
@@ -126,3 +130,123 @@ def test_chunked_bodies_over_the_limit_are_413(
         assert "MONGARS_SERVER_MAX_BODY_BYTES" in response.json()["error"]["message"]
         ok = httpx.post(url, content=chunked(small), headers=headers)
         assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+# --------------------------------------------------------------------- slow bodies, headers
+
+API_KEY = "sk-limits-3b9f1c"
+
+
+def _raw_exchange(host: str, port: int, request: bytes, *, timeout: float) -> tuple[int, bytes]:
+    """Send ``request`` on a fresh socket; (status, body) once the server closes it."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        return _read_until_closed(sock)
+
+
+def _read_until_closed(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.serve
+def test_slow_bodies_get_408_and_never_hold_a_slot(
+    serve: Any, server_settings: Any, runtime: Any, manager: Any
+) -> None:
+    """Slow-loris: 64 clients send 'Content-Length: 1000' and 9 bytes, then stall.
+
+    Unauthenticated ones are refused at once; authenticated ones wait for their
+    body without a slot and get 408 (connection closed) after body_timeout_s,
+    while a real request with a 2-slot, 2-place queue is served at once.
+    """
+    settings = server_settings.model_copy(update={"api_key": SecretStr(API_KEY)})
+    config = ServerConfig(max_concurrency=2, max_queue=2, queue_timeout_s=30, body_timeout_s=3)
+    app = create_app(settings, runtime, manager, config=config)
+    with serve(app) as server:
+        stalled: list[tuple[socket.socket, bool]] = []
+        try:
+            for i in range(64):
+                authenticated = i % 2 == 0
+                auth = f"Authorization: Bearer {API_KEY}\r\n" if authenticated else ""
+                sock = socket.create_connection((server.host, server.port), timeout=30)
+                sock.sendall(
+                    (
+                        "POST /v1/embeddings HTTP/1.1\r\nHost: test\r\n"
+                        f"Content-Type: application/json\r\n{auth}Content-Length: 1000\r\n\r\n"
+                    ).encode()
+                    + b'{"model":'  # 9 of the 1000 bytes promised
+                )
+                stalled.append((sock, authenticated))
+            time.sleep(0.5)  # every stalled request has reached the server
+            started = time.monotonic()
+            response = httpx.post(
+                f"{server.url}/v1/embeddings",
+                json={"model": "embedding", "input": "a real request"},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            assert time.monotonic() - started < config.body_timeout_s
+            for sock, authenticated in stalled:
+                status, body = _read_until_closed(sock)  # the server closes the connection
+                error = json.loads(body)["error"]
+                if authenticated:
+                    assert status == 408, body
+                    assert error["code"] == "request_timeout"
+                    assert "MONGARS_SERVER_BODY_TIMEOUT_S" in error["message"]
+                else:
+                    assert status == 401, body
+                    assert error["code"] == "missing_api_key"
+            waited = time.monotonic() - started
+            assert waited < config.body_timeout_s + 10
+        finally:
+            for sock, _ in stalled:
+                sock.close()
+        state = app.state.mongars
+        assert (state.admission.active, state.admission.waiting, state.admission.rejected) == (
+            0,
+            0,
+            0,
+        )
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize(
+    ("headers", "code", "setting"),
+    [
+        pytest.param(
+            "X-Big: " + "a" * (16 * 1024 * 1024) + "\r\n",
+            "headers_too_large",
+            "MONGARS_SERVER_MAX_HEADER_BYTES",
+            id="one-16MB-header",
+        ),
+        pytest.param(
+            "".join(f"X-H{i}: v\r\n" for i in range(20_000)),
+            "too_many_headers",
+            "MONGARS_SERVER_MAX_HEADERS",
+            id="20000-headers",
+        ),
+    ],
+)
+def test_oversized_headers_are_refused_with_431(
+    serve: Any,
+    server_settings: Any,
+    runtime: Any,
+    manager: Any,
+    headers: str,
+    code: str,
+    setting: str,
+) -> None:
+    with serve(create_app(server_settings, runtime, manager)) as server:
+        for path in ("/healthz", "/v1/models"):
+            request = f"GET {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n".encode()
+            status, body = _raw_exchange(server.host, server.port, request, timeout=60)
+            assert status == 431, body[:300]
+            error = json.loads(body)["error"]
+            assert error["code"] == code
+            assert setting in error["message"]
+        # ordinary requests are untouched
+        assert httpx.get(f"{server.url}/healthz").status_code == 200

@@ -74,3 +74,9 @@ def jsonl():
 @pytest.fixture
 def colours_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "colours.jsonl", colour_rows())
+
+
+@pytest.fixture(scope="session")
+def colours_file_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The colours set once per session (for module-scoped fixtures; never write to it)."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "colours.jsonl", colour_rows())

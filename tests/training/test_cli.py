@@ -123,3 +123,136 @@ def test_build_with_config_file_and_flags_then_manage_the_registry(
     # the bundle is never overwritten: same run name again is a failure (exit 1)
     assert main(argv) == 1
     assert "already holds a finished bundle" in capsys.readouterr().err
+
+
+# ----------------------------------------------------- errors, never tracebacks
+def _dry_run_argv(dataset: Path, tiny_base: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "bundle",
+        "build",
+        "--dataset-path",
+        str(dataset),
+        "--base-model",
+        str(tiny_base),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "r",
+        "--dry-run",
+        *extra,
+    ]
+
+
+def test_json_prints_one_document_for_whole_file_and_config_errors(
+    tmp_path: Path, tiny_base: Path, capsys
+) -> None:
+    missing = tmp_path / "missing.jsonl"
+    assert main(_dry_run_argv(missing, tiny_base, tmp_path, "--json")) == 1
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["ok"] is False and payload["error_type"] == "DatasetError"
+    assert str(missing) in payload["error"] and payload["dataset_summary"] is None
+    assert captured.err.count("\n") == 1 and str(missing) in captured.err
+
+    # a configuration error keeps its exit code (2) and still prints one document
+    argv = _dry_run_argv(missing, tiny_base, tmp_path, "--json", "--dataset-id", "org/data")
+    assert main(argv) == 2
+    payload = _json(capsys)
+    assert payload["ok"] is False and payload["error_type"] == "ConfigError"
+    assert "not both" in payload["error"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_a_dataset_path_that_is_not_a_regular_file_is_a_one_line_error(
+    kind: str, tmp_path: Path, tiny_base: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if kind == "directory":
+        dataset = tmp_path / "data"
+        dataset.mkdir()
+        expected = "is a directory"
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        dataset = tmp_path / "pipe.jsonl"
+        os.mkfifo(dataset)  # nobody writes: reading it would wait forever
+        expected = "is a FIFO"
+    else:
+        dataset = Path("/dev/zero")  # endless: reading it whole would fill the memory
+        if not dataset.exists():
+            pytest.skip("no /dev/zero on this platform")
+        expected = "is a character device"
+    argv = _dry_run_argv(dataset, tiny_base, tmp_path, "--json")
+    done = subprocess.run(
+        [sys.executable, "-m", "mongars_llm", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("mongars-llm: error: ") and str(dataset) in line
+    assert expected in line and "not a regular file" in line and "--dataset-path" in line
+    assert json.loads(done.stdout)["ok"] is False
+    assert not (tmp_path / "runs").exists()  # refused before any folder was made
+
+
+def test_a_hostile_line_is_listed_with_its_number(
+    jsonl, tmp_path: Path, tiny_base: Path, capsys
+) -> None:
+    deep = '{"prompt": "a", "completion": " b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}, deep])
+    assert main(_dry_run_argv(path, tiny_base, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON: nested too deeply" in err and "Traceback" not in err
+
+
+def _registry_with_one_version(tmp_path: Path) -> Path:
+    from mongars_llm.registry import AdapterRegistry
+
+    adapter = tmp_path / "reg" / "runs" / "a" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    AdapterRegistry(tmp_path / "reg").register(adapter, name="a", compatibility={"base_model": "b"})
+    return tmp_path / "reg"
+
+
+def test_promote_with_a_dangling_latest_pointer_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    registry = _registry_with_one_version(tmp_path)
+    manifest_file = registry / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["latest"] = "7"  # edited by hand: no version 7
+    manifest_file.write_text(json.dumps(manifest))
+    before = manifest_file.read_bytes()
+
+    assert main(["adapters", "promote", "1", "--registry-path", str(registry)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(manifest_file) in line and "'latest' names version '7'" in line
+    assert "set 'latest' to a known version" in line
+    assert manifest_file.read_bytes() == before  # nothing written
+    assert main(["adapters", "show", "latest", "--registry-path", str(registry)]) == 1
+    assert "'latest' names version '7'" in capsys.readouterr().err
+
+
+def test_promote_in_a_missing_registry_does_not_create_it(tmp_path: Path, capsys) -> None:
+    registry = tmp_path / "no-such-registry"
+    for action in ("promote", "retire"):
+        assert main(["adapters", action, "1", "--registry-path", str(registry)]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"no adapter registry at {registry}" in line and "--registry-path" in line
+    assert not registry.exists()
+
+
+def test_an_adapter_name_that_is_not_a_plain_name_is_a_config_error(
+    jsonl, tmp_path: Path, tiny_base: Path, capsys
+) -> None:
+    path = jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}])
+    for name in ("..", "a/b", ".hidden"):
+        assert main(_dry_run_argv(path, tiny_base, tmp_path, "--adapter-name", name)) == 2
+        assert f"adapter_name {name!r} must be letters, digits" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -258,3 +258,92 @@ def test_hub_dataset_and_eval_file_are_checked_too(jsonl, tmp_path: Path, tiny_b
     assert (tmp_path / "runs" / "hub" / "eval_dataset_summary.json").is_file()
     train_summary = json.loads((tmp_path / "runs/hub/dataset_summary.json").read_text())
     assert train_summary["rows_valid"] == 2 and train_summary["format"] == "prompt_completion"
+
+
+# ------------------------------------------------------------ reading the file
+SEPARATORS = ["\u2028", "\u2029", "\u0085"]  # str.splitlines() breaks on them
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_records(tmp_path: Path) -> None:
+    # JSON allows these raw inside strings (json.dumps leaves them unescaped)
+    rows = [
+        {"prompt": f"Question {i}{sep}with a separator?", "completion": f" Answer{sep}{i}."}
+        for i in range(17)
+        for sep in [SEPARATORS[i % 3]]
+    ]
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    assert all(any(sep in line for sep in SEPARATORS) for line in lines)
+    text = "\ufeff" + lines[0] + "\r\n" + "\n".join(lines[1:]) + "\n" + '{"prompt": "bad"\n'
+    path = tmp_path / "separators.jsonl"
+    path.write_bytes(text.encode("utf-8"))  # a BOM, one CRLF line, then LF lines
+
+    with pytest.raises(DatasetError) as info:
+        validate_dataset(path)
+    assert [(p.line, p.reason[:12]) for p in info.value.problems] == [(18, "invalid JSON")]
+    summary = validate_dataset(path, skip_invalid=True)
+    assert (summary.lines_total, summary.rows_valid, summary.rows_invalid) == (18, 17, 1)
+    assert summary.chars["prompt"].min == len(rows[0]["prompt"])  # the BOM is not in line 1
+
+
+@pytest.fixture
+def line_limit(monkeypatch: pytest.MonkeyPatch):
+    from mongars_llm.settings import get_settings
+
+    monkeypatch.setenv("MONGARS_DATASET_MAX_LINE_BYTES", "256")
+    get_settings(reload=True)
+    yield 256
+    monkeypatch.delenv("MONGARS_DATASET_MAX_LINE_BYTES")
+    get_settings(reload=True)
+
+
+def test_a_line_over_the_limit_is_a_bad_line_naming_the_limit_and_the_setting(
+    jsonl, tmp_path: Path, line_limit: int
+) -> None:
+    exact = {"prompt": "p", "completion": ""}
+    exact["completion"] = "x" * (line_limit - len(json.dumps(exact)))
+    assert len(json.dumps(exact)) == line_limit  # exactly at the limit: accepted
+    rows = [
+        GOOD,
+        {"prompt": "y" * 300, "completion": " z"},
+        exact,
+        {"prompt": "a", "completion": " b"},
+    ]
+    path = jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DatasetError) as info:
+        validate_dataset(path)
+    (problem,) = info.value.problems
+    assert problem.line == 2
+    assert "longer than 256 bytes" in problem.reason
+    assert "MONGARS_DATASET_MAX_LINE_BYTES" in problem.reason
+    summary = validate_dataset(path, skip_invalid=True)
+    assert (summary.lines_total, summary.rows_valid, summary.rows_skipped) == (4, 3, 1)
+
+
+def test_the_file_is_streamed_a_huge_line_is_never_held(tmp_path: Path) -> None:
+    import tracemalloc
+
+    huge = json.dumps({"prompt": "q" * (24 << 20), "completion": " a"})  # one 24 MB record
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(GOOD) + "\n" + huge + "\n" + json.dumps(GOOD) + "\n")
+    del huge
+    tracemalloc.start()
+    try:
+        summary = validate_dataset(path, skip_invalid=True, max_line_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (summary.lines_total, summary.rows_valid, summary.rows_skipped) == (3, 2, 1)
+    assert peak < 6 << 20, f"peak {peak / 2**20:.1f} MiB while reading a 24 MB line"
+
+
+def test_json_that_python_cannot_parse_is_a_bad_line_not_a_crash(jsonl, tmp_path: Path) -> None:
+    deep = '{"prompt": "a", "completion": " b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    big_int = '{"prompt": "a", "completion": " b", "n": ' + "7" * 5001 + "}"
+    path = jsonl(tmp_path / "hostile.jsonl", [GOOD, deep, big_int, GOOD])
+    with pytest.raises(DatasetError) as info:
+        validate_dataset(path)
+    reasons = {p.line: p.reason for p in info.value.problems}
+    assert sorted(reasons) == [2, 3]
+    assert "nested too deeply" in reasons[2]
+    assert reasons[3].startswith("invalid JSON") and "digits" in reasons[3]

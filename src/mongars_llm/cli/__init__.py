@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from .._version import __version__
 from ..errors import ConfigError, MissingExtraError, MongarsError
 
@@ -24,12 +26,25 @@ _COMMAND_MODULES = (
     "manifest",
     "adapters",
     "bundle",
+    "chat",
+    "embed",
     "serve",
     "demo",
     "doctor",
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    """``--log-level`` in any case; anything else is a usage error (exit 2), not a traceback."""
+    if value.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid log level {value!r} (choose from {', '.join(LOG_LEVELS)})"
+        )
+    return value.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mongars-llm {__version__}")
     parser.add_argument(
-        "--log-level", default="WARNING", help="log level for mongars_llm logs on stderr"
+        "--log-level",
+        default="WARNING",
+        type=_log_level,
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help="log level for mongars_llm logs on stderr (default: warning)",
     )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -52,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(subparsers)
     return parser
+
+
+def _one_line(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or err.title}: {item['msg']}"
+        for item in err.errors(include_url=False)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MongarsError as err:
         print(f"mongars-llm: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except ValidationError as err:  # a settings class without SettingsErrorsMixin
+        print(f"mongars-llm: error: invalid configuration: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("mongars-llm: interrupted", file=sys.stderr)
         return 130

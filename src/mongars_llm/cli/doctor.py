@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._fs import human_bytes
-from ._output import print_json
+from ._output import examples, print_json
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,6 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     cpu = report["cpu"]
     flags = ", ".join(cpu["bf16_flags"]) or "none"
     print(f"CPU             {cpu['cores']} cores, bf16 acceleration: {flags}")
+    print(f"CPU threads     {cpu['threads']['why']}")
     q = report["quantization_4bit"]
     print(f"4-bit NF4       {'possible' if q['possible'] else 'not possible'} ({q['why']})")
     cache = report["cache"]
@@ -42,13 +43,22 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  {key}.{sub} = {subvalue}")
         else:
             print(f"  {key} = {value}")
+    profile = report["profile"]
+    print(f"profile         {profile['active']}  ({', '.join(profile['models'])})")
+    if profile["reason"]:
+        print(f"                {profile['reason']}")
     print(f"recommendation: {report['recommendation']}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "doctor", help="report versions, devices, precision and cache sizes"
+        "doctor",
+        help="report versions, devices, precision and cache sizes",
+        description="What this machine can run: package versions, CUDA devices, CPU bf16 "
+        "support, 4-bit quantisation, cache sizes, the settings in effect, the profile a "
+        "bare command uses, and a recommendation (docs/doctor.md).",
+        **examples("mongars-llm doctor", "mongars-llm doctor --json | jq .recommendation"),
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=_run)

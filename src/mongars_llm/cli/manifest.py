@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._output import print_json
+from ._output import examples, print_json
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -30,7 +30,17 @@ def _path_warnings(manifest: Any) -> list[dict[str, str]]:
     for profile_name, profile in manifest.profiles.items():
         for role, entry in profile.models.items():
             loc: list[Any] = ["profiles", profile_name, "models", role]
-            if entry.provider == "local" and not manifest.resolve_path(entry.name).exists():
+            if entry.provider == "local" and entry.name.startswith("pkg://"):
+                from ..errors import ProvisionError
+                from ..provisioning.local import package_file
+
+                try:
+                    package_file(entry.name)
+                except ProvisionError as err:
+                    notes.append(
+                        {"json_path": format_json_path([*loc, "name"]), "message": str(err)}
+                    )
+            elif entry.provider == "local" and not manifest.resolve_path(entry.name).exists():
                 notes.append(
                     {
                         "json_path": format_json_path([*loc, "name"]),
@@ -75,7 +85,7 @@ def _validate(args: argparse.Namespace) -> int:
         manifest = builtin_manifest()
     else:
         path = Path(path).expanduser()
-        source = str(path)
+        source = str(path).replace("\x00", "\\x00")  # never a raw NUL on the terminal
         try:
             data = read_manifest_document(path)
         except ManifestError as err:
@@ -141,6 +151,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "manifest",
         help="validate a model manifest or export its JSON Schema",
         description="Validate a model manifest (JSON or YAML) or export its JSON Schema.",
+        **examples(
+            "mongars-llm manifest validate configs/llm_models.yaml",
+            "mongars-llm manifest schema -o configs/llm_models.schema.json",
+        ),
     )
     commands = parser.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
@@ -151,6 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Check a manifest file. With no PATH: the configured manifest "
         "(MONGARS_LLM_MODELS_PATH) if it exists, else the built-in one. Problems go to "
         "stderr with the file, the JSON path and a suggestion.",
+        **examples(
+            "mongars-llm manifest validate                 the configured (or built-in) manifest",
+            "mongars-llm manifest validate my.yaml --json",
+        ),
     )
     validate.add_argument("path", nargs="?", metavar="PATH", help="manifest file to check")
     validate.add_argument("--manifest", metavar="PATH", help="same as PATH")
@@ -161,6 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "schema",
         help="print the manifest's JSON Schema (for editors and CI)",
         description="Print the JSON Schema of manifest files, or write it to --output.",
+        **examples("mongars-llm manifest schema > llm_models.schema.json"),
     )
     schema.add_argument("--output", "-o", metavar="FILE", help="write the schema to FILE")
     schema.set_defaults(handler=_schema)

@@ -1,4 +1,11 @@
-"""``mongars-llm models list|show``: profiles, roles and resolved parameters."""
+"""``mongars-llm models list|show|rm``: profiles, roles, resolved parameters, installs.
+
+``models list --installed`` lists what provisioning put in the models dir, with
+sizes; ``models rm ROLE|MODEL`` deletes an install (asking first in a terminal).
+Exit codes: 0 ok, 1 a run-time failure (nothing installed matches, a running
+download holds the lock), 2 a usage or configuration error (a path outside the
+models dir, no confirmation).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,14 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError, MongarsError
 from ._output import print_json, print_table
 
 if TYPE_CHECKING:
     from ..manager import ModelManager
+    from ..provisioning import InstalledModel
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _manager(args: argparse.Namespace) -> ModelManager:
@@ -22,6 +31,8 @@ def _manager(args: argparse.Namespace) -> ModelManager:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.installed:
+        return _json_errors(args, _list_installed)
     manager = _manager(args)
     names = [manager.profile_name] if args.profile else list(manager.manifest.profiles)
     profiles: list[dict[str, Any]] = []
@@ -59,6 +70,106 @@ def _list(args: argparse.Namespace) -> int:
             revision = f"@{entry.revision}" if entry.revision else ""
             rows.append([marker, name, role, entry.name + revision, entry.provider])
     print_table(["", "profile", "role", "model", "provider"], rows)
+    return EXIT_OK
+
+
+def _json_errors(args: argparse.Namespace, run: Any) -> int:
+    """With ``--json``, an error is one JSON document on stdout too (as ``provision``)."""
+    try:
+        return int(run(args))
+    except MongarsError as err:
+        if not args.json:
+            raise  # cli.main prints one line and exits 1 or 2
+        print_json({"ok": False, "error": str(err), "error_type": type(err).__name__})
+        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILED
+
+
+def _revision(value: str | None) -> str:
+    return (value or "")[:12]
+
+
+def _list_installed(args: argparse.Namespace) -> int:
+    from .._fs import human_bytes
+
+    manager = _manager(args)
+    models = manager.installed()
+    models_dir = str(manager.settings.resolved_models_dir)
+    total = sum(model.bytes for model in models)
+    if args.json:
+        print_json(
+            {
+                "models_dir": models_dir,
+                "active_profile": manager.profile_name,
+                "models": [model.to_dict() for model in models],
+                "bytes": total,
+            }
+        )
+        return EXIT_OK
+    if not models:
+        print(f"nothing installed in {models_dir}")
+        return EXIT_OK
+    rows = [
+        [
+            model.model,
+            _revision(model.revision),
+            model.provider,
+            ",".join(model.roles) or "-",
+            human_bytes(model.bytes),
+            model.path,
+        ]
+        for model in models
+    ]
+    print_table(["model", "revision", "provider", "roles", "size", "path"], rows)
+    print(
+        f"{len(models)} installed, {human_bytes(total)} in {models_dir} "
+        f"(roles of profile {manager.profile_name!r})"
+    )
+    return EXIT_OK
+
+
+def _confirmed(models: list[InstalledModel], total: str) -> bool:
+    """Ask on the terminal; without one, ``--yes`` is required."""
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "refusing to delete without confirmation: stdin is not a terminal; pass --yes"
+        )
+    sys.stderr.write(f"remove {len(models)} install(s), {total}? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from .._fs import human_bytes
+    from ..provisioning import find_installed, remove_installed
+
+    manager = _manager(args)
+    chosen: dict[str, InstalledModel] = {}
+    for target in args.targets:  # every name is checked before anything is deleted
+        for model in find_installed(target, manager=manager):
+            chosen.setdefault(str(model.path), model)
+    models = list(chosen.values())
+    total = human_bytes(sum(model.bytes for model in models))
+    if not args.json:
+        for model in models:
+            print(f"{model.label} ({model.provider}, {human_bytes(model.bytes)}): {model.path}")
+    if args.dry_run:
+        if args.json:
+            print_json({"dry_run": True, "removed": [m.to_dict() for m in models]})
+        return EXIT_OK
+    if not args.yes and not _confirmed(models, total):
+        print("mongars-llm: nothing removed (not confirmed)", file=sys.stderr)
+        return EXIT_FAILED
+    removed = remove_installed(models, settings=manager.settings)
+    if args.json:
+        print_json(
+            {
+                "dry_run": False,
+                "removed": [model.to_dict() for model in removed],
+                "bytes": sum(model.bytes for model in removed),
+            }
+        )
+    else:
+        print(f"removed {len(removed)} install(s), {total}; `mongars-llm provision` reinstalls")
     return EXIT_OK
 
 
@@ -121,16 +232,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "models",
-        help="list profiles and roles, show resolved parameters",
-        description="Inspect the manifest's profiles and the resolved roles of a profile.",
+        help="list profiles and roles, show resolved parameters, list or remove installs",
+        description="Inspect the manifest's profiles and the resolved roles of a profile; "
+        "list the models installed in the models dir and remove them.",
     )
     commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
 
     list_parser = commands.add_parser(
         "list",
-        help="profiles and their roles (the active profile is marked *)",
-        description="Profiles and their roles; with --profile only that profile.",
+        help="profiles and their roles (the active profile is marked *), or --installed models",
+        description="Profiles and their roles; with --profile only that profile. With "
+        "--installed: every model installed in the models dir (MONGARS_MODELS_DIR) with its "
+        "size on disk and the roles of the active profile that use it.",
+        epilog="example: mongars-llm models list --installed",
+    )
+    list_parser.add_argument(
+        "--installed",
+        action="store_true",
+        help="list what provisioning installed in the models dir, with sizes",
     )
     _common(list_parser)
     list_parser.set_defaults(handler=_list)
@@ -144,3 +264,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("role", nargs="?", metavar="ROLE", help="one role (default: all)")
     _common(show)
     show.set_defaults(handler=_show)
+
+    rm = commands.add_parser(
+        "rm",
+        help="delete an installed model from the models dir",
+        description="Delete installed models from the models dir (MONGARS_MODELS_DIR), like "
+        "`ollama rm`: a role of the active profile (the install it uses), an installed model "
+        "name (every revision; NAME@REV for one), or a folder under the models dir. Local "
+        "folders that roles use in place are never deleted. Asks first in a terminal; "
+        "`mongars-llm provision` installs it again.",
+        epilog="example: mongars-llm models rm general --yes",
+    )
+    rm.add_argument(
+        "targets", nargs="+", metavar="ROLE|MODEL", help="role, model name or installed folder"
+    )
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rm.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    _common(rm)
+    rm.set_defaults(handler=lambda args: _json_errors(args, _rm))

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from ..errors import ConfigError, MissingExtraError
-from ._output import print_json, print_table
+from ._output import examples, print_json, print_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -90,6 +90,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Make sure every role of the active profile has its weights on disk "
         "(Hugging Face Hub, a local directory, or an Ollama daemon). Exit 0 when every "
         "role is ok, 1 when one failed, 2 on a usage or configuration error.",
+        **examples(
+            "mongars-llm provision                       every role of the active profile",
+            "mongars-llm provision --profile small --roles general",
+            "mongars-llm provision --dry-run             what would be downloaded, and its size",
+            "mongars-llm provision --locked --json       the commits in mongars.lock.json",
+            note="Models go to MONGARS_MODELS_DIR (default: <cache dir>/models); "
+            "`mongars-llm doctor` shows where.",
+        ),
     )
     parser.add_argument("--manifest", metavar="PATH", help="manifest file (JSON or YAML)")
     parser.add_argument("--profile", metavar="P", help="profile (default: the active one)")

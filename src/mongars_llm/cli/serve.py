@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ._output import examples
 
 __all__ = ["register"]
 
@@ -19,11 +21,29 @@ def register(subparsers: Any) -> None:
         description="Serve chat and embeddings over HTTP (OpenAI-compatible API on /v1, "
         "admin API on /api/v1). Settings come from MONGARS_* environment variables; "
         "these flags override them.",
+        **examples(
+            "mongars-llm serve                             the active profile on 127.0.0.1:8000",
+            "mongars-llm serve --profile small --port 9000",
+            "mongars-llm serve --model ./checkpoint --embeddings-only --device cuda:1",
+            "MONGARS_ADMIN_TOKEN=... mongars-llm serve --host 0.0.0.0 --workers 2",
+            "mongars-llm serve --ray --replicas 4           (pip install 'mongars-llm[ray]')",
+            note="With no profile chosen and no CUDA, the built-in small profile is served "
+            "instead of the 8B default (see `mongars-llm doctor`). docs/serving.md has the API.",
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--profile", help="manifest profile (default: the active one)")
-    parser.add_argument("--manifest", type=Path, help="manifest file (JSON or YAML)")
+    parser.add_argument(
+        "--profile",
+        help="manifest profile (default: LLM_MODELS_PROFILE, MONGARS_LLM_MODELS_PROFILE, then "
+        "'default'; without CUDA the built-in manifest's small profile)",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="manifest file, JSON or YAML (default: MONGARS_LLM_MODELS_PATH if it exists, else "
+        "the built-in)",
+    )
     parser.add_argument(
         "--model", type=Path, help="checkpoint directory to serve (sets unified_model_dir)"
     )
@@ -97,12 +117,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .._extras import require
 
     _check(args)
+    if args.ray:  # [ray] includes [serve]: one install command, named first
+        require("ray.serve", "ray", feature="mongars-llm serve --ray")
     uvicorn = require("uvicorn", "serve", feature="mongars-llm serve")
     # flags become environment variables so that every worker/replica sees the same settings
     os.environ.update(_environment(args))
+    from ..server._auth import check_credentials
     from ..settings import get_settings
 
     settings = get_settings(reload=True)
+    check_credentials(settings)  # refuse before any worker or replica starts
+    if settings.unified_model_dir is None:  # say which model a bare `serve` will fetch
+        from ..manager import ModelManager
+
+        reason = ModelManager(settings=settings).profile_reason
+        if reason:
+            print(f"mongars-llm: {reason}", file=sys.stderr, flush=True)
     if args.ray:
         from ..server.ray import run as run_ray
 

@@ -117,6 +117,9 @@ def export_wrapper(
     if (run_dir / "wrapper_config.json").is_file():
         config = deep_merge(config, _read_json(run_dir / "wrapper_config.json"))
     if base_model_id:
+        local = Path(base_model_id).expanduser()
+        if local.exists():  # a folder: absolute, so the wrapper loads from anywhere
+            base_model_id = str(local.resolve())
         config = deep_merge(config, {"base_model": {"id": base_model_id, "revision": None}})
     if not config["base_model"].get("id"):
         metadata_file = run_dir / "run_metadata.json"

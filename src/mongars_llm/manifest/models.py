@@ -47,6 +47,47 @@ _PROVIDER_ALIASES = {
 
 MAX_OPTIONS_DEPTH = 32
 
+MAX_REVISION_LENGTH = 255
+_REVISION_FORBIDDEN = frozenset("~^:?*[\\")
+REVISION_RULE = (
+    "a commit hash, a branch or a tag (git ref syntax: no '..', no leading '/', '-' or '.', "
+    "no spaces, control characters or any of ~^:?*[\\)"
+)
+
+
+def revision_problem(value: str) -> str | None:
+    """Why ``value`` is not a commit, branch or tag name, or ``None`` when it is one.
+
+    The rules are git's (``git check-ref-format``), which also keep a revision from
+    naming a path: no ``..``, no absolute path, no empty or dot-led component.
+    """
+    if not value:
+        return "it is empty"
+    if len(value) > MAX_REVISION_LENGTH:
+        return f"it is longer than {MAX_REVISION_LENGTH} characters"
+    bad = sorted({c for c in value if c in _REVISION_FORBIDDEN or ord(c) < 0x20 or c in " \x7f"})
+    if bad:
+        return "it contains " + ", ".join(repr(c) for c in bad)
+    if value.startswith("/"):
+        return "it starts with '/' (an absolute path)"
+    if value.startswith("-"):
+        return "it starts with '-'"
+    if ".." in value:
+        return "it contains '..'"
+    if "@{" in value or value == "@":
+        return "it contains '@{' or is '@'"
+    if value.endswith(("/", ".")):
+        return f"it ends with {value[-1]!r}"
+    for part in value.split("/"):
+        if not part:
+            return "it contains '//'"
+        if part.startswith("."):
+            return f"the component {part!r} starts with '.'"
+        if part.endswith(".lock"):
+            return f"the component {part!r} ends with '.lock'"
+    return None
+
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 #: A profile or role name: letters, digits, ``_``, ``-``, ``.``; starts with a letter or digit.
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
@@ -169,7 +210,7 @@ class AdapterSpec(_Strict):
     checked against ``sha256``. ``use`` says which calls activate it."""
 
     name: str = Field(min_length=1, description="Adapter name (in the adapter registry).")
-    version: str | None = Field(None, description="Registry version; the latest when unset.")
+    version: str | None = Field(None, description="Registry version; the promoted one when unset.")
     source: str | None = Field(
         None,
         description="Local path (relative to the manifest's folder), `hf://org/repo`, "
@@ -211,7 +252,9 @@ class RoleEntry(_Strict):
         True, description="Download when missing; `false` reports the role as `skipped`."
     )
     revision: str | None = Field(
-        None, description="Pin a commit, branch or tag (Hugging Face); latest when unset."
+        None,
+        description="Pin a commit, branch or tag (Hugging Face); latest when unset. Git ref "
+        "syntax: no `..`, no leading `/`, `-` or `.`, no spaces or `~^:?*[\\`.",
     )
     parameters: SamplingParameters = Field(
         default_factory=SamplingParameters, description="Sampling defaults of the role."
@@ -231,6 +274,15 @@ class RoleEntry(_Strict):
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("revision")
+    @classmethod
+    def _valid_revision(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = revision_problem(value)
+            if problem is not None:
+                raise ValueError(f"invalid revision {value!r}: {problem}; pin {REVISION_RULE}")
+        return value
 
     @field_validator("provider")
     @classmethod

@@ -22,6 +22,8 @@ from ._base import (
     register_provider,
     unregister_provider,
 )
+from ._installed import InstalledModel, find_installed, installed_models, remove_installed
+from ._local_copy import ProvisionedCopy, provisioned_copy
 from ._lockfile import LOCK_FILE_NAME, read_lock
 from ._provision import aprovision, clear_cache, provision
 from ._report import (
@@ -38,6 +40,7 @@ __all__ = [
     "LOCK_FILE_NAME",
     "AdapterRecord",
     "FetchResult",
+    "InstalledModel",
     "PlannedFile",
     "ProgressEvent",
     "Provider",
@@ -45,14 +48,19 @@ __all__ = [
     "ProvisionPlan",
     "ProvisionReport",
     "ProvisionRequest",
+    "ProvisionedCopy",
     "Resolution",
     "aprovision",
     "available_providers",
     "clear_cache",
+    "find_installed",
     "get_provider",
+    "installed_models",
     "provision",
+    "provisioned_copy",
     "read_lock",
     "register_provider",
+    "remove_installed",
     "safe_extract",
     "tree_sha256",
     "unregister_provider",

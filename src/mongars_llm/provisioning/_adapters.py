@@ -23,6 +23,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ __all__ = ["plan_adapters", "provision_adapters", "safe_extract", "tree_sha256"]
 
 MARKER_NAME = ".mongars-complete.json"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_HEX = "0123456789abcdef"
 ADAPTER_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "README.md"]
 
 
@@ -62,8 +64,17 @@ def _digest_of_map(digests: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
+def _folder_name(spec: AdapterSpec) -> str:
+    """The adapter's name, checked to be one plain folder name (never ``..`` or a path)."""
+    from ..registry import ADAPTER_NAME_PATTERN, is_safe_adapter_name
+
+    if not is_safe_adapter_name(spec.name):
+        raise ProvisionError(
+            f"adapter name {spec.name!r} cannot name its install folder: use letters, digits, "
+            f"'.', '_' or '-', starting with a letter or digit ({ADAPTER_NAME_PATTERN}); "
+            "rename the adapter in the manifest"
+        )
+    return spec.name
 
 
 def _is_archive(name: str) -> bool:
@@ -120,7 +131,8 @@ def _provision_one(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecor
 
 
 def _locked(spec: AdapterSpec, request: ProvisionRequest, fn: Any) -> AdapterRecord:
-    lock = request.settings.resolved_models_dir / ".locks" / "adapters" / f"{_safe(spec.name)}.lock"
+    locks = request.settings.resolved_models_dir / ".locks" / "adapters"
+    lock = locks / f"{_folder_name(spec)}.lock"
     try:
         with file_lock(
             lock,
@@ -135,7 +147,11 @@ def _locked(spec: AdapterSpec, request: ProvisionRequest, fn: Any) -> AdapterRec
 
 
 def _adapter_root(request: ProvisionRequest, spec: AdapterSpec) -> Path:
-    return request.settings.resolved_models_dir / "adapters" / _safe(spec.name)
+    adapters = request.settings.resolved_models_dir / "adapters"
+    root = adapters / _folder_name(spec)
+    if root.resolve().parent != adapters.resolve():  # e.g. a planted link
+        raise ProvisionError(f"{root} resolves outside {adapters}; remove it and retry")
+    return root
 
 
 def _record(
@@ -189,15 +205,26 @@ def _registry_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRe
                     f"{entry.name!r}, not {spec.name!r}"
                 )
         else:
-            latest = registry.latest(name=spec.name)
-            if latest is None:
+            # only a promoted version goes live unless the manifest pins one: a fresh
+            # candidate must never change a role's answers by itself
+            promoted = registry.promoted()
+            if promoted is not None and promoted.name == spec.name:
+                entry = promoted
+            else:
+                versions = [e.version for e in registry.list() if e.name == spec.name]
+                if versions:
+                    raise ProvisionError(
+                        f"adapter {spec.name!r} has versions {', '.join(versions)} in the "
+                        f"registry {registry.path} but none is promoted; promote one "
+                        f"(mongars-llm adapters promote {versions[-1]}) or pin its 'version' "
+                        "in the manifest"
+                    )
                 known = sorted({e.name for e in registry.list()})
                 raise ProvisionError(
                     f"no adapter named {spec.name!r} in the registry {registry.path} (known: "
                     f"{', '.join(known) or 'none'}); train and register it, set "
                     "MONGARS_LLM_ADAPTER_REGISTRY_PATH, or give the adapter a 'source'"
                 )
-            entry = latest
         registry.verify(entry)
         path = registry.adapter_path(entry)
     except RegistryError as err:
@@ -280,7 +307,7 @@ def _install_archive(
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".tmp-{uuid.uuid4().hex[:8]}"
     try:
-        safe_extract(archive, staging)
+        safe_extract(archive, staging, max_bytes=request.settings.adapter_archive_max_bytes)
         _check_peft_dir(_adapter_dir_in(staging))
         atomic_write_json(staging / MARKER_NAME, {"name": spec.name, "sha256": digest})
         _swap_in(staging, final)
@@ -305,7 +332,11 @@ def _hf_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
         raise ProvisionError(
             f"cannot resolve {spec.source} on {hub.endpoint}: {type(err).__name__}: {err}"
         ) from err
-    assert commit is not None
+    if not (isinstance(commit, str) and len(commit) == 40 and set(commit) <= set(_HEX)):
+        raise ProvisionError(  # the commit names the install folder: never trust it blindly
+            f"{hub.endpoint} answered {str(commit)[:80]!r} as the commit of {spec.source}, "
+            "not a 40-hex commit hash; check HF_ENDPOINT"
+        )
     root = _adapter_root(request, spec)
     final = root / commit
     if (final / MARKER_NAME).is_file() and not request.force:
@@ -369,16 +400,51 @@ def _check_member_name(name: str, archive: Path) -> PurePosixPath:
     return posix
 
 
-def safe_extract(archive: Path, dest: Path) -> list[str]:
+def _too_big(archive: Path, size: int, limit: int, *, declared: bool) -> ProvisionError:
+    how = "declares" if declared else "extracted"
+    return ProvisionError(
+        f"archive {archive.name} {how} more than {limit} bytes of files ({size} so far); "
+        "refusing to extract it (limit MONGARS_ADAPTER_ARCHIVE_MAX_BYTES, "
+        "settings.adapter_archive_max_bytes): check the archive, or raise the limit"
+    )
+
+
+class _Budget:
+    """Counts the bytes really written, whatever the archive declared (zip bombs lie)."""
+
+    def __init__(self, archive: Path, limit: int) -> None:
+        self.archive, self.limit, self.used = archive, limit, 0
+
+    def copy(self, source: Any, target: Path) -> None:
+        with open(target, "wb") as handle:
+            while chunk := source.read(1 << 20):
+                self.used += len(chunk)
+                if self.used > self.limit:
+                    raise _too_big(self.archive, self.used, self.limit, declared=False)
+                handle.write(chunk)
+
+
+def _archive_limit(max_bytes: int | None) -> int:
+    if max_bytes is not None:
+        return max_bytes
+    from ..settings import get_settings
+
+    return get_settings().adapter_archive_max_bytes
+
+
+def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None) -> list[str]:
     """Extract a .tar[.gz]/.zip into ``dest`` after checking every member.
 
     Rejects absolute paths, ``..`` components, symbolic and hard links, and
     anything that is not a regular file or directory, before writing a byte.
-    Returns the extracted file paths.
+    At most ``max_bytes`` (default ``settings.adapter_archive_max_bytes``) are
+    extracted: the declared sizes are checked first, then the bytes written are
+    counted. Returns the extracted file paths.
     """
+    limit = _archive_limit(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
     if archive.name.lower().endswith(".zip"):
-        return _extract_zip(archive, dest)
+        return _extract_zip(archive, dest, limit)
     try:
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with` below
     except (tarfile.TarError, OSError) as err:
@@ -397,6 +463,10 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
                     f"archive {archive.name} contains a special file {member.name!r}; only "
                     "regular files and directories are allowed"
                 )
+        declared = sum(member.size for member in members if member.isfile())
+        if declared > limit:
+            raise _too_big(archive, declared, limit, declared=True)
+        budget = _Budget(archive, limit)
         written = []
         for member in members:
             target = _target(dest, _check_member_name(member.name, archive))
@@ -406,13 +476,13 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
             target.parent.mkdir(parents=True, exist_ok=True)
             source = tar.extractfile(member)
             assert source is not None
-            with source, open(target, "wb") as handle:
-                shutil.copyfileobj(source, handle)
+            with source:
+                budget.copy(source, target)
             written.append(target.relative_to(dest).as_posix())
     return written
 
 
-def _extract_zip(archive: Path, dest: Path) -> list[str]:
+def _extract_zip(archive: Path, dest: Path, limit: int) -> list[str]:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as err:
@@ -421,16 +491,23 @@ def _extract_zip(archive: Path, dest: Path) -> list[str]:
         infos = zf.infolist()
         for info in infos:
             _check_member_name(info.filename, archive)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
+            # Only a Unix creator stores a file type in the high bits; zipfile.writestr()
+            # and many tools store permissions alone (no type bits): a regular member.
+            kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+            if kind == stat.S_IFLNK:
                 raise ProvisionError(
                     f"archive {archive.name} contains a link {info.filename!r}; links are not "
                     "allowed in adapter archives"
                 )
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise ProvisionError(
-                    f"archive {archive.name} contains a special file {info.filename!r}"
+                    f"archive {archive.name} contains a special file {info.filename!r}; only "
+                    "regular files and directories are allowed"
                 )
+        declared = sum(info.file_size for info in infos if not info.is_dir())
+        if declared > limit:
+            raise _too_big(archive, declared, limit, declared=True)
+        budget = _Budget(archive, limit)
         written = []
         for info in infos:
             target = _target(dest, _check_member_name(info.filename, archive))
@@ -438,8 +515,13 @@ def _extract_zip(archive: Path, dest: Path) -> list[str]:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as source, open(target, "wb") as handle:
-                shutil.copyfileobj(source, handle)
+            try:
+                with zf.open(info) as source:
+                    budget.copy(source, target)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+                raise ProvisionError(
+                    f"archive {archive.name}: cannot extract {info.filename!r}: {err}"
+                ) from err
             written.append(target.relative_to(dest).as_posix())
     return written
 

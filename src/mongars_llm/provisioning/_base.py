@@ -8,6 +8,9 @@ through a template method, :meth:`Provider.provision`::
              ├─ missing and auto_download false ───────────────────► skipped
              └─ fetch ─► verify ─► install ────────────────────────► installed
 
+A role with ``auto_download: false`` is resolved by ``resolve_local`` instead of
+``resolve``: from what is on disk, with no network call.
+
 Each step is a small overridable hook; most providers implement ``resolve``,
 ``fetch`` and ``verify`` only. A failure anywhere raises; the orchestrator
 turns it into a ``failed`` entry for that role alone.
@@ -140,6 +143,14 @@ class Provider(ABC):
     def resolve(self, request: ProvisionRequest) -> Resolution:
         """Find the exact version wanted and whether it is installed (no download)."""
 
+    def resolve_local(self, request: ProvisionRequest) -> Resolution:
+        """``resolve`` without any network call, for roles with ``auto_download: false``.
+
+        Providers whose ``resolve`` asks a remote server override it; the default
+        calls ``resolve``.
+        """
+        return self.resolve(request)
+
     @abstractmethod
     def fetch(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
         """Download the model (into a staging folder for file-based providers)."""
@@ -172,7 +183,8 @@ class Provider(ABC):
     def provision(self, request: ProvisionRequest) -> ProvisionEntry:
         """resolve → (exists | skipped | fetch → verify → install); raises on failure."""
         request.report("resolve")
-        resolution = self.resolve(request)
+        offline = not request.entry.auto_download  # never download, nor ask a server
+        resolution = self.resolve_local(request) if offline else self.resolve(request)
         base = ProvisionEntry(
             role=request.role,
             model=resolution.model,
@@ -200,9 +212,11 @@ class Provider(ABC):
                 verified = self.verify_installed(request, resolution)
                 return base.replace(verified=verified)
             except Exception as err:  # a broken install is fetched again below
+                if offline:
+                    raise
                 resolution.details["reverify_error"] = str(err)
                 resolution.installed = False
-        elif not request.entry.auto_download:
+        elif offline:
             return base.replace(action="skipped", error=_skipped_reason(request))
 
         request.report("download")

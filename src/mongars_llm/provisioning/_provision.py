@@ -4,12 +4,19 @@ Per role: the report cache (process lifetime) answers first; otherwise one
 single-flight execution per role key runs the provider under an inter-process
 file lock (per model, with ``settings.provision_lock_timeout``). Any failure is
 that role's ``failed`` entry; the other roles still run.
+
+Before a real run, :func:`remove_stale_work` deletes what a killed run left
+behind (staging folders, partial downloads) once it is older than the lock
+timeout and its lock is free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -30,7 +37,7 @@ if TYPE_CHECKING:
     from ..manifest.models import Manifest
     from ..settings import Settings
 
-__all__ = ["aprovision", "clear_cache", "provision"]
+__all__ = ["aprovision", "clear_cache", "forget_cached", "provision", "remove_stale_work"]
 
 logger = logging.getLogger("mongars_llm.provision")
 
@@ -43,6 +50,20 @@ def clear_cache() -> None:
     """Forget every cached report (the next call checks the disk/daemon again)."""
     with _cache_lock:
         _cache.clear()
+
+
+def forget_cached(paths: Iterable[str | Path]) -> None:
+    """Forget the cached reports of installs at (or under) ``paths`` (``models rm``)."""
+    gone = [Path(path).absolute() for path in paths]
+    if not gone:
+        return
+    with _cache_lock:
+        for key, entry in list(_cache.items()):
+            if entry.path is None:
+                continue
+            where = Path(entry.path).absolute()
+            if any(where == path or path in where.parents for path in gone):
+                del _cache[key]
 
 
 def provision(
@@ -74,6 +95,8 @@ def provision(
     names = [roles] if isinstance(roles, str) else (None if roles is None else list(roles))
     resolved = manager.roles(names)
     settings = manager.settings
+    if not dry_run:
+        remove_stale_work(settings.resolved_models_dir, max_age=settings.provision_lock_timeout)
     profile_name = manager.profile_name
     base_dir = Path(manager.manifest.base_dir)
     lock_file = _lock_file(manager, lock_path)
@@ -123,6 +146,64 @@ async def aprovision(roles: str | Iterable[str] | None = None, **kwargs: Any) ->
     """:func:`provision` in a worker thread; concurrent callers share downloads with
     threads calling :func:`provision` (one single-flight map)."""
     return await asyncio.to_thread(provision, roles, **kwargs)
+
+
+# ------------------------------------------------------------ stale work
+#: Folders of the models dir whose ``<kind>/<name>/`` work is guarded by the lock
+#: ``.locks/<kind>/<name>.lock`` (the Hub provider's and the adapters' layout).
+STALE_WORK_KINDS = ("huggingface", "adapters")
+#: Names of what a run writes before moving it into place.
+STALE_WORK_PREFIXES = (".tmp-", ".old-", ".download-")
+
+
+def remove_stale_work(models_dir: Path, *, max_age: float) -> list[Path]:
+    """Delete staging folders and partial downloads that a killed run left behind.
+
+    An entry of ``<models_dir>/<kind>/<name>/`` named ``.tmp-*``, ``.old-*`` or
+    ``.download-*`` goes when it was last modified more than ``max_age`` seconds
+    ago (the provisioning lock timeout) and the lock guarding that folder can be
+    taken at once, so no live run is using it. Returns what was removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for kind in STALE_WORK_KINDS:
+        try:
+            owners = [d for d in (models_dir / kind).iterdir() if d.is_dir() and not d.is_symlink()]
+        except OSError:
+            continue
+        for owner in owners:
+            try:
+                ages = {
+                    child: now - child.lstat().st_mtime
+                    for child in owner.iterdir()
+                    if child.name.startswith(STALE_WORK_PREFIXES)
+                }
+            except OSError:
+                continue
+            stale = [child for child, age in ages.items() if age > max_age]
+            if not stale:
+                continue
+            lock = models_dir / ".locks" / kind / f"{owner.name}.lock"
+            try:
+                with file_lock(lock, timeout=0, what=f"{kind}/{owner.name}"):
+                    for child in stale:
+                        if child.is_dir() and not child.is_symlink():
+                            shutil.rmtree(child, ignore_errors=True)
+                        else:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(child)
+                        if not os.path.lexists(child):
+                            removed.append(child)
+                            log_event(
+                                logger,
+                                "provision_cleanup",
+                                logging.INFO,
+                                path=str(child),
+                                age_seconds=round(ages[child]),
+                            )
+            except (ProvisionLockTimeout, OSError):
+                continue  # a live run holds it: its work is not stale
+    return removed
 
 
 # ---------------------------------------------------------------- helpers

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._fs import atomic_write_bytes, atomic_write_json
+from .._fs import atomic_write_bytes, atomic_write_json, ensure_within
 from .._version import __version__
 from ..errors import ProvisionError
 from ._base import FetchResult, Provider, ProvisionRequest, Resolution
@@ -123,15 +123,12 @@ class HuggingFaceProvider(Provider):
             request.settings.resolved_models_dir / "huggingface" / request.model.replace("/", "--")
         )
 
-    # ------------------------------------------------------------ resolve
-    def resolve(self, request: ProvisionRequest) -> Resolution:
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HFValidationError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+    def _checked_target(self, request: ProvisionRequest) -> tuple[str, Path, str]:
+        """The repo id, its folder and the wanted revision, all checked (no network)."""
+        from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
+
+        from ..manifest.models import REVISION_RULE, revision_problem
 
         repo_id = request.model
         try:
@@ -141,8 +138,55 @@ class HuggingFaceProvider(Provider):
                 f"{repo_id!r} is not a Hugging Face repository id ({err}); use 'org/name', or "
                 "provider: local for a directory"
             ) from err
-        repo_dir = self.repo_dir(request)
         wanted = request.wanted_revision or "main"
+        problem = revision_problem(wanted)  # the lock file is an input too
+        if problem is not None:
+            raise ProvisionError(
+                f"invalid revision {wanted!r} for {repo_id}: {problem}; pin {REVISION_RULE}"
+            )
+        models_dir = request.settings.resolved_models_dir
+        repo_dir = ensure_within(
+            models_dir, self.repo_dir(request), what="the model folder", error=ProvisionError
+        )
+        return repo_id, repo_dir, wanted
+
+    def _resolution(
+        self, request: ProvisionRequest, repo_dir: Path, commit: str, wanted: str
+    ) -> Resolution:
+        path = ensure_within(
+            request.settings.resolved_models_dir,
+            repo_dir / commit,
+            what="the model folder",
+            error=ProvisionError,
+        )
+        marker = _read_marker(path)
+        return Resolution(
+            model=request.model,
+            revision=commit,
+            path=path,
+            installed=marker is not None,
+            bytes=marker.get("bytes") if marker else None,
+            verified=marker.get("verified") if marker else None,
+            details={"repo_dir": repo_dir, "wanted": wanted},
+        )
+
+    # ------------------------------------------------------------ resolve
+    def resolve_local(self, request: ProvisionRequest) -> Resolution:
+        """What is installed for the wanted revision, from the disk alone (no Hub call)."""
+        repo_id, repo_dir, wanted = self._checked_target(request)
+        commit = wanted if _COMMIT.match(wanted) else _read_ref(repo_dir, wanted)
+        if commit is None:
+            return Resolution(model=repo_id, details={"repo_dir": repo_dir, "wanted": wanted})
+        return self._resolution(request, repo_dir, commit, wanted)
+
+    def resolve(self, request: ProvisionRequest) -> Resolution:
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        repo_id, repo_dir, wanted = self._checked_target(request)
         commit: str | None = wanted if _COMMIT.match(wanted) else None
         if commit is None and self.offline():
             commit = _read_ref(repo_dir, wanted)
@@ -185,17 +229,12 @@ class HuggingFaceProvider(Provider):
                     ) from err
             if not commit:
                 raise ProvisionError(f"{self.endpoint} returned no commit for {repo_id}@{wanted}")
-        path = repo_dir / commit
-        marker = _read_marker(path)
-        return Resolution(
-            model=repo_id,
-            revision=commit,
-            path=path,
-            installed=marker is not None,
-            bytes=marker.get("bytes") if marker else None,
-            verified=marker.get("verified") if marker else None,
-            details={"repo_dir": repo_dir, "wanted": wanted},
-        )
+            if not _COMMIT.match(commit):  # it names a folder: never trust it blindly
+                raise ProvisionError(
+                    f"{self.endpoint} answered {commit[:80]!r} as the commit of "
+                    f"{repo_id}@{wanted}, not a 40-hex commit hash; check HF_ENDPOINT"
+                )
+        return self._resolution(request, repo_dir, commit, wanted)
 
     def _repo_exists(self, request: ProvisionRequest) -> bool:
         try:
@@ -277,6 +316,7 @@ class HuggingFaceProvider(Provider):
         _remove_stale_staging(repo_dir)  # the caller holds this model's file lock
         assert resolution.revision is not None
         staging = repo_dir / f".tmp-{resolution.revision[:12]}-{uuid.uuid4().hex[:8]}"
+        ensure_within(repo_dir, staging, what="the staging folder", error=ProvisionError)
         staging.mkdir()
         fetched = FetchResult(staging=staging, bytes=sum(int(f.size or 0) for f in files))
         try:
@@ -318,7 +358,7 @@ class HuggingFaceProvider(Provider):
 
     def verify_installed(self, request: ProvisionRequest, resolution: Resolution) -> str:
         assert resolution.path is not None
-        if self.offline():
+        if self.offline() or not request.entry.auto_download:  # no Hub call for either
             return _verify_against_marker(resolution.path)
         return self._verify_dir(request, resolution, resolution.path)
 
@@ -396,7 +436,10 @@ class HuggingFaceProvider(Provider):
         wanted = resolution.details.get("wanted")
         if wanted and wanted != resolution.revision:
             repo_dir: Path = resolution.details["repo_dir"]
-            atomic_write_bytes(repo_dir / "refs" / wanted, f"{resolution.revision}\n".encode())
+            ref = ensure_within(
+                repo_dir / "refs", repo_dir / "refs" / wanted, what="the ref", error=ProvisionError
+            )
+            atomic_write_bytes(ref, f"{resolution.revision}\n".encode())
         return final
 
 
@@ -410,7 +453,9 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def _read_ref(repo_dir: Path, revision: str) -> str | None:
+    refs = repo_dir / "refs"
     try:
+        ensure_within(refs, refs / revision, what="the ref", error=ProvisionError)
         value = (repo_dir / "refs" / revision).read_text().strip()
     except OSError:
         return None

@@ -1,35 +1,163 @@
-"""The ``ollama`` provider: a model pulled by the Ollama daemon at ``OLLAMA_HOST``.
+"""The ``ollama`` provider: a model from Ollama's store, converted for the runtime.
 
-``GET /api/tags`` says whether the model is there (its ``digest`` is recorded as
-the revision); ``POST /api/pull`` with ``stream: true`` pulls it, answering one
-JSON object per line (``status``, and ``digest``/``total``/``completed`` while
-layers download); a line with ``error`` is a failure. The weights live in the
-daemon's store, so ``path`` is ``None``.
+Ollama keeps models on disk under ``OLLAMA_MODELS`` (else ``~/.ollama/models``)::
+
+    manifests/<registry>/<namespace>/<name>/<tag>   JSON: layers with mediaType and digest
+    blobs/sha256-<hex>                              the layer of mediaType
+                                                    application/vnd.ollama.image.model
+                                                    is the GGUF file
+
+``smollm2:135m`` is ``registry.ollama.ai/library/smollm2/135m``; a missing tag
+means ``latest``. Reading the store needs no daemon. The GGUF blob's digest is
+verified, then it is converted once (see :mod:`._gguf`) into::
+
+    <models_dir>/ollama/<name>/<sha256 of the GGUF>/
+
+which is the role's ``path``; ``revision`` is that sha256.
+
+When the model is not in the store, the daemon at ``OLLAMA_HOST`` pulls it
+(``POST /api/pull`` with ``stream: true``, one JSON object per line: ``status``,
+and ``digest``/``total``/``completed`` while layers download; a line with
+``error`` is a failure), and the store is read again. A model the daemon lists
+(``GET /api/tags``) but whose store this process cannot see (a daemon on another
+machine) stays daemon-side: ``path`` is ``None`` and ``revision`` the daemon's
+digest, and the runtime cannot load it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any, ClassVar
 
+from .._fs import ensure_within, sha256_file
 from ..errors import ProvisionError
-from ._base import FetchResult, Provider, ProvisionRequest, Resolution
+from . import _gguf
+from ._base import FetchResult, Provider, ProvisionRequest, Resolution, _safe_name
 from ._report import ProvisionPlan
 
-__all__ = ["OllamaProvider"]
+__all__ = ["MODEL_MEDIA_TYPE", "OllamaProvider", "ollama_store"]
+
+MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+DEFAULT_REGISTRY = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+def ollama_store() -> Path:
+    """Ollama's model store: ``OLLAMA_MODELS``, else ``~/.ollama/models``."""
+    return Path(os.environ.get("OLLAMA_MODELS") or "~/.ollama/models").expanduser()
 
 
 class OllamaProvider(Provider):
     """Check and pull models through the Ollama REST API (httpx)."""
 
     name: ClassVar[str] = "ollama"
-    writes_files: ClassVar[bool] = False
+    writes_files: ClassVar[bool] = True  # the conversion of a stored model
     #: seconds to connect / between two progress lines of a pull
     connect_timeout: ClassVar[float] = 5.0
     read_timeout: ClassVar[float] = 600.0
 
     def cache_key(self, request: ProvisionRequest) -> tuple[Any, ...]:
-        return (request.settings.ollama_host,)
+        return (request.settings.ollama_host, str(ollama_store()))
+
+    def lock_name(self, request: ProvisionRequest) -> str | None:
+        return f"ollama/{_safe_name(self.model_name(request.model))}"
+
+    # ------------------------------------------------------------ the store on disk
+    @staticmethod
+    def manifest_path(name: str, store: Path | None = None) -> Path:
+        """Where Ollama's store keeps the manifest of ``name`` (``model[:tag]``)."""
+        full = OllamaProvider.model_name(name)
+        path, _, tag = full.rpartition(":")
+        parts = path.split("/")
+        if len(parts) == 1:
+            parts = [DEFAULT_REGISTRY, DEFAULT_NAMESPACE, *parts]
+        elif len(parts) == 2:
+            parts = [DEFAULT_REGISTRY, *parts]
+        parts.append(tag)
+        if not all(_PART.match(p) for p in parts):
+            raise ProvisionError(
+                f"{name!r} is not an Ollama model name; write name[:tag] or namespace/name[:tag] "
+                "(e.g. smollm2:135m)"
+            )
+        store = store or ollama_store()
+        return ensure_within(
+            store / "manifests", store.joinpath("manifests", *parts), error=ProvisionError
+        )
+
+    def _stored_blob(self, request: ProvisionRequest, name: str) -> tuple[Path, str] | None:
+        """The GGUF blob of ``name`` in the store and its sha256, or ``None`` when absent."""
+        store = ollama_store()
+        manifest = self.manifest_path(name, store)
+        try:
+            document = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise ProvisionError(
+                f"Ollama's manifest {manifest} for {name} cannot be read ({err}); pull the model "
+                "again (`ollama pull`)"
+            ) from err
+        layers = document.get("layers") if isinstance(document, dict) else None
+        digests = [
+            layer.get("digest")
+            for layer in (layers if isinstance(layers, list) else [])
+            if isinstance(layer, dict) and layer.get("mediaType") == MODEL_MEDIA_TYPE
+        ]
+        if not digests:
+            raise ProvisionError(
+                f"Ollama's manifest {manifest} for {name} has no layer of mediaType "
+                f"{MODEL_MEDIA_TYPE} (no model weights); pull the model again"
+            )
+        digest = str(digests[0])
+        hex_digest = digest.removeprefix("sha256:")
+        if not digest.startswith("sha256:") or not _HEX64.match(hex_digest):
+            raise ProvisionError(
+                f"Ollama's manifest {manifest} names the model layer {digest!r}, not a sha256 "
+                "digest"
+            )
+        blob = store / "blobs" / f"sha256-{hex_digest}"
+        if not blob.is_file():
+            raise ProvisionError(
+                f"Ollama's store {store} lists {name} but its blob {blob.name} is missing; pull "
+                "the model again (`ollama pull`)"
+            )
+        return blob, hex_digest
+
+    def target(self, request: ProvisionRequest, name: str, digest: str) -> Path:
+        models_dir = request.settings.resolved_models_dir
+        return ensure_within(
+            models_dir,
+            models_dir / "ollama" / _safe_name(name) / digest,
+            what="the converted Ollama model folder",
+            error=ProvisionError,
+        )
+
+    def _from_store(self, request: ProvisionRequest, name: str) -> Resolution | None:
+        found = self._stored_blob(request, name)
+        if found is None:
+            return None
+        blob, digest = found
+        self._check_digest(request, name, digest)
+        target = self.target(request, name, digest)
+        resolution = Resolution(
+            model=name,
+            revision=digest,
+            path=target,
+            details={"host": request.settings.ollama_host, "blob": blob, "target": target},
+        )
+        marker = _gguf.read_marker(target)
+        if marker is not None and marker.get("sha256") == digest:
+            resolution.installed = True
+            resolution.bytes = marker.get("bytes")
+            resolution.verified = marker.get("verified")
+        return resolution
 
     @staticmethod
     def model_name(name: str) -> str:
@@ -82,9 +210,24 @@ class OllamaProvider(Provider):
                         found[self.model_name(item[key])] = item
         return found
 
+    def resolve_local(self, request: ProvisionRequest) -> Resolution:
+        """From the store alone (no daemon): ``auto_download: false`` roles."""
+        name = self.model_name(request.model)
+        return self._from_store(request, name) or Resolution(model=name)
+
     def resolve(self, request: ProvisionRequest) -> Resolution:
         name = self.model_name(request.model)
-        item = self._tags(request).get(name)
+        stored = self._from_store(request, name)
+        if stored is not None:
+            return stored
+        try:
+            tags = self._tags(request)
+        except ProvisionError as err:
+            raise ProvisionError(
+                f"ollama model {name} is not in Ollama's store at {ollama_store()} (set "
+                f"OLLAMA_MODELS to the store's folder) and it cannot be pulled: {err}"
+            ) from err
+        item = tags.get(name)
         resolution = Resolution(model=name, details={"host": request.settings.ollama_host})
         if item is not None:
             digest = item.get("digest")
@@ -92,11 +235,14 @@ class OllamaProvider(Provider):
             resolution.installed = True
             resolution.revision = digest
             resolution.bytes = item.get("size")
-            resolution.verified = "listed by /api/tags"
+            resolution.verified = (
+                f"listed by /api/tags; daemon-side only (not in the store at {ollama_store()})"
+            )
         return resolution
 
     def _check_digest(self, request: ProvisionRequest, name: str, digest: Any) -> None:
         wanted = request.wanted_revision
+        wanted = wanted.removeprefix("sha256:") if wanted else wanted
         if wanted and not (isinstance(digest, str) and digest.startswith(wanted)):
             raise ProvisionError(
                 f"ollama model {name} has digest {digest}, but {wanted} is pinned (manifest "
@@ -104,7 +250,60 @@ class OllamaProvider(Provider):
                 "tag or update the pin"
             )
 
+    # ------------------------------------------------------------ fetch: convert or pull
     def fetch(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
+        if resolution.details.get("blob") is None:
+            pulled = self._pull(request, resolution)
+            stored = self._from_store(request, resolution.model)
+            if stored is None:  # a daemon whose store this process cannot see
+                return pulled
+            resolution.revision, resolution.path = stored.revision, stored.path
+            resolution.details.update(stored.details)
+            if stored.installed:
+                return FetchResult(bytes=stored.bytes, details={"converted": True})
+        return self._convert(request, resolution)
+
+    def _convert(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
+        blob: Path = resolution.details["blob"]
+        target: Path = resolution.details["target"]
+        digest = str(resolution.revision)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _gguf.remove_stale_staging(target.parent)  # the caller holds this model's file lock
+        staging = target.parent / f".tmp-{digest[:12]}-{uuid.uuid4().hex[:8]}"
+        fetched = FetchResult(staging=staging)
+        try:
+            header = _gguf.read_gguf_header(blob)
+            _gguf.check_convertible(header)
+            actual = sha256_file(blob)
+            if actual != digest:
+                raise ProvisionError(
+                    f"Ollama blob {blob} has sha256 {actual}, but the manifest of "
+                    f"{resolution.model} says {digest}: the store is corrupt; refusing it. Pull "
+                    "the model again (`ollama rm` then `ollama pull`)"
+                )
+            request.report("convert", detail=f"GGUF {header.architecture} -> transformers")
+            conversion = _gguf.write_converted(
+                blob, staging, sha256=digest, extra={"ollama_model": resolution.model}
+            )
+        except BaseException:
+            self.discard(request, fetched)
+            raise
+        fetched.bytes = conversion.bytes
+        return fetched
+
+    def discard(self, request: ProvisionRequest, fetched: FetchResult) -> None:
+        if fetched.staging is not None:
+            shutil.rmtree(fetched.staging, ignore_errors=True)
+
+    def install(
+        self, request: ProvisionRequest, resolution: Resolution, fetched: FetchResult
+    ) -> Path | None:
+        if fetched.staging is not None:
+            assert resolution.path is not None
+            _gguf.replace_dir(fetched.staging, resolution.path)
+        return resolution.path
+
+    def _pull(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
         import httpx
 
         name = resolution.model
@@ -157,6 +356,10 @@ class OllamaProvider(Provider):
     def verify(
         self, request: ProvisionRequest, resolution: Resolution, fetched: FetchResult
     ) -> str:
+        if fetched.staging is not None:
+            return _gguf.verify_converted(fetched.staging)
+        if fetched.details.get("converted") and resolution.path is not None:
+            return _gguf.verify_converted(resolution.path)
         item = self._tags(request).get(resolution.model)
         if item is None:
             raise ProvisionError(
@@ -166,13 +369,38 @@ class OllamaProvider(Provider):
         resolution.revision = item.get("digest")
         if item.get("size"):
             fetched.bytes = int(item["size"])
-        return "pull succeeded; listed by /api/tags"
+        return (
+            "pull succeeded; listed by /api/tags; daemon-side only (not in the store at "
+            f"{ollama_store()})"
+        )
 
     def verify_installed(self, request: ProvisionRequest, resolution: Resolution) -> str:
-        return "listed by /api/tags"
+        blob = resolution.details.get("blob")
+        if blob is None or resolution.path is None:
+            return "listed by /api/tags"
+        actual = sha256_file(blob)
+        if actual != resolution.revision:
+            raise ProvisionError(
+                f"Ollama blob {blob} has sha256 {actual}, its manifest says {resolution.revision}"
+            )
+        return _gguf.verify_converted(resolution.path)
 
     def plan(self, request: ProvisionRequest, resolution: Resolution) -> ProvisionPlan:
-        return ProvisionPlan(target=f"ollama://{request.settings.ollama_host}/{resolution.model}")
+        blob = resolution.details.get("blob")
+        if blob is None:
+            return ProvisionPlan(
+                target=f"ollama://{request.settings.ollama_host}/{resolution.model}"
+            )
+        from .huggingface import free_disk_bytes
+
+        total = _gguf.read_gguf_header(blob).converted_bytes
+        free = free_disk_bytes(request.settings.resolved_models_dir)
+        return ProvisionPlan(
+            bytes=total,
+            free_bytes=free,
+            enough_disk=free is None or free >= total,
+            target=str(resolution.path),
+        )
 
 
 def _error_text(body: str) -> str:

@@ -8,15 +8,18 @@ docs/training.md). Updates are atomic and serialised by a file lock; readers
 from __future__ import annotations
 
 from ._models import (
+    ADAPTER_NAME_PATTERN,
     MANIFEST_SCHEMA_VERSION,
     AdapterCompatibility,
     RegistryEntry,
     RegistryManifest,
     Status,
+    is_safe_adapter_name,
 )
 from ._registry import MANIFEST_NAME, AdapterRegistry, default_registry_path, digest_tree
 
 __all__ = [
+    "ADAPTER_NAME_PATTERN",
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA_VERSION",
     "AdapterCompatibility",
@@ -26,4 +29,5 @@ __all__ = [
     "Status",
     "default_registry_path",
     "digest_tree",
+    "is_safe_adapter_name",
 ]

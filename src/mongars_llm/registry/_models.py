@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -9,17 +10,26 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ADAPTER_NAME_PATTERN",
     "MANIFEST_SCHEMA_VERSION",
     "AdapterCompatibility",
     "RegistryEntry",
     "RegistryManifest",
     "Status",
+    "is_safe_adapter_name",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
 
 Status = Literal["candidate", "promoted", "retired"]
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: adapter names that may name a folder: no separators, no ``.``/``..``, no leading dot
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
+
+
+def is_safe_adapter_name(name: str) -> bool:
+    """``name`` matches :data:`ADAPTER_NAME_PATTERN`, so it can name a folder as it is."""
+    return re.fullmatch(ADAPTER_NAME_PATTERN, name) is not None
 
 
 def _utcnow() -> str:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,7 +22,14 @@ from pydantic import ValidationError
 from .._fs import atomic_write_json, file_lock, sha256_file
 from ..errors import RegistryError
 from ..logging import log_event
-from ._models import AdapterCompatibility, RegistryEntry, RegistryManifest, Status
+from ._models import (
+    ADAPTER_NAME_PATTERN,
+    AdapterCompatibility,
+    RegistryEntry,
+    RegistryManifest,
+    Status,
+    is_safe_adapter_name,
+)
 
 __all__ = ["MANIFEST_NAME", "AdapterRegistry", "digest_tree"]
 
@@ -103,7 +110,7 @@ class AdapterRegistry:
         """The newest non-retired entry (of adapter ``name`` when given), or ``None``."""
         manifest = self.read()
         if name is None:
-            return self._find(manifest, manifest.latest) if manifest.latest else None
+            return self._pointer(manifest, "latest")
         for entry in reversed(manifest.entries):
             if entry.name == name and entry.status != "retired":
                 return entry
@@ -111,8 +118,7 @@ class AdapterRegistry:
 
     def promoted(self) -> RegistryEntry | None:
         """The entry marked ``promoted`` (at most one), or ``None``."""
-        manifest = self.read()
-        return self._find(manifest, manifest.promoted) if manifest.promoted else None
+        return self._pointer(self.read(), "promoted")
 
     def adapter_path(self, entry: RegistryEntry | str | int) -> Path:
         """Absolute adapter directory of ``entry`` (an entry or a version)."""
@@ -125,8 +131,10 @@ class AdapterRegistry:
         if not isinstance(entry, RegistryEntry):
             entry = self.get(entry)
         root = entry.resolve_path(self.path)
+        # every key is checked before any file is read: none may point outside the folder
+        files = {rel: self._file_in(root, rel, entry.version) for rel in entry.sha256}
         for rel, expected in entry.sha256.items():
-            file = root / rel
+            file = files[rel]
             if not file.is_file():
                 raise RegistryError(f"adapter version {entry.version}: {file} is missing")
             actual = sha256_file(file)
@@ -161,6 +169,13 @@ class AdapterRegistry:
         if not adapter_dir.exists():
             raise RegistryError(f"cannot register {adapter_dir}: it does not exist")
         digests = dict(sha256) if sha256 is not None else digest_tree(adapter_dir)
+        if not is_safe_adapter_name(name):
+            raise RegistryError(
+                f"cannot register {adapter_dir}: adapter name {name!r} must match "
+                f"{ADAPTER_NAME_PATTERN} (letters, digits, '.', '_', '-'; it may name a folder)"
+            )
+        for rel in digests:
+            _check_checksum_key(rel, where=f"cannot register {adapter_dir}")
         if not isinstance(compatibility, AdapterCompatibility):
             compatibility = AdapterCompatibility.model_validate(dict(compatibility))
 
@@ -222,8 +237,17 @@ class AdapterRegistry:
 
     # ----------------------------------------------------------------- internals
     def _set_status(self, version: str, status: Status) -> RegistryEntry:
+        if not self.manifest_path.is_file():  # never create a registry just to fail in it
+            raise RegistryError(
+                f"no adapter registry at {self.path} ({self.manifest_path} does not exist); "
+                "pass --registry-path or set MONGARS_LLM_ADAPTER_REGISTRY_PATH to the registry "
+                "folder"
+            )
+
         def change(manifest: RegistryManifest) -> tuple[RegistryManifest, RegistryEntry]:
             self._find(manifest, version)
+            self._pointer(manifest, "latest")  # a dangling pointer is an error, not a crash
+            self._pointer(manifest, "promoted")
             entries = list(manifest.entries)
             updates: dict[str, Any] = {}
             if status == "promoted":
@@ -289,6 +313,33 @@ class AdapterRegistry:
         except ValueError:
             return str(absolute)
 
+    def _pointer(self, manifest: RegistryManifest, field: str) -> RegistryEntry | None:
+        """The entry ``manifest.<field>`` (``latest``/``promoted``) names, or ``None``."""
+        version = getattr(manifest, field)
+        if version is None:
+            return None
+        for entry in manifest.entries:
+            if entry.version == version:
+                return entry
+        known = ", ".join(e.version for e in manifest.entries) or "none"
+        raise RegistryError(
+            f"{self.manifest_path}: {field!r} names version {version!r}, which is not among its "
+            f"entries (known: {known}); the file was edited or damaged: set {field!r} to a "
+            "known version (or null), or restore the file from a backup"
+        )
+
+    def _file_in(self, root: Path, key: str, version: str) -> Path:
+        """The file a checksum key names, proven to lie inside the adapter folder ``root``."""
+        where = f"{self.manifest_path}: adapter version {version}"
+        _check_checksum_key(key, where=where)
+        file = root / key
+        if not file.resolve().is_relative_to(root.resolve()):
+            raise RegistryError(
+                f"{where}: checksum key {key!r} resolves outside the adapter folder {root} "
+                "(a link?); adapter files must be regular files inside it"
+            )
+        return file
+
     def _find(self, manifest: RegistryManifest, version: str) -> RegistryEntry:
         for entry in manifest.entries:
             if entry.version == version:
@@ -297,6 +348,24 @@ class AdapterRegistry:
         raise RegistryError(
             f"adapter version {version!r} is not in the registry {self.path}; known versions: "
             f"{known}"
+        )
+
+
+def _check_checksum_key(key: str, *, where: str) -> None:
+    """A checksum key is a relative POSIX path inside the adapter folder: no ``..``, no root."""
+    parts = key.split("/")
+    if (
+        not key
+        or "\\" in key
+        or "\0" in key
+        or PurePosixPath(key).is_absolute()
+        or PureWindowsPath(key).drive
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise RegistryError(
+            f"{where}: checksum key {key!r} is not a relative path inside the adapter folder "
+            "(no '..', no absolute path); the registry manifest was tampered with or damaged: "
+            "restore it from a backup or register the adapter again"
         )
 
 

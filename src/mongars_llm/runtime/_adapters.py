@@ -38,8 +38,9 @@ __all__ = ["AdapterStack", "AdapterUse"]
 
 logger = logging.getLogger("mongars_llm.runtime")
 
-AdapterUse = Literal["all", "generate", "embed"]
-_USES = ("all", "generate", "embed")
+#: which calls activate an adapter by default; ``explicit``: only calls that name it
+AdapterUse = Literal["all", "generate", "embed", "explicit"]
+_USES = ("all", "generate", "embed", "explicit")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ stop strings. A per-row monitor, plugged in as a ``StoppingCriteria``, runs
 after every decoding step: it decodes the row's new tokens, pushes the new text
 to the row's stream (holding back a possible partial stop string or an
 incomplete UTF-8 character), and finishes the row on EOS, a stop string or its
-token limit.
+token limit. A row with neither a stream nor stop strings is decoded once, when
+it finishes.
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ class RowMonitor(StoppingCriteria):
         if token in self.eos:
             self._finish(row, "stop")
             return
+        if row.stream is None and not row.stop:  # nothing to watch: decode once, at the end
+            if len(row.ids) >= row.max_new_tokens:
+                self._finish(row, "length")
+            return
         with self.lock:
             text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         row.text = text
@@ -157,6 +162,10 @@ class RowMonitor(StoppingCriteria):
     def _finish(self, row: RowState, reason: str) -> None:
         row.finished = True
         row.finish_reason = reason
+        if row.stream is None and not row.stop:
+            ids = row.ids[:-1] if row.ids and row.ids[-1] in self.eos else row.ids
+            with self.lock:
+                row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if row.stream is not None and len(row.text) > row.emitted:
             row.stream._put(row.text[row.emitted :])
             row.emitted = len(row.text)

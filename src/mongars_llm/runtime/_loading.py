@@ -7,10 +7,13 @@ bf16 arithmetic (AMX or AVX512-BF16), else fp32. fp16 is never used on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LoadPlan",
     "QuantizationFallbackWarning",
+    "choose_cpu_threads",
     "cpu_supports_bf16",
     "detect_llm2vec_layout",
     "load_causal_lm",
@@ -64,6 +68,42 @@ def cpu_supports_bf16() -> bool:
         pass
     capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
     return "AMX" in capability or "BF16" in capability
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_cpu_threads(requested: int | None) -> tuple[int | None, str]:
+    """Torch CPU threads for the model, and why: ``(None, why)`` keeps torch's setting.
+
+    ``requested`` is ``settings.model.cpu_threads``: a number is used as is and
+    ``0`` keeps torch's own default (one thread per core). Unset, the thread
+    count is left alone when ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` says what
+    the user wants; otherwise it is one less than the usable CPUs (at least 1,
+    at most torch's default). Decoding is bound by memory bandwidth, so the
+    last core gains little, while an OpenMP thread that has to share its core
+    with the tokenizer, the HTTP server or another process stalls every matrix
+    product: on a 2-core VM shared with other jobs one thread decoded
+    SmolLM2-135M several times faster than two (docs/performance.md).
+    """
+    if requested:
+        return requested, f"{requested} (settings.model.cpu_threads)"
+    if requested == 0:
+        return None, f"{torch.get_num_threads()} (torch's default: settings.model.cpu_threads=0)"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(name, "").strip():
+            return None, f"{torch.get_num_threads()} (torch's, from {name}={os.environ[name]})"
+    cpus = usable_cpus()
+    threads = max(1, min(torch.get_num_threads(), cpus - 1))
+    return threads, (
+        f"{threads} (auto: {cpus} usable CPU(s), one left for the rest of the process; "
+        "set MONGARS_MODEL__CPU_THREADS to choose)"
+    )
 
 
 def _parse_dtype(value: Any) -> torch.dtype | None:
@@ -158,6 +198,15 @@ def plan_load(
         return plan
     if not on_cuda:
         if explicitly_asked:
+            if model_settings.strict_quantization:
+                raise LLMRuntimeError(
+                    f"4-bit quantisation was requested but the model loads on "
+                    f"{resolved_device!r} (no CUDA device), and strict quantisation "
+                    "(MONGARS_MODEL__STRICT_QUANTIZATION=true) refuses to load unquantised "
+                    "weights. Load on a CUDA device, or set quantize_4bit=False "
+                    "(MONGARS_MODEL__QUANTIZE_4BIT=false) to load unquantised.",
+                    code="load_failed",
+                )
             message = (
                 f"4-bit quantisation was requested but the model loads on {resolved_device!r} "
                 "(no CUDA device): loading unquantised weights in "
@@ -165,8 +214,6 @@ def plan_load(
                 "(MONGARS_MODEL__QUANTIZE_4BIT=false) to silence this, or "
                 "MONGARS_MODEL__STRICT_QUANTIZATION=true to make it an error."
             )
-            if model_settings.strict_quantization:
-                raise LLMRuntimeError(message, code="load_failed")
             warnings.warn(message, QuantizationFallbackWarning, stacklevel=3)
             logger.warning("%s", message)
         else:
@@ -270,13 +317,14 @@ def load_causal_lm(
         kwargs["quantization_config"] = plan.quantization_config
         kwargs["device_map"] = {"": plan.device}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_source or source,
-            trust_remote_code=trust_remote_code,
-            **({"revision": revision} if revision and not tokenizer_source else {}),
-            **({"token": token} if token else {}),
-        )
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _quiet_loading_bars(source):
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_source or source,
+                trust_remote_code=trust_remote_code,
+                **({"revision": revision} if revision and not tokenizer_source else {}),
+                **({"token": token} if token else {}),
+            )
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except LLMRuntimeError:
         raise
     except Exception as err:
@@ -303,3 +351,28 @@ def load_causal_lm(
         quantization=plan.quantization,
     )
     return model, tokenizer
+
+
+#: weights smaller than this load without transformers' "Loading weights" bar (it
+#: would flash for a fraction of a second); bigger ones, and Hub downloads, keep it
+QUIET_LOAD_BYTES = 2 * 1024**3
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars(source: str) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights += sum(p.stat().st_size for p in folder.glob("*.bin"))
+    if weights >= QUIET_LOAD_BYTES:
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

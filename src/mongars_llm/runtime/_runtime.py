@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -221,11 +222,23 @@ class UnifiedLLMRuntime:
         except ImportError as err:  # pragma: no cover - torch is a core dependency
             raise LLMRuntimeError(f"the runtime needs torch: {err}", code="load_failed") from err
 
-        source = str(path_or_repo)
+        from .._sources import check_model_source
+
+        source = check_model_source(  # a missing folder is not a Hub id
+            path_or_repo, error=lambda message: LLMRuntimeError(message, code="load_failed")
+        )
         triples = _adapter_triples(adapters)
+        prompt_model_id = source
+        from ..provisioning._local_copy import provisioned_copy
+
+        # weights `provision` installed are loaded from there, not fetched again
+        local_copy = provisioned_copy(
+            source, revision=revision, settings=settings, trust_remote_code=trust_remote_code
+        )
+        if local_copy is not None:
+            source, revision = str(local_copy.path), None
         layout = detect_llm2vec_layout(source)
         tokenizer_source = None
-        prompt_model_id = source
         llm2vec_config: dict[str, Any] = {}
         if layout is not None:
             triples.insert(0, ("mntp", str(layout.adapter_dir), "embed"))
@@ -244,6 +257,9 @@ class UnifiedLLMRuntime:
             else:
                 prompt_model_id = layout.base
             source = layout.base
+            base_copy = provisioned_copy(source, settings=settings)
+            if base_copy is not None:
+                source = str(base_copy.path)
             if bidirectional is None:
                 bidirectional = True
         for _, adapter_path, use in triples:
@@ -253,11 +269,15 @@ class UnifiedLLMRuntime:
         max_length = max_length or llm2vec_config.get("max_length")
 
         plan = plan_load(device=device, dtype=dtype, quantize_4bit=quantize_4bit, settings=settings)
-        if settings.model.cpu_threads and not plan.device.startswith("cuda"):
+        if not plan.device.startswith("cuda"):
             import torch
 
-            torch.set_num_threads(settings.model.cpu_threads)
-            plan.notes.append(f"cpu threads: {settings.model.cpu_threads}")
+            from ._loading import choose_cpu_threads
+
+            threads, why = choose_cpu_threads(settings.model.cpu_threads)
+            if threads is not None:
+                torch.set_num_threads(threads)
+            plan.notes.append(f"cpu threads: {why}")
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         model, tokenizer = load_causal_lm(
             source,
@@ -291,6 +311,7 @@ class UnifiedLLMRuntime:
             logger,
             "llm_runtime_load",
             model=str(path_or_repo),
+            path=source if source != str(path_or_repo) else None,  # a provisioned copy
             device=plan.device,
             dtype=str(plan.dtype).removeprefix("torch."),
             quantization=plan.quantization,
@@ -349,18 +370,44 @@ class UnifiedLLMRuntime:
         settings = settings if settings is not None else get_settings()
         if settings.unified_model_dir is not None:
             return cls.from_pretrained(settings.unified_model_dir, settings=settings)
+        return cls.from_role(settings=settings)
+
+    @classmethod
+    def from_role(
+        cls,
+        role: str | None = None,
+        *,
+        settings: Settings | None = None,
+        manager: ModelManager | None = None,
+        device: str | None = None,
+        quantize_4bit: bool | None = None,
+        show_progress: bool = True,
+    ) -> UnifiedLLMRuntime:
+        """Provision a manifest role (default ``general``, else the profile's first
+        role) and load it with its adapters and embedding options; sampling
+        defaults then come from that role. An unknown role is a ``ConfigError``
+        listing the known ones."""
         from ..manager import ModelManager
         from ..provisioning import provision
 
-        manager = ModelManager(settings=settings)
+        manager = manager if manager is not None else ModelManager(settings=settings)
+        settings = manager.settings
         names = manager.role_names
         if not names:
             raise LLMRuntimeError(
                 f"profile {manager.profile_name!r} has no roles to load", code="load_failed"
             )
-        role = "general" if "general" in names else names[0]
-        report = provision([role], manager=manager)
+        if role is None:
+            role = "general" if "general" in names else names[0]
+        report = provision([role], manager=manager, show_progress=show_progress)
         entry = report[role]
+        if entry.ok and not entry.path:  # e.g. an Ollama model on a daemon we cannot read
+            raise LLMRuntimeError(
+                f"role {role!r} ({entry.provider} {entry.model}) has no local copy to load "
+                f"({entry.verified or entry.action}); for Ollama, set OLLAMA_MODELS to the "
+                "daemon's model store on this machine and provision again",
+                code="load_failed",
+            )
         if not entry.ok or not entry.path:
             raise LLMRuntimeError(
                 f"role {role!r} ({entry.model}) could not be provisioned: "
@@ -374,6 +421,8 @@ class UnifiedLLMRuntime:
             entry.path,
             settings=settings,
             manager=manager,
+            device=device,
+            quantize_4bit=quantize_4bit,
             adapters=adapters,
             pooling=embedding.get("pooling") or "mean",
             bidirectional=bool(embedding.get("bidirectional", False)),
@@ -426,7 +475,8 @@ class UnifiedLLMRuntime:
     # ----------------------------------------------------------------- adapters
     def load_adapter(self, name: str, path: str | Path, *, use: str = "all") -> None:
         """Add a LoRA adapter; ``use`` says which calls activate it by default:
-        ``"all"``, ``"generate"`` or ``"embed"``. Calls in flight finish first."""
+        ``"all"``, ``"generate"``, ``"embed"``, or ``"explicit"`` (only calls that name it).
+        Calls in flight finish first."""
         self._check_open()
         self._adapters.load(name, path, use=use)
 
@@ -864,6 +914,7 @@ class UnifiedLLMRuntime:
         bidirectional: bool | None = None,
         truncate: bool = True,
         batch_invariant: bool | None = None,
+        show_progress: bool = False,
     ) -> np.ndarray:
         """Embed texts; returns float32 ``(n, hidden_size)`` in input order.
 
@@ -871,8 +922,21 @@ class UnifiedLLMRuntime:
         ``[instruction, text]`` pairs (LLM2Vec style); ``instruction`` applies
         to plain strings. Instruction tokens are read but not pooled.
         ``truncate=False`` raises ``input_too_long`` instead of cutting at
-        ``max_length``.
+        ``max_length``. ``show_progress=True`` draws a progress bar on stderr
+        (texts are then embedded in chunks of ``PROGRESS_CHUNK`` texts).
         """
+        options: dict[str, Any] = {
+            "instruction": instruction,
+            "normalize": normalize,
+            "pooling": pooling,
+            "batch_size": batch_size,
+            "adapter": adapter,
+            "bidirectional": bidirectional,
+            "truncate": truncate,
+            "batch_invariant": batch_invariant,
+        }
+        if show_progress and not isinstance(texts, str):
+            return self._embed_with_progress(list(texts), options)
         request = self._prepare_embed(
             texts,
             instruction=instruction,
@@ -885,6 +949,24 @@ class UnifiedLLMRuntime:
             batch_invariant=batch_invariant,
         )
         return cast("np.ndarray", self._embedder.submit(request).result())
+
+    #: texts per chunk when :meth:`embed` shows progress (one bar update per chunk)
+    PROGRESS_CHUNK = 64
+
+    def _embed_with_progress(self, texts: list[Any], options: dict[str, Any]) -> np.ndarray:
+        import numpy as np
+        from tqdm.auto import tqdm
+
+        if not texts:  # the usual "texts is empty" error
+            return self.embed(texts, **options)
+        chunk = max(self.PROGRESS_CHUNK, options.get("batch_size") or 0)
+        parts = []
+        with tqdm(total=len(texts), desc="Embedding", unit="text", file=sys.stderr) as bar:
+            for start in range(0, len(texts), chunk):
+                part = texts[start : start + chunk]
+                parts.append(self.embed(part, **options))
+                bar.update(len(part))
+        return np.concatenate(parts, axis=0)
 
     async def aembed(self, texts: Any, **kwargs: Any) -> np.ndarray:
         """:meth:`embed` without blocking the event loop (micro-batched with others)."""

@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
 from ._admin import build_admin_router  # noqa: E402
+from ._auth import api_key_error, check_credentials  # noqa: E402
 from ._config import ServerConfig  # noqa: E402
 from ._errors import install_error_handlers  # noqa: E402
 from ._limits import LimitsMiddleware  # noqa: E402
@@ -58,8 +59,12 @@ def create_app(
     use. ``embeddings_only`` (default: ``config.embeddings_only``) serves
     ``/v1/embeddings`` and ``/v1/models`` only. ``embed_fn`` replaces
     ``runtime.aembed`` (the Ray deployment passes its ``@serve.batch`` method).
+
+    Raises :class:`~mongars_llm.errors.ConfigError` for an admin token or API key
+    that no client could send (only whitespace, or whitespace around it).
     """
     settings = settings if settings is not None else get_settings()
+    check_credentials(settings)
     config = config if config is not None else ServerConfig()
     only = config.embeddings_only if embeddings_only is None else embeddings_only
     state = ServerState(
@@ -95,8 +100,8 @@ def create_app(
         LimitsMiddleware,
         controller=state.admission,
         guarded_paths=GUARDED_PATHS,
-        max_body_bytes=config.max_body_bytes,
-        retry_after_s=config.retry_after_s,
+        config=config,
+        authenticate=lambda header: api_key_error(header, state.settings.api_key),
     )
     return app
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..settings import SettingsErrorsMixin
+
 __all__ = ["ServerConfig"]
 
 
-class ServerConfig(BaseSettings):
+class ServerConfig(SettingsErrorsMixin, BaseSettings):
     """Limits of the HTTP server; every field is also ``MONGARS_SERVER_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="MONGARS_SERVER_", extra="ignore")
@@ -36,6 +38,20 @@ class ServerConfig(BaseSettings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413."
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest time to receive a whole request body; a client that sends it "
+        "slower gets 408 and its connection is closed. Bodies are read before a slot is taken.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest total size of a request's header names and values (431 beyond).",
+    )
+    max_headers: int = Field(
+        100, ge=8, description="Most header fields in one request (431 beyond)."
+    )
     max_embedding_inputs: int = Field(
         2048, ge=1, description="Most inputs in one embeddings request (413 beyond)."
     )
@@ -53,6 +69,7 @@ class ServerConfig(BaseSettings):
     registry_poll_s: float | None = Field(
         None,
         gt=0,
-        description="Poll the adapter registry this often and load a new latest version "
+        description="Poll the adapter registry this often: its promoted version becomes the "
+        "default adapter, its newest one is loaded for requests that name it "
         "(off when unset; the Ray deployment always polls).",
     )

@@ -42,7 +42,7 @@ _RUNTIME_STATUS = {
     "invalid_input": 400,
     "input_too_long": 413,
     "adapter_not_found": 404,
-    "unsupported": 422,
+    "unsupported": 400,  # as the server's own "unsupported" answers
     "overloaded": 503,
     "load_failed": 503,
 }
@@ -119,6 +119,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        unreadable = [e for e in errors if e.get("type") == "invalid_unicode"]
+        if unreadable:
+            # well-formed JSON of the right types that is not valid text (a lone
+            # surrogate): a 400 about that alone, not about the other members of a
+            # union that the value did not match either
+            param = _loc_to_param(unreadable[0].get("loc", ()))
+            message = f"Invalid request: {param or 'body'} {unreadable[0].get('msg')}"
+            return APIError(400, message, code="invalid_unicode", param=param).response()
         first = errors[0] if errors else {}
         param = _loc_to_param(first.get("loc", ()))
         messages = []
@@ -163,7 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
             code = "method_not_allowed"
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
-            code = getattr(exc, "code", None)  # BodyTooLarge: request_too_large
+            code = None
         body = error_body(message, type=_TYPE_BY_STATUS.get(status, "server_error"), code=code)
         return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 

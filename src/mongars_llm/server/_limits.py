@@ -6,9 +6,17 @@ request that finds the queue full, or waits longer than ``queue_timeout_s``, is
 answered at once with 503 and ``Retry-After`` — the server never piles up work
 it cannot finish. A slot is held until the response (a stream too) is fully sent.
 
-The middleware also rejects bodies larger than ``max_body_bytes`` with 413:
-at once when ``Content-Length`` says so, and while the body is read when it
-comes without one (``Transfer-Encoding: chunked``) or is longer than declared.
+Before a request may queue for a slot, the middleware has:
+
+* refused oversized headers (431: more than ``max_headers`` fields or
+  ``max_header_bytes`` bytes);
+* checked the API key (401), so unauthenticated requests never hold a slot;
+* read the whole body within ``body_timeout_s`` (408 and the connection closed
+  for a client that stalls — slow bodies can no longer hold the slots) and
+  within ``max_body_bytes`` (413: at once when ``Content-Length`` says so, else
+  as soon as the body passes the limit, chunked or longer than declared).
+
+The app then receives the body from memory.
 """
 
 from __future__ import annotations
@@ -17,40 +25,41 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from starlette.exceptions import HTTPException
-
 from ..logging import log_event
-from ._errors import error_body
+from ._config import ServerConfig
+from ._errors import APIError, error_body
 
-__all__ = ["AdmissionController", "BodyTooLarge", "LimitsMiddleware", "Overloaded"]
+__all__ = ["AdmissionController", "LimitsMiddleware", "Overloaded"]
 
 logger = logging.getLogger("mongars_llm.server")
 
 Scope = dict[str, Any]
+
+#: sent with every answer given before the body was read: the connection cannot be reused
+_CLOSE = (b"connection", b"close")
 
 
 class Overloaded(Exception):
     """No slot is free and the queue is full (or the wait timed out)."""
 
 
-class BodyTooLarge(HTTPException):
-    """The request body went past ``max_body_bytes`` while it was read (413).
+class _BodyRefused(Exception):
+    """The body was not received in time (408) or is too large (413)."""
 
-    An ``HTTPException`` so that FastAPI's body parsing lets it through to the
-    app's error handler instead of turning it into a 400.
-    """
+    def __init__(self, status: int, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
 
-    code = "request_too_large"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"request body is larger than the limit of {limit} bytes "
-            "(MONGARS_SERVER_MAX_BODY_BYTES)",
-        )
+class _Disconnected(Exception):
+    """The client went away while its body was read."""
 
 
 class AdmissionController:
@@ -107,7 +116,7 @@ class AdmissionController:
 
 
 class LimitsMiddleware:
-    """Pure ASGI middleware: body size limit and admission for inference paths."""
+    """Pure ASGI middleware: header, body and time limits, then admission for inference."""
 
     def __init__(
         self,
@@ -115,31 +124,56 @@ class LimitsMiddleware:
         *,
         controller: AdmissionController,
         guarded_paths: frozenset[str],
-        max_body_bytes: int,
-        retry_after_s: int,
+        config: ServerConfig,
+        authenticate: Callable[[str | None], APIError | None],
     ) -> None:
         self.app = app
         self.controller = controller
         self.guarded_paths = guarded_paths
-        self.max_body_bytes = max_body_bytes
-        self.retry_after_s = retry_after_s
+        self.config = config
+        self.authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not await self._headers_within_limits(scope, send):
+            return
+        limit = self.config.max_body_bytes
         length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
+        if length is not None and length > limit:
             await _send_error(
                 send,
                 413,
                 f"request body of {length} bytes is larger than the limit of "
-                f"{self.max_body_bytes} bytes (MONGARS_SERVER_MAX_BODY_BYTES)",
+                f"{limit} bytes (MONGARS_SERVER_MAX_BODY_BYTES)",
                 code="request_too_large",
+                close=True,
             )
             return
-        receive = self._limit_body(receive)
-        if scope["path"] not in self.guarded_paths or scope.get("method") != "POST":
+        guarded = scope["path"] in self.guarded_paths and scope.get("method") == "POST"
+        if guarded:
+            error = self.authenticate(_header(scope, b"authorization"))
+            if error is not None:
+                await _send_error(
+                    send,
+                    error.status,
+                    error.message,
+                    code=error.code,
+                    type=error.type,
+                    headers=[(k.lower().encode(), v.encode()) for k, v in error.headers.items()],
+                    close=True,
+                )
+                return
+        try:
+            body = await self._read_body(scope, receive)
+        except _Disconnected:
+            return
+        except _BodyRefused as refused:
+            await _send_error(send, refused.status, refused.message, code=refused.code, close=True)
+            return
+        receive = _replay(body, receive)
+        if not guarded:
             await self.app(scope, receive, send)
             return
         try:
@@ -154,14 +188,15 @@ class LimitsMiddleware:
                 active=self.controller.active,
                 waiting=self.controller.waiting,
             )
+            retry_after = self.config.retry_after_s
             await _send_error(
                 send,
                 503,
                 "the server is overloaded: too many requests are queued; retry after "
-                f"{self.retry_after_s} s",
+                f"{retry_after} s",
                 code="overloaded",
                 type="overloaded_error",
-                headers=[(b"retry-after", str(self.retry_after_s).encode())],
+                headers=[(b"retry-after", str(retry_after).encode())],
             )
             return
         try:
@@ -169,21 +204,98 @@ class LimitsMiddleware:
         finally:
             self.controller.release()
 
-    def _limit_body(self, receive: Any) -> Any:
-        """``receive`` raising :class:`BodyTooLarge` past the limit, whatever the headers say."""
+    async def _headers_within_limits(self, scope: Scope, send: Any) -> bool:
+        """False (after answering 431) when the request's headers are over the limits."""
+        headers = scope.get("headers") or ()
+        if len(headers) > self.config.max_headers:
+            await _send_error(
+                send,
+                431,
+                f"the request has {len(headers)} header fields, more than the limit of "
+                f"{self.config.max_headers} (MONGARS_SERVER_MAX_HEADERS)",
+                code="too_many_headers",
+                close=True,
+            )
+            return False
+        size = sum(len(name) + len(value) for name, value in headers)
+        if size > self.config.max_header_bytes:
+            await _send_error(
+                send,
+                431,
+                f"the request headers hold {size} bytes, more than the limit of "
+                f"{self.config.max_header_bytes} bytes (MONGARS_SERVER_MAX_HEADER_BYTES)",
+                code="headers_too_large",
+                close=True,
+            )
+            return False
+        return True
+
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+        """The whole body, received within ``body_timeout_s`` and ``max_body_bytes``."""
+        limit = self.config.max_body_bytes
+        timeout = self.config.body_timeout_s
+        started = time.monotonic()
+        chunks: list[bytes] = []
         received = 0
-        limit = self.max_body_bytes
+        while True:
+            remaining = started + timeout - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                log_event(
+                    logger,
+                    "server_body_timeout",
+                    logging.WARNING,
+                    path=scope["path"],
+                    received=received,
+                    seconds=timeout,
+                )
+                raise _BodyRefused(
+                    408,
+                    f"the request body was not received within {timeout:g} s "
+                    f"(MONGARS_SERVER_BODY_TIMEOUT_S; {received} bytes arrived); "
+                    "send the whole body at once",
+                    code="request_timeout",
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise _BodyRefused(
+                    413,
+                    f"request body is larger than the limit of {limit} bytes "
+                    "(MONGARS_SERVER_MAX_BODY_BYTES)",
+                    code="request_too_large",
+                )
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        async def limited_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
 
-        return limited_receive
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands the app the body already read, then the real messages
+    (a disconnect, watched by streaming responses)."""
+    pending = True
+
+    async def replay() -> Any:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -201,10 +313,13 @@ async def _send_error(
     status: int,
     message: str,
     *,
-    code: str,
+    code: str | None,
     type: str = "invalid_request_error",
     headers: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
 ) -> None:
+    """Answer from the middleware; ``close`` for answers given before the body was
+    read (the server then closes the connection instead of reading on)."""
     body = json.dumps(error_body(message, type=type, code=code)).encode()
     await send(
         {
@@ -214,6 +329,7 @@ async def _send_error(
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 *(headers or []),
+                *([_CLOSE] if close else []),
             ],
         }
     )

@@ -2,12 +2,14 @@
 /v1/embeddings.
 
 Each handler validates what pydantic cannot (server bounds, unsupported
-options), resolves ``model`` to a role (and adapter), then awaits the runtime's
+options, values the sampler cannot use), resolves ``model`` to a role (and
+adapter), then awaits the runtime's
 async API — concurrent requests are micro-batched inside the runtime, so they
 share forward passes. Failures become OpenAI-shaped errors; for chat and text
 completions, a server-side :class:`LLMRuntimeError` is answered with
 ``settings.fallback_reply`` when one is configured (marked by the
-``X-Mongars-Fallback`` header and ``Cache-Control: no-store``).
+``X-Mongars-Fallback`` header and ``Cache-Control: no-store``). Client errors
+are checked before the runtime is called, so they are never papered over.
 """
 
 from __future__ import annotations
@@ -58,14 +60,22 @@ logger = logging.getLogger("mongars_llm.server")
 
 MAX_STOP = 4
 FALLBACK_FINGERPRINT = "mongars-fallback"
+#: the smallest temperature that still samples: below it the logits overflow (0 is greedy)
+MIN_TEMPERATURE = 1e-5
+#: the seeds torch's generator takes
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
+        400: "Unsupported option, text that is not valid Unicode, or a value the sampler "
+        "cannot use (field named in error.param)",
         401: "Missing or wrong API key (when one is configured)",
         404: "Unknown model or adapter",
+        408: "The request body was not received within MONGARS_SERVER_BODY_TIMEOUT_S",
         413: "Too many inputs or an input too long",
         422: "Invalid request (field named in error.param)",
+        431: "Too many or too large request headers",
         503: "Overloaded or the model is still loading (see Retry-After)",
     }.items()
 }
@@ -93,7 +103,30 @@ def _check_sampling(body: Any, state: ServerState, max_tokens: int | None) -> No
             param="max_tokens",
         )
     if body.n is not None and body.n != 1:
-        raise APIError(422, "only n=1 is supported", code="unsupported", param="n")
+        raise _unsupported(
+            "n",
+            f"n={body.n} is not supported: this server returns one choice per request; "
+            "omit n (or send n=1) and make several requests",
+        )
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias is not supported by this server; omit it")
+    temperature = body.temperature
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise APIError(
+            400,
+            f"temperature={temperature!r} is too small to sample with (the smallest is "
+            f"{MIN_TEMPERATURE:g}); use 0 for greedy decoding",
+            code="invalid_value",
+            param="temperature",
+        )
+    if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
+        raise APIError(
+            400,
+            f"seed={body.seed} is outside the 64-bit range the sampler takes "
+            f"({SEED_MIN} to {SEED_MAX})",
+            code="invalid_value",
+            param="seed",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(
@@ -138,11 +171,9 @@ def _message_text(message: ChatMessage, index: int) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise APIError(
-                422,
+            raise _unsupported(
+                f"messages[{index}].content[{j}]",
                 f"content part of type {part.type!r} is not supported; only 'text' parts are",
-                code="unsupported",
-                param=f"messages[{index}].content[{j}]",
             )
         texts.append(part.text)
     return "".join(texts)
@@ -176,13 +207,49 @@ def _messages(body: ChatCompletionRequest, state: ServerState) -> list[dict[str,
     return messages
 
 
-def _reject_unsupported(body: Any, fields: dict[str, Any]) -> None:
-    for name, bad in fields.items():
-        value = getattr(body, name)
-        if value is not None and value is not False and value != bad:
-            raise APIError(
-                422, f"{name} is not supported by this server", code="unsupported", param=name
+def _unsupported(param: str, message: str) -> APIError:
+    """The 400 for an OpenAI option this server does not implement (never ignored,
+    since ignoring it would change what the client gets)."""
+    return APIError(400, message, code="unsupported", param=param)
+
+
+def _check_chat_options(body: ChatCompletionRequest) -> None:
+    if body.logprobs:
+        raise _unsupported("logprobs", "logprobs is not supported by this server; omit it")
+    if body.top_logprobs:
+        raise _unsupported("top_logprobs", "top_logprobs is not supported by this server; omit it")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise _unsupported(
+                name,
+                f"{name} are not supported: this server does not call tools; "
+                f"omit {name} (and tool_choice)",
             )
+    for name in ("tool_choice", "function_call"):
+        choice = getattr(body, name)
+        if choice is not None and choice != "none":
+            raise _unsupported(
+                name,
+                f"{name}={json.dumps(choice)} is not supported: this server does not call "
+                f"tools; omit {name} or send 'none'",
+            )
+    response_format = body.response_format
+    if response_format is not None and response_format.get("type") != "text":
+        kind = response_format.get("type")
+        raise _unsupported(
+            "response_format",
+            f"response_format of type {json.dumps(kind)} is not supported: this server cannot "
+            'constrain the output to JSON; omit response_format or send {"type": "text"}',
+        )
+
+
+def _check_completion_options(body: CompletionRequest) -> None:
+    if body.suffix is not None:
+        raise _unsupported("suffix", "suffix (insertion) is not supported; omit it")
+    if body.logprobs is not None:
+        raise _unsupported("logprobs", "logprobs is not supported by this server; omit it")
+    if body.best_of is not None and body.best_of != 1:
+        raise _unsupported("best_of", f"best_of={body.best_of} is not supported; omit it or send 1")
 
 
 # ----------------------------------------------------------------- fallback
@@ -297,12 +364,14 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
     @router.post(
         "/v1/embeddings",
         response_model=EmbeddingResponse,
-        responses={k: _ERRORS[k] for k in (401, 404, 413, 422, 503)},
+        responses={k: _ERRORS[k] for k in (400, 401, 404, 408, 413, 422, 431, 503)},
         summary="Create embeddings (LLM2Vec pooling on the shared weights)",
     )
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
         state = _state(request)
         items = _embedding_inputs(body, state)
+        if body.instruction is not None:
+            _check_chars(body.instruction, "instruction", state)
         role, adapter = state.resolve_model(body.model, body.adapter)
         runtime = state.require_runtime()
         _check_token_ids(items, runtime, "input")
@@ -314,8 +383,15 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
                 code="invalid_value",
                 param="dimensions",
             )
-        texts, token_count = await asyncio.to_thread(_texts_and_tokens, runtime, items)
         kwargs = _embedding_options(state.role_entry(role), body.instruction)
+        instruction = kwargs.get("instruction", getattr(runtime, "instruction", None))
+        texts, token_count = await asyncio.to_thread(
+            _texts_and_tokens,
+            runtime,
+            items,
+            instruction if isinstance(instruction, str) else None,
+            state.settings.model.max_input_tokens,
+        )
         kwargs.update(adapter=adapter, truncate=False)
         started = time.perf_counter()
         if state.embed_fn is not None:
@@ -358,7 +434,7 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         responses={
-            **{k: _ERRORS[k] for k in (401, 404, 413, 422, 503)},
+            **{k: _ERRORS[k] for k in (400, 401, 404, 408, 413, 422, 431, 503)},
             200: {
                 "description": "A chat completion, or with stream=true a text/event-stream of "
                 "chat.completion.chunk objects ending with 'data: [DONE]'",
@@ -371,10 +447,7 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
         state = _state(request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         _check_sampling(body, state, max_tokens)
-        if body.logprobs:
-            raise APIError(422, "logprobs is not supported", code="unsupported", param="logprobs")
-        if body.tools:
-            raise APIError(422, "tools are not supported", code="unsupported", param="tools")
+        _check_chat_options(body)
         messages = _messages(body, state)
         role, adapter = state.resolve_model(body.model, body.adapter)
         kwargs = _sampling_kwargs(body, role, adapter, max_tokens)
@@ -420,7 +493,7 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
         "/v1/completions",
         response_model=CompletionResponse,
         responses={
-            **{k: _ERRORS[k] for k in (401, 404, 413, 422, 503)},
+            **{k: _ERRORS[k] for k in (400, 401, 404, 408, 413, 422, 431, 503)},
             200: {
                 "description": "A text completion, or with stream=true a text/event-stream",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -431,19 +504,14 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
     async def create_completion(body: CompletionRequest, request: Request) -> Any:
         state = _state(request)
         _check_sampling(body, state, body.max_tokens)
-        _reject_unsupported(body, {"suffix": None, "logprobs": None, "best_of": 1})
+        _check_completion_options(body)
         prompts = _completion_prompts(body, state)
         role, adapter = state.resolve_model(body.model, body.adapter)
         kwargs = _sampling_kwargs(body, role, adapter, body.max_tokens)
         completion_id = _new_id("cmpl")
         if body.stream:
             if len(prompts) != 1:
-                raise APIError(
-                    422,
-                    "stream=true takes a single prompt",
-                    code="unsupported",
-                    param="prompt",
-                )
+                raise _unsupported("prompt", "stream=true takes a single prompt")
             return await _stream_completion(state, body, prompts[0], kwargs, completion_id)
         try:
             runtime = state.require_runtime()
@@ -697,7 +765,6 @@ def _embedding_inputs(body: EmbeddingRequest, state: ServerState) -> list[str | 
 def _check_items(
     items: list[str | list[int]], state: ServerState, param: str, *, allow_empty_text: bool
 ) -> None:
-    max_chars = state.config.max_input_chars
     max_tokens = state.settings.model.max_input_tokens
     for i, item in enumerate(items):
         where = f"{param}[{i}]" if len(items) > 1 else param
@@ -706,14 +773,7 @@ def _check_items(
                 raise APIError(
                     422, f"{where} is an empty string", code="invalid_value", param=where
                 )
-            if len(item) > max_chars:
-                raise APIError(
-                    413,
-                    f"{where} has {len(item)} characters, more than the limit of {max_chars} "
-                    "(MONGARS_SERVER_MAX_INPUT_CHARS)",
-                    code="input_too_long",
-                    param=where,
-                )
+            _check_chars(item, where, state)
         else:
             if not item:
                 raise APIError(
@@ -727,6 +787,18 @@ def _check_items(
                     code="input_too_long",
                     param=where,
                 )
+
+
+def _check_chars(text: str, where: str, state: ServerState) -> None:
+    max_chars = state.config.max_input_chars
+    if len(text) > max_chars:
+        raise APIError(
+            413,
+            f"{where} has {len(text)} characters, more than the limit of {max_chars} "
+            "(MONGARS_SERVER_MAX_INPUT_CHARS)",
+            code="input_too_long",
+            param=where,
+        )
 
 
 def _check_token_ids(items: list[str | list[int]], runtime: Any, param: str) -> None:
@@ -777,7 +849,27 @@ def _decode_prompts(runtime: Any, prompts: list[str | list[int]]) -> list[str]:
     ]
 
 
-def _texts_and_tokens(runtime: Any, items: list[str | list[int]]) -> tuple[list[str], int]:
+def _texts_and_tokens(
+    runtime: Any, items: list[str | list[int]], instruction: str | None, max_tokens: int
+) -> tuple[list[str], int]:
+    """The texts to embed and their token count, after checking the instruction.
+
+    The instruction is tokenised once for the request (not once per input) and
+    refused (413) when it alone fills the model's input window, before any input
+    is tokenised; the runtime checks each ``instruction + input`` exactly.
+    """
+    if instruction and instruction.strip():
+        special = int(runtime.count_tokens(""))
+        count = int(runtime.count_tokens(instruction.strip())) - special
+        if count >= max_tokens:
+            raise APIError(
+                413,
+                f"the instruction has {count} tokens, which leaves no room for the input "
+                f"within the limit of {max_tokens} tokens (MONGARS_MODEL__MAX_INPUT_TOKENS); "
+                "shorten it",
+                code="input_too_long",
+                param="instruction",
+            )
     texts: list[str] = []
     tokens = 0
     for item in items:

@@ -2,16 +2,34 @@
 
 Request models accept the fields the official ``openai`` client sends; the few
 extensions (``adapter``, ``top_k``, ``instruction``) are marked as such in their
-descriptions. Fields that mongars-llm cannot honour (``n > 1``, ``logprobs``,
-``tools``) are rejected with a 422 that names the field rather than ignored.
+descriptions. Fields that mongars-llm cannot honour and that would change the
+answer (``n > 1``, ``logprobs``, ``tools``/``tool_choice``, ``response_format``
+other than text, ``logit_bias``) are declared so that a request using them is
+refused with a 400 naming the field rather than silently ignored.
+
+Types are strict: ``"stream": "yes"`` or ``"temperature": "0.5"`` are 422s, not
+coerced. Text fields refuse lone UTF-16 surrogates (``"\\ud800"`` is valid JSON
+but not valid text) with a 400 ``invalid_unicode`` naming the field.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ChatCompletionChoice",
@@ -42,8 +60,29 @@ __all__ = [
     "Usage",
 ]
 
+#: a Python str decoded from JSON holds a surrogate only when the JSON had a lone one
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(value: str) -> str:
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "holds a lone UTF-16 surrogate ({escape}) at character {position}, which is "
+            "not valid Unicode text; send UTF-8 text (a \\uXXXX escape outside the Basic "
+            "Multilingual Plane must be a high+low surrogate pair)",
+            {"escape": f"\\u{ord(found.group()):04x}", "position": found.start()},
+        )
+    return value
+
+
+#: a string that is valid Unicode text (no lone surrogates; refused with a 400)
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+#: a finite JSON number (an int is accepted; a string or a boolean is not)
+Number = Annotated[float, Strict(), AllowInfNan(False)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
-Stop = StrictStr | list[StrictStr] | None
+Stop = Text | list[Text] | None
 
 
 def _now() -> int:
@@ -94,46 +133,59 @@ class ContentPart(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: StrictStr
-    text: StrictStr | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model: StrictStr = Field(
+    model: Text = Field(
         description="A role name from GET /v1/models, or 'role:adapter' to use a LoRA adapter.",
         examples=["general"],
     )
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="Most tokens to generate; above the server bound is a 422."
     )
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = Field(
+        None, description="0 is greedy decoding; a value between 0 and 1e-5 is refused (400)."
+    )
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Extension: keep only the k most likely tokens (0 = off)."
     )
-    n: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description="Only 1 is supported.")
-    stream: bool = False
+    n: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Only 1 is supported (a larger n is a 400)."
+    )
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description="Up to 4 strings that end the generation.")
-    seed: StrictInt | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    user: StrictStr | None = None
-    adapter: StrictStr | None = Field(
+    seed: StrictInt | None = Field(
+        None, description="A 64-bit seed (-2**63 to 2**64 - 1; beyond is a 400)."
+    )
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = Field(
+        None, description="Accepted and ignored."
+    )
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = Field(
+        None, description="Accepted and ignored."
+    )
+    logit_bias: dict[str, Any] | None = Field(
+        None, description="Not supported: a non-empty map is a 400."
+    )
+    user: Text | None = None
+    adapter: Text | None = Field(
         None, description="Extension: the LoRA adapter to use (same as model='role:adapter')."
     )
 
@@ -161,8 +213,26 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="Newer name of max_tokens; wins when both are set."
     )
-    logprobs: bool | None = None
-    tools: list[dict[str, Any]] | None = None
+    logprobs: StrictBool | None = Field(None, description="Not supported: true is a 400.")
+    top_logprobs: StrictInt | None = Field(None, description="Not supported: above 0 is a 400.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Not supported: a non-empty list is a 400."
+    )
+    tool_choice: StrictStr | dict[str, Any] | None = Field(
+        None, description="Not supported: anything but 'none' is a 400."
+    )
+    parallel_tool_calls: StrictBool | None = Field(None, description="Accepted and ignored.")
+    functions: list[dict[str, Any]] | None = Field(
+        None, description="Deprecated OpenAI field, not supported: a non-empty list is a 400."
+    )
+    function_call: StrictStr | dict[str, Any] | None = Field(
+        None, description="Deprecated OpenAI field, not supported: anything but 'none' is a 400."
+    )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="Only {'type': 'text'} is supported; JSON modes (json_object, json_schema) "
+        "are a 400.",
+    )
 
 
 class ResponseMessage(BaseModel):
@@ -229,13 +299,13 @@ class CompletionRequest(_SamplingRequest):
         }
     )
 
-    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         description="A prompt, a list of prompts, or token ids (one list per prompt)."
     )
-    echo: bool = False
-    suffix: StrictStr | None = None
-    logprobs: StrictInt | None = None
-    best_of: StrictInt | None = None
+    echo: StrictBool = False
+    suffix: Text | None = Field(None, description="Not supported: a suffix is a 400.")
+    logprobs: StrictInt | None = Field(None, description="Not supported: a value is a 400.")
+    best_of: StrictInt | None = Field(None, description="Only 1 is supported.")
 
 
 class CompletionChoice(BaseModel):
@@ -273,10 +343,10 @@ class EmbeddingRequest(BaseModel):
         }
     )
 
-    model: StrictStr = Field(
+    model: Text = Field(
         description="A role name from GET /v1/models (or 'role:adapter').", examples=["embedding"]
     )
-    input: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] = Field(
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         description="A text, a list of texts, token ids, or a list of token-id lists."
     )
     encoding_format: Literal["float", "base64"] = Field(
@@ -287,13 +357,15 @@ class EmbeddingRequest(BaseModel):
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="Keep the first N dimensions and re-normalise to unit length."
     )
-    user: StrictStr | None = None
-    instruction: StrictStr | None = Field(
+    user: Text | None = None
+    instruction: Text | None = Field(
         None,
         description="Extension: an LLM2Vec instruction prepended to every input and excluded "
-        "from pooling (defaults to the role's configured instruction).",
+        "from pooling (defaults to the role's configured instruction); at most "
+        "MONGARS_SERVER_MAX_INPUT_CHARS characters, and its tokens count towards each "
+        "input's MONGARS_MODEL__MAX_INPUT_TOKENS.",
     )
-    adapter: StrictStr | None = Field(
+    adapter: Text | None = Field(
         None, description="Extension: the LoRA adapter to use (same as model='role:adapter')."
     )
 
@@ -337,10 +409,10 @@ class ReadyResponse(BaseModel):
 class ProvisionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    roles: list[StrictStr] | None = Field(
+    roles: list[Text] | None = Field(
         None, description="Roles to provision; all roles of the active profile when omitted."
     )
-    force: bool = Field(False, description="Bypass the per-process cache and re-verify.")
+    force: StrictBool = Field(False, description="Bypass the per-process cache and re-verify.")
 
 
 class ProvisionJob(BaseModel):

@@ -21,8 +21,8 @@ import logging
 import platform
 import random
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,6 +33,7 @@ from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
 from .._version import __version__
 from ..errors import BundleError, DatasetError
 from ..logging import log_event
+from ..provisioning._local_copy import ProvisionedCopy
 from ..registry import AdapterRegistry, RegistryEntry, digest_tree
 from ._config import BundleConfig, load_bundle_config
 from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
@@ -42,6 +43,7 @@ __all__ = ["BundleResult", "build_bundle"]
 logger = logging.getLogger(__name__)
 
 RUN_METADATA_VERSION = 1
+RUN_LOCK_NAME = ".build.lock"
 
 
 @dataclass
@@ -95,54 +97,130 @@ def build_bundle(
     """
     config = load_bundle_config(config_or_path, **overrides)
     config.require_dataset()
+    config, base_copy = _locate_base_model(config)
     started_at = _now()
     run_name = config.resolved_run_name()
     run_dir = (config.resolved_output_dir() / run_name).resolve()
-    if (run_dir / "run_metadata.json").exists() and not config.dry_run and not config.resume:
-        raise BundleError(
-            f"{run_dir} already holds a finished bundle; choose another --run-name or "
-            "--output-dir (bundles are never overwritten)"
-        )
+    _refuse_finished(run_dir)
     # refuse impossible precision (QLoRA off CUDA) before anything is loaded
     precision = None
+    dist = None
     if not config.dry_run:
-        from ._trainer import resolve_precision
+        from ._distributed import env_world_size, init_distributed, launch_local
+        from ._trainer import Precision, resolve_precision
 
         precision = resolve_precision(config)
+        if config.num_processes > 1 and env_world_size() == 1:
+            # N workers run this function under WORLD_SIZE=N; they must agree on the folder
+            return launch_local(config.model_copy(update={"run_name": run_name}))
+        dist = init_distributed(config, precision.device)
+        if dist is not None and precision.device.startswith("cuda"):
+            precision = Precision(
+                device=str(dist.accelerator.device),
+                precision=precision.precision,
+                qlora=precision.qlora,
+            )
+    main = dist is None or dist.is_main
+    # open (and check) the dataset files before any folder is created
+    train_rows = _rows(
+        config.dataset_path, config.dataset_id, config.dataset_config, config.dataset_split
+    )
+    eval_rows = None
+    if config.eval_dataset_path is not None or config.eval_dataset_id is not None:
+        eval_rows = _rows(
+            config.eval_dataset_path,
+            config.eval_dataset_id,
+            config.dataset_config,
+            config.eval_dataset_split,
+            flag="--eval-dataset-path",
+        )
 
     from ._data import _load_tokenizer
 
-    tokenizer = _load_tokenizer(config.base_model, config.base_model_revision)
+    if base_copy is not None:
+        tokenizer = _load_tokenizer(base_copy.path)
+    else:
+        tokenizer = _load_tokenizer(config.base_model, config.base_model_revision)
     pad_added = False
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are masked by position, EOS survives
         pad_added = True
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # several processes: rank 0 alone claims and writes the run folder
+    claim: AbstractContextManager[None] = _claim_run_dir(run_dir) if main else nullcontext()
+    with claim:
+        if main:
+            _refuse_finished(run_dir)  # again: another build may have finished meanwhile
+        return _build_claimed(
+            config,
+            dist=dist,
+            precision=precision,
+            tokenizer=tokenizer,
+            pad_added=pad_added,
+            run_name=run_name,
+            run_dir=run_dir,
+            started_at=started_at,
+            train_rows=train_rows,
+            eval_rows=eval_rows,
+            base_copy=base_copy,
+        )
+
+
+def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedCopy | None]:
+    """A local base path becomes absolute (the wrapper and the adapter must load it from
+    any folder); a Hub id that ``provision`` installed is loaded from that copy."""
+    local = Path(config.base_model).expanduser()
+    if local.exists():
+        return config.model_copy(update={"base_model": str(local.resolve())}), None
+    from ..provisioning._local_copy import provisioned_copy
+    from ..settings import get_settings
+
+    copy = provisioned_copy(
+        config.base_model,
+        revision=config.base_model_revision,
+        settings=get_settings(),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if copy is not None:
+        logger.info("base model %s: using the provisioned copy %s", config.base_model, copy.path)
+    return config, copy
+
+
+def _build_claimed(
+    config: BundleConfig,
+    *,
+    dist: Any,
+    precision: Any,
+    tokenizer: Any,
+    pad_added: bool,
+    run_name: str,
+    run_dir: Path,
+    started_at: str,
+    train_rows: Iterable[tuple[int, Any]],
+    eval_rows: Iterable[tuple[int, Any]] | None,
+    base_copy: ProvisionedCopy | None = None,
+) -> BundleResult:
     train_summary, train_examples = load_examples(
-        _rows(config.dataset_path, config.dataset_id, config.dataset_config, config.dataset_split),
+        train_rows,
         source=str(config.dataset_path or config.dataset_id),
         tokenizer=tokenizer,
         max_seq_len=config.max_seq_len,
         skip_invalid=config.skip_invalid,
         overlong=config.overlong,
-        summary_path=run_dir / "dataset_summary.json",
+        summary_path=run_dir / "dataset_summary.json" if dist is None or dist.is_main else None,
     )
     eval_summary: DatasetSummary | None = None
     eval_examples: list[EncodedExample] = []
-    if config.eval_dataset_path is not None or config.eval_dataset_id is not None:
+    if eval_rows is not None:
         eval_summary, eval_examples = load_examples(
-            _rows(
-                config.eval_dataset_path,
-                config.eval_dataset_id,
-                config.dataset_config,
-                config.eval_dataset_split,
-            ),
+            eval_rows,
             source=str(config.eval_dataset_path or config.eval_dataset_id),
             tokenizer=tokenizer,
             max_seq_len=config.max_seq_len,
             skip_invalid=config.skip_invalid,
             overlong=config.overlong,
-            summary_path=run_dir / "eval_dataset_summary.json",
+            summary_path=(
+                run_dir / "eval_dataset_summary.json" if dist is None or dist.is_main else None
+            ),
         )
     elif config.eval_fraction > 0 and len(train_examples) >= 2:
         train_examples, eval_examples = _hold_out(train_examples, config.eval_fraction, config.seed)
@@ -173,6 +251,7 @@ def build_bundle(
     assert precision is not None
     return _train_and_package(
         config,
+        dist=dist,
         precision=precision,
         tokenizer=tokenizer,
         pad_added=pad_added,
@@ -183,12 +262,14 @@ def build_bundle(
         eval_summary=eval_summary,
         train_examples=train_examples,
         eval_examples=eval_examples,
+        base_copy=base_copy,
     )
 
 
 def _train_and_package(
     config: BundleConfig,
     *,
+    dist: Any,
     precision: Any,
     tokenizer: Any,
     pad_added: bool,
@@ -199,6 +280,7 @@ def _train_and_package(
     eval_summary: DatasetSummary | None,
     train_examples: list[EncodedExample],
     eval_examples: list[EncodedExample],
+    base_copy: ProvisionedCopy | None = None,
 ) -> BundleResult:
     import peft
 
@@ -207,10 +289,20 @@ def _train_and_package(
 
     seed_everything(config.seed)
     t0 = time.perf_counter()
-    with _hub_progress(config.progress):
-        base = load_base_model(config, precision)
-    base_commit = getattr(base.config, "_commit_hash", None) or config.base_model_revision
+    main = dist is None or dist.is_main
+    with _hub_progress(config.progress and main):
+        base = load_base_model(config, precision, source=base_copy.path if base_copy else None)
+    base_commit = (
+        base_copy.revision
+        if base_copy is not None
+        else getattr(base.config, "_commit_hash", None) or config.base_model_revision
+    )
     model = build_peft_model(base, config)
+    if base_copy is not None:  # the adapter names the Hub id, not this machine's folder
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = config.base_model
+    if dist is not None:  # the same LoRA init on every rank, but each its own dropout masks
+        seed_everything(config.seed + dist.rank)
     trainable_params, total_params = model.get_nb_trainable_parameters()
     fingerprint = {
         "dataset_sha256": _examples_digest(train_examples),
@@ -231,6 +323,7 @@ def _train_and_package(
         pad_id=tokenizer.pad_token_id,
         run_dir=run_dir,
         fingerprint=fingerprint,
+        dist=dist,
     )
     metrics = {
         **outcome.metrics,
@@ -238,11 +331,24 @@ def _train_and_package(
         "total_params": total_params,
         "wall_seconds": round(time.perf_counter() - t0, 3),
     }
+    if not main:  # rank 0 alone writes the bundle and the registry entry
+        return BundleResult(
+            run_dir=run_dir,
+            config=config,
+            dataset_summary=train_summary,
+            eval_dataset_summary=eval_summary,
+            metrics=metrics,
+            history=outcome.history,
+            model=outcome.model,
+        )
     _write_jsonl(run_dir / "train_log.jsonl", outcome.history)
 
     adapter_dir = run_dir / "adapter"
     tokenizer_dir = run_dir / "tokenizer"
-    model.save_pretrained(str(adapter_dir))
+    if outcome.state_dict is not None:  # FSDP/DeepSpeed: the full weights gathered from shards
+        model.save_pretrained(str(adapter_dir), state_dict=outcome.state_dict)
+    else:
+        model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(tokenizer_dir))
     lora_config = model.peft_config["default"]
     target_modules = sorted(lora_config.target_modules or [])
@@ -311,6 +417,7 @@ def _train_and_package(
         "base_model": {"id": config.base_model, "revision": base_commit},
         "seed": config.seed,
         "precision": precision.as_dict(),
+        "distributed": dist.as_dict() if dist is not None else None,
         "tokenizer": {"pad_token_added_as_eos": pad_added, "pad_token": tokenizer.pad_token},
         "lora": compatibility,
         "versions": _versions(),
@@ -363,11 +470,55 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _refuse_finished(run_dir: Path) -> None:
+    """A finished bundle (its adapter maybe registered) is never written again."""
+    if (run_dir / "run_metadata.json").exists():
+        raise BundleError(
+            f"{run_dir} already holds a finished bundle; choose another --run-name or "
+            "--output-dir (bundles are never overwritten; to train on from one of its "
+            "checkpoints, pass --resume CHECKPOINT_DIR with a new --run-name)"
+        )
+
+
+@contextmanager
+def _claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this build: a second build of the same run fails at once.
+
+    The claim is an OS file lock (``<run_dir>/.build.lock``), released when the
+    build ends, however it ends (even ``kill -9``), so a crashed run can be
+    resumed with ``--resume``.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BundleError(f"cannot create the run directory {run_dir}: {err}") from err
+    lock = FileLock(str(run_dir / RUN_LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as err:
+        raise BundleError(
+            f"another bundle build is writing {run_dir} right now; choose another --run-name "
+            "(or --output-dir), or wait for it to finish (a crashed build can be continued "
+            "with --resume)"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _rows(
-    path: Path | None, dataset_id: str | None, dataset_config: str | None, split: str
-) -> list[tuple[int, Any]]:
+    path: Path | None,
+    dataset_id: str | None,
+    dataset_config: str | None,
+    split: str,
+    *,
+    flag: str = "--dataset-path",
+) -> Iterable[tuple[int, Any]]:
     if path is not None:
-        return read_jsonl_rows(path)
+        return read_jsonl_rows(path, flag=flag)
     from .._extras import require
 
     datasets = require("datasets", "train", feature="--dataset-id")

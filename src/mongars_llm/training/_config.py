@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..registry import is_safe_adapter_name
 
 __all__ = ["BundleConfig", "load_bundle_config"]
 
@@ -89,7 +90,11 @@ class BundleConfig(BaseModel):
     output_dir: Path | None = Field(None, description="Parent of run dirs; <registry>/runs.")
     run_name: str | None = Field(None, description="Run directory name; generated when unset.")
     adapter_name: str | None = Field(None, description="Registry name; the run name when unset.")
-    registry_path: Path = Path("models/encoders")
+    registry_path: Path = Field(
+        default_factory=lambda: _settings_registry_path(),
+        description="Adapter registry; default MONGARS_LLM_ADAPTER_REGISTRY_PATH "
+        "(the user data dir's encoders/).",
+    )
     register_adapter: bool = Field(True, description="Add the adapter to the registry.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps too.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
@@ -98,7 +103,20 @@ class BundleConfig(BaseModel):
         False, description="True: newest checkpoint of the run; or a checkpoint directory."
     )
     dry_run: bool = Field(False, description="Validate the data, write the summary, stop.")
-    progress: bool = Field(True, description="Progress bars on stderr (off with --json).")
+    progress: bool = Field(True, description="Progress bar on stderr (the CLI: when a terminal).")
+
+    # processes
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Local training processes (DDP; gloo on CPU). Under accelerate launch / "
+        "torchrun leave it at 1: the launcher decides.",
+    )
+    distributed_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a process waits in a collective for the others before failing.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> BundleConfig:
@@ -112,6 +130,11 @@ class BundleConfig(BaseModel):
             raise ValueError(
                 f"run_name {self.run_name!r} must be letters, digits, '.', '_' or '-' "
                 "(it names a directory)"
+            )
+        if self.adapter_name is not None and not is_safe_adapter_name(self.adapter_name):
+            raise ValueError(
+                f"adapter_name {self.adapter_name!r} must be letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit, at most 255 characters (it may name a folder)"
             )
         return self
 
@@ -131,6 +154,12 @@ class BundleConfig(BaseModel):
 
     def resolved_output_dir(self) -> Path:
         return self.output_dir if self.output_dir is not None else self.registry_path / "runs"
+
+
+def _settings_registry_path() -> Path:
+    from ..settings import get_settings
+
+    return Path(get_settings().llm_adapter_registry_path)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

