@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -321,7 +322,7 @@ def _loopback_only() -> Iterator[None]:
     os.environ[_LOOPBACK_SWITCH] = "0"
     constants: Any = None
     with contextlib.suppress(ImportError):
-        from ray._private import ray_constants as constants
+        constants = importlib.import_module("ray._private.ray_constants")
     saved_constant = getattr(constants, "ENABLE_RAY_CLUSTER", None)
     if saved_constant is not None:
         constants.ENABLE_RAY_CLUSTER = False
