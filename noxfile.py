@@ -112,8 +112,9 @@ def parity(session: nox.Session) -> None:
     """Regenerate tests/fixtures/llm2vec_parity with the real llm2vec (0.2.3).
 
     llm2vec pins an old transformers, so it gets its own venv (.nox/_llm2vec);
-    the reference script saves a tiny model with transformers 4.44 and writes
-    LLM2Vec.encode vectors; then our parity test runs against the new fixture.
+    the reference script saves two tiny models with transformers 4.44 (one with a
+    byte-level BPE whose in-context and standalone token counts differ) and writes
+    LLM2Vec.encode vectors and token spans; then the parity tests run against it.
     """
     venv = ROOT / ".nox" / "_llm2vec"
     python = venv / "bin" / "python"
@@ -126,4 +127,15 @@ def parity(session: nox.Session) -> None:
         )
     fixture = ROOT / "tests" / "fixtures" / "llm2vec_parity"
     session.run(str(python), "benchmarks/_llm2vec_reference.py", str(fixture), external=True)
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/runtime/test_parity.py")
+    # the new fixture against the runtime and the exported wrapper (the `tests` venv if built)
+    tests_python = ROOT / ".nox" / "tests" / "bin" / "python"
+    pytest = [str(tests_python), "-m", "pytest"] if tests_python.exists() else ["pytest"]
+    session.run(
+        *pytest,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/runtime/test_parity.py",
+        "tests/export/test_wrapper_parity.py",
+        external=True,
+    )

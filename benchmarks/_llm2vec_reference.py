@@ -9,10 +9,17 @@ mongars-llm, which needs a newer transformers. It:
    added, no pad token — as the published LLM2Vec Llama/Mistral models);
 2. writes the published LLM2Vec layout on top of it: an "MNTP" directory (config,
    tokenizer and a LoRA adapter on the decoder) and a "supervised" LoRA adapter;
-3. computes ``LLM2Vec.encode`` reference vectors for plain texts and
+3. saves a second tiny Llama (``bpe/``) with a byte-level BPE tokenizer *without*
+   a prefix space (as Llama-3's, Qwen2's, GPT-2's) and a small vocabulary, where a
+   text after an instruction has other tokens than the text alone (``" retrieve"``
+   vs ``"re" "trieve"``; texts that start with digits or punctuation): llm2vec
+   pools the last N tokens, N counted on the text alone, and only that rule
+   gives its vectors there;
+4. computes ``LLM2Vec.encode`` reference vectors for plain texts and
    ``[instruction, text]`` pairs, every pooling mode, bidirectional on and off,
-   and the MNTP + supervised layout;
-4. writes ``vectors.npz`` and ``cases.json`` next to the checkpoint.
+   on both models, and the MNTP + supervised layout; and, for every case, the
+   token ids llm2vec feeds the model and how many of them it pools;
+5. writes ``vectors.npz`` and ``cases.json`` next to the checkpoints.
 
 Usage: ``python benchmarks/_llm2vec_reference.py OUTPUT_DIR``
 """
@@ -58,6 +65,39 @@ PAIRS = [
 
 POOLINGS = ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"]
 
+# The byte-level model: the BPE merges are learnt on words that follow a space, so a
+# word at the start of a text (no space before it) splits into more tokens.
+BPE_CORPUS = [
+    " retrieve supporting documents for the question",
+    " the answer is four and the question is two plus two",
+    " documents that answer a question are retrieved first",
+    " numbers like 2024 and 42 appear in the passages",
+    " punctuation such as (this) and ... or !? is kept",
+    " represent the query for retrieving passages",
+    # numbers and punctuation after a space: " 2024" and " ..." become one token each,
+    # while "2024" and "..." at the start of a text (no space) split
+    " 2 20 202 2024 2024 2024",
+    " . .. ... ... ...",
+    " ! !? ! !? !?",
+]
+BPE_INSTRUCTION = "Given a question, retrieve passages that answer the question"
+BPE_TEXTS = [
+    "2024 was a year of documents.",
+    "...and the answer is four.",
+    "(this) question first",
+    "retrieve the passages",
+    "42",
+]
+BPE_PAIRS = [
+    [BPE_INSTRUCTION, "retrieve supporting documents"],
+    [BPE_INSTRUCTION, "2024 numbers"],
+    [BPE_INSTRUCTION, "...and the answer"],
+    [BPE_INSTRUCTION, "!? punctuation first"],
+    [BPE_INSTRUCTION, "question"],
+    ["Represent the query", "documents"],
+    ["Represent the query", "42 passages"],  # as many tokens alone as in context
+]
+
 
 def build_tokenizer(out: Path):
     from tokenizers import (
@@ -79,6 +119,38 @@ def build_tokenizer(out: Path):
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_bpe_tokenizer(out: Path):
+    """Byte-level BPE, no prefix space, BOS added, EOS ``</s>`` (a Llama-3-like layout)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=360,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(BPE_CORPUS * 4, trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -142,6 +214,8 @@ def build_adapter(base_dir: Path, out: Path, seed: int, modules: list[str]) -> N
 
 
 def encode(model_dir: Path, inputs, pooling: str, bidirectional: bool, peft_dir=None):
+    """``LLM2Vec.encode`` vectors, and per input the token ids llm2vec feeds the model
+    (padding removed) and how many of them it pools (its ``embed_mask``)."""
     from llm2vec import LLM2Vec
 
     l2v = LLM2Vec.from_pretrained(
@@ -154,7 +228,26 @@ def encode(model_dir: Path, inputs, pooling: str, bidirectional: bool, peft_dir=
     )
     with torch.no_grad():
         vectors = l2v.encode(inputs, batch_size=32, show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32)
+    tokens = []
+    for item in inputs:  # encode's own steps, one input at a time (no padding)
+        pair = ["", item] if isinstance(item, str) else item
+        prepared = l2v.prepare_for_tokenization(l2v._convert_to_str(pair[0], pair[1]))
+        features = l2v.tokenize([prepared])
+        tokens.append(
+            {
+                "ids": features["input_ids"][0].tolist(),
+                "pooled": int(features["embed_mask"][0].sum()),
+            }
+        )
+    return np.asarray(vectors, dtype=np.float32), tokens
+
+
+def in_context_count(tokenizer, instruction: str, text: str) -> int:
+    """How many tokens of the full input lie in the text (character offsets): where
+    this differs from the text's count alone, only llm2vec's counting rule is exact."""
+    start = len(f"{instruction.strip()} ")
+    enc = tokenizer(f"{instruction.strip()} {text}", return_offsets_mapping=True)
+    return sum(1 for _, end in enc["offset_mapping"][1:] if end > start)
 
 
 def main() -> None:
@@ -177,24 +270,38 @@ def main() -> None:
         json.dumps({"pooling_mode": "mean", "max_length": 512, "skip_instruction": True})
     )
 
+    bpe_dir = out / "bpe"
+    bpe_dir.mkdir()
+    bpe_tokenizer = build_bpe_tokenizer(bpe_dir)
+    build_model(bpe_dir, bpe_tokenizer)
+    differs = {
+        text: in_context_count(bpe_tokenizer, instruction, text)
+        != len(bpe_tokenizer(text, add_special_tokens=False)["input_ids"])
+        for instruction, text in BPE_PAIRS
+    }
+    assert sum(differs.values()) >= 5, f"the byte-level pairs must exercise the rule: {differs}"
+
     cases, arrays = [], {}
-    for bidirectional in (False, True):
-        for pooling in POOLINGS:
-            for kind, inputs in (("texts", TEXTS), ("pairs", PAIRS)):
-                name = f"{kind}-{pooling}-{'bi' if bidirectional else 'causal'}"
-                arrays[name] = encode(model_dir, inputs, pooling, bidirectional)
-                cases.append(
-                    {
-                        "name": name,
-                        "layout": "base",
-                        "inputs": inputs,
-                        "pooling": pooling,
-                        "bidirectional": bidirectional,
-                    }
-                )
+    models = (("base", "", model_dir, TEXTS, PAIRS), ("bpe", "bpe-", bpe_dir, BPE_TEXTS, BPE_PAIRS))
+    for layout, prefix, directory, texts, pairs in models:
+        for bidirectional in (False, True):
+            for pooling in POOLINGS:
+                for kind, inputs in (("texts", texts), ("pairs", pairs)):
+                    name = f"{prefix}{kind}-{pooling}-{'bi' if bidirectional else 'causal'}"
+                    arrays[name], tokens = encode(directory, inputs, pooling, bidirectional)
+                    cases.append(
+                        {
+                            "name": name,
+                            "layout": layout,
+                            "inputs": inputs,
+                            "pooling": pooling,
+                            "bidirectional": bidirectional,
+                            "llm2vec_tokens": tokens,
+                        }
+                    )
     for kind, inputs in (("texts", TEXTS), ("pairs", PAIRS)):
         name = f"llm2vec-layout-{kind}-mean-bi"
-        arrays[name] = encode(mntp_dir, inputs, "mean", True, peft_dir=sup_dir)
+        arrays[name], tokens = encode(mntp_dir, inputs, "mean", True, peft_dir=sup_dir)
         cases.append(
             {
                 "name": name,
@@ -202,6 +309,7 @@ def main() -> None:
                 "inputs": inputs,
                 "pooling": "mean",
                 "bidirectional": True,
+                "llm2vec_tokens": tokens,
             }
         )
 
@@ -210,6 +318,7 @@ def main() -> None:
         cfg_path = adapter_dir / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = "../model"
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # peft saves a set: any order
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
     np.savez_compressed(out / "vectors.npz", **arrays)
@@ -221,6 +330,8 @@ def main() -> None:
         "llm2vec": getattr(llm2vec, "__version__", "0.2.3"),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
+        # byte-level pairs whose text has other tokens in context than alone
+        "bpe_span_differs": sorted(text for text, differ in differs.items() if differ),
         "cases": cases,
     }
     (out / "cases.json").write_text(json.dumps(meta, indent=2))

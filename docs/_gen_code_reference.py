@@ -6,7 +6,8 @@ The pages stay hand-written; only the regions between
 replaced. They are read from the code itself:
 
 - the runtime error codes from ``LLMRuntimeError.CODES`` (a test checks that
-  every code raised in ``src/`` is listed there, and nothing more);
+  every code raised in ``src/``, explicitly or as a subclass's default code, is
+  listed there, and nothing more);
 - the HTTP error codes from the ``code="..."`` of the server's error calls;
 - the log events from every ``log_event(logger, "name", level, **fields)`` call.
 """
@@ -55,25 +56,53 @@ def _modules() -> list[tuple[str, ast.Module]]:
 
 
 # ------------------------------------------------------------------ error codes
+def runtime_error_classes() -> dict[str, str]:
+    """``LLMRuntimeError`` and its subclasses by name, with the code each raises by default."""
+    found: dict[str, str] = {}
+    stack: list[type[LLMRuntimeError]] = [LLMRuntimeError]
+    while stack:
+        cls = stack.pop()
+        found[cls.__name__] = cls.default_code
+        stack.extend(cls.__subclasses__())
+    return found
+
+
 def raised_runtime_codes() -> dict[str, set[str]]:
-    """Runtime error codes used in the source: ``LLMRuntimeError(..., code="x")`` and
-    string arguments of helpers whose name contains ``runtime_error``."""
+    """Runtime error codes used in the source: ``LLMRuntimeError(..., code="x")`` or a
+    subclass given ``code="x"``; the default code of a subclass the source uses
+    otherwise (raised, ``.wrap()``-ed, or handed on as an error factory, such as
+    ``error=ModelLoadError`` or a table of classes) but does not merely catch or
+    test (``except``, ``isinstance``); and string arguments of helpers whose name
+    contains ``runtime_error``."""
+    classes = runtime_error_classes()
     codes: dict[str, set[str]] = defaultdict(set)
     for module, tree in _modules():
+        if module == "mongars_llm.errors":
+            continue
+        ignored: set[int] = set()  # names that only catch, test or carry an explicit code
         for node in ast.walk(tree):
-            if not isinstance(node, ast.Call):
-                continue
-            name = _call_name(node)
-            if name == "LLMRuntimeError":
-                for keyword in node.keywords:
-                    code = _constant(keyword.value) if keyword.arg == "code" else None
-                    if code:
-                        codes[code].add(module)
-            elif "runtime_error" in name:
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                ignored.update(id(n) for n in ast.walk(node.type))
+            elif isinstance(node, ast.Call) and _call_name(node) in ("isinstance", "issubclass"):
+                ignored.update(id(n) for a in node.args[1:] for n in ast.walk(a))
+            elif isinstance(node, ast.Call) and _call_name(node) in classes:
+                explicit = [_constant(k.value) for k in node.keywords if k.arg == "code"]
+                if explicit and explicit[0]:
+                    codes[explicit[0]].add(module)
+                    ignored.add(id(node.func))
+            elif isinstance(node, ast.Call) and "runtime_error" in _call_name(node):
                 for argument in [*node.args, *(k.value for k in node.keywords)]:
                     code = _constant(argument)
                     if code and re.fullmatch(r"[a-z]+(_[a-z]+)+", code):
                         codes[code].add(module)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Name)
+                and node.id in classes
+                and node.id != "LLMRuntimeError"  # its default code is the catch-all
+                and id(node) not in ignored
+            ):
+                codes[classes[node.id]].add(module)
     return codes
 
 

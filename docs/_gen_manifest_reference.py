@@ -87,9 +87,11 @@ setting.
 
 ## Active profile
 
-By precedence: the explicit `profile=` argument (`--profile`) >
-`LLM_MODELS_PROFILE` > `MONGARS_LLM_MODELS_PROFILE` > `settings.llm_models_profile`
-> `default`. An unknown profile raises `UnknownProfileError`, which lists the
+By precedence: the explicit `profile=` argument (`--profile`) > a profile set
+in code on the settings (`Settings(llm_models_profile=...)`) >
+`LLM_MODELS_PROFILE` > `MONGARS_LLM_MODELS_PROFILE` > a `.env` file > `default`.
+Settings passed in code win over the environment, as they do for every setting.
+An unknown profile raises `UnknownProfileError`, which lists the
 available profiles and suggests the closest name.
 
 **No CUDA, nothing chosen.** With the built-in manifest and none of the above
@@ -113,12 +115,12 @@ payload of `GET /api/v1/models` and of `mongars-llm models show --json`.
 
 <!-- skip-test: network -->
 ```python
-from mongars_llm import ModelManager
+from mongars_llm import ModelManager, provision
 
 manager = ModelManager(profile="small")           # manifest from the settings
 manager.role("general").parameters                 # {'temperature': 0.7, 'top_p': 0.9, 'max_new_tokens': 256}
 manager.describe()                                 # JSON-ready dict
-manager.ensure_models_installed(["general"])       # provisioning, see provisioning.md
+provision(["general"], manager=manager)            # provisioning, see provisioning.md
 ```
 
 ## Validation

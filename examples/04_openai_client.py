@@ -38,7 +38,7 @@ def run(workdir: Path) -> None:
     import httpx
     import openai
 
-    from mongars_llm import ModelManager, Settings
+    from mongars_llm import ModelManager, Settings, provision
     from mongars_llm.runtime import UnifiedLLMRuntime
     from mongars_llm.server import create_app, serve_in_background
     from mongars_llm.testing import build_tiny_model
@@ -81,7 +81,7 @@ def run(workdir: Path) -> None:
         model={"max_new_tokens": 32},
     )
     manager = ModelManager(settings=settings)
-    path = manager.ensure_models_installed(["general"])["general"].path
+    path = provision(["general"], manager=manager)["general"].path
     assert path is not None
 
     with UnifiedLLMRuntime.from_pretrained(path, settings=settings, manager=manager) as runtime:

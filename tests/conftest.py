@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +86,26 @@ def smollm2_dir(real_models_dir: Path) -> Path:
     entry = report["general"]
     assert entry.ok and entry.path, f"provisioning SmolLM2 failed: {entry.error}"
     return Path(entry.path)
+
+
+@pytest.fixture(scope="session")
+def bundle_args() -> Callable[..., dict[str, Any]]:
+    """``bundle_args(base_model, dataset_path, root, **knobs)``: the keyword arguments of a
+    quick ``build_bundle`` run on a test model.
+
+    Runs and the registry go under ``root`` (``runs/``, ``registry/``), records stop
+    at 64 tokens and the progress bar is off; ``knobs`` add to these or override them.
+    """
+
+    def make(base_model: Path, dataset_path: Path, root: Path, **knobs: Any) -> dict[str, Any]:
+        return {
+            "dataset_path": dataset_path,
+            "base_model": str(base_model),
+            "output_dir": root / "runs",
+            "registry_path": root / "registry",
+            "max_seq_len": 64,
+            "progress": False,
+            **knobs,
+        }
+
+    return make

@@ -31,18 +31,30 @@ def _manifest(profiles: dict[str, Any] | None = None) -> Any:
 
 
 def test_profile_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argument > a profile the Settings name > LLM_MODELS_PROFILE > MONGARS_... > default."""
     manifest = _manifest()
-    settings = _settings(llm_models_profile="gamma")
+    explicit = _settings(llm_models_profile="gamma")
     assert ModelManager(manifest, settings=_settings()).profile_name == "default"
-    assert ModelManager(manifest, settings=settings).profile_name == "gamma"
+    assert ModelManager(manifest, settings=explicit).profile_name == "gamma"
     monkeypatch.setenv("MONGARS_LLM_MODELS_PROFILE", "beta")
-    assert ModelManager(manifest, settings=settings).profile_name == "beta"
+    assert ModelManager(manifest, settings=_settings()).profile_name == "beta"
     monkeypatch.setenv("LLM_MODELS_PROFILE", "alpha")
-    assert ModelManager(manifest, settings=settings).profile_name == "alpha"
-    manager = ModelManager(manifest, settings=settings, profile="gamma")
-    assert manager.profile_name == "gamma"
-    assert manager.profile is manifest.profiles["gamma"]
-    assert manager.role("general").name == "org/gamma"
+    assert ModelManager(manifest, settings=_settings()).profile_name == "alpha"
+    # settings that name a profile in code beat the environment, as every setting does
+    assert ModelManager(manifest, settings=explicit).profile_name == "gamma"
+    assert ModelManager(manifest, settings=_settings(llm_models_profile="gamma")).profile_name == (
+        "gamma"
+    )
+    # settings read before the variable was set, that name no profile: the environment counts
+    monkeypatch.delenv("LLM_MODELS_PROFILE")
+    monkeypatch.delenv("MONGARS_LLM_MODELS_PROFILE")
+    unnamed = _settings()
+    monkeypatch.setenv("LLM_MODELS_PROFILE", "alpha")
+    assert ModelManager(manifest, settings=unnamed).profile_name == "alpha"
+    manager = ModelManager(manifest, settings=explicit, profile="beta")
+    assert manager.profile_name == "beta"
+    assert manager.profile is manifest.profiles["beta"]
+    assert manager.role("general").name == "org/beta"
 
 
 def test_unknown_profile_lists_the_available_ones_with_a_hint() -> None:
@@ -160,9 +172,10 @@ def test_manager_loads_a_manifest_path_and_the_configured_file(
     assert "models.yaml" in repr(configured)
 
 
-def test_ensure_models_installed_provisions_through_the_manager(
+def test_provision_takes_a_manager_and_the_old_method_is_deprecated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mongars_llm import provision
     from mongars_llm.provisioning import clear_cache
 
     project = tmp_path / "project"
@@ -187,13 +200,28 @@ def test_ensure_models_installed_provisions_through_the_manager(
     settings = _settings(cache_dir=tmp_path / "cache")
     manager = ModelManager(manifest_path, settings=settings)
     clear_cache()
-    report = manager.ensure_models_installed(show_progress=False)
+    report = provision(manager=manager, show_progress=False)
     entries = {entry.role: entry for entry in report}
     assert entries["general"].action == "exists"
     assert Path(entries["general"].path) == (project / "checkpoints" / "tiny").resolve()
     assert entries["missing"].action == "failed"
     assert "does not exist" in (entries["missing"].error or "")
     only = manager.ensure_models_installed("general", force=True, show_progress=False)
-    assert [entry.role for entry in only] == ["general"]
+    assert [entry.role for entry in only] == ["general"] and only.ok
     with pytest.raises(UnknownRoleError):
         manager.ensure_models_installed(["nope"])
+
+
+def test_the_manager_layer_never_imports_provisioning() -> None:
+    """manager.py sits below provisioning/: importing it loads no provisioning module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mongars_llm.manager as m; m.ModelManager; "
+        "print(sorted(n for n in sys.modules if n.startswith('mongars_llm.provisioning')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -71,15 +71,23 @@ def test_settings_from_nested_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_profile_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argument > Settings(llm_models_profile=...) > LLM_MODELS_PROFILE > MONGARS_... > default"""
     monkeypatch.delenv("LLM_MODELS_PROFILE", raising=False)
     monkeypatch.delenv("MONGARS_LLM_MODELS_PROFILE", raising=False)
-    settings = Settings(llm_models_profile="from-settings")
-    assert resolve_profile_name(None, settings) == "from-settings"
+    named = Settings(_env_file=None, llm_models_profile="from-settings")  # type: ignore[call-arg]
+    unnamed = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert resolve_profile_name(None, named) == "from-settings"
+    assert resolve_profile_name(None, unnamed) == "default"
     monkeypatch.setenv("MONGARS_LLM_MODELS_PROFILE", "prefixed")
-    assert resolve_profile_name(None, settings) == "prefixed"
+    assert resolve_profile_name(None, named) == "from-settings"  # code beats the environment
+    assert resolve_profile_name(None, unnamed) == "prefixed"
+    assert Settings(_env_file=None).llm_models_profile == "prefixed"  # type: ignore[call-arg]
     monkeypatch.setenv("LLM_MODELS_PROFILE", "plain")
-    assert resolve_profile_name(None, settings) == "plain"
-    assert resolve_profile_name("explicit", settings) == "explicit"
+    assert resolve_profile_name(None, named) == "from-settings"
+    assert resolve_profile_name(None, unnamed) == "plain"
+    assert resolve_profile_name(None, Settings(_env_file=None)) == "plain"  # type: ignore[call-arg]
+    assert resolve_profile_name(None) == "plain"
+    assert resolve_profile_name("explicit", named) == "explicit"
 
 
 # ------------------------------------------------------------------ distributions

@@ -25,6 +25,14 @@ _LAZY: dict[str, str] = {
     "ProvisionError": "mongars_llm.errors",
     "ProvisionLockTimeout": "mongars_llm.errors",
     "LLMRuntimeError": "mongars_llm.errors",
+    "ModelLoadError": "mongars_llm.errors",
+    "InvalidInputError": "mongars_llm.errors",
+    "InputTooLongError": "mongars_llm.errors",
+    "AdapterNotFoundError": "mongars_llm.errors",
+    "UnsupportedError": "mongars_llm.errors",
+    "GenerationError": "mongars_llm.errors",
+    "EmbeddingError": "mongars_llm.errors",
+    "RuntimeClosedError": "mongars_llm.errors",
     "DatasetError": "mongars_llm.errors",
     "RegistryError": "mongars_llm.errors",
     "BundleError": "mongars_llm.errors",
@@ -39,18 +47,26 @@ __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:  # a mirror of _LAZY for IDEs and type checkers
     from .errors import (
+        AdapterNotFoundError,
         BundleError,
         ConfigError,
         DatasetError,
+        EmbeddingError,
+        GenerationError,
+        InputTooLongError,
+        InvalidInputError,
         LLMRuntimeError,
         ManifestError,
         MissingExtraError,
+        ModelLoadError,
         MongarsError,
         ProvisionError,
         ProvisionLockTimeout,
         RegistryError,
+        RuntimeClosedError,
         UnknownProfileError,
         UnknownRoleError,
+        UnsupportedError,
     )
     from .export import export_wrapper
     from .manager import ModelManager

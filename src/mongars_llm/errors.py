@@ -12,6 +12,14 @@ class also inherits from the builtin a caller would naturally catch::
     ├── ProvisionError (RuntimeError)         a provider could not fetch/verify
     │   └── ProvisionLockTimeout (TimeoutError)
     ├── LLMRuntimeError (RuntimeError)        load/inference failure, stable `code`
+    │   ├── ModelLoadError                    load_failed
+    │   ├── InvalidInputError (ValueError)     invalid_input
+    │   │   └── InputTooLongError              input_too_long
+    │   ├── AdapterNotFoundError (LookupError) adapter_not_found
+    │   ├── UnsupportedError                   unsupported
+    │   ├── GenerationError                    generation_failed
+    │   ├── EmbeddingError                     embedding_failed
+    │   └── RuntimeClosedError                 closed
     ├── DatasetError (ValueError)             every bad line, with its number
     ├── RegistryError (RuntimeError)          adapter registry read/write
     └── BundleError (RuntimeError)            training bundle / wrapper export
@@ -23,18 +31,26 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdapterNotFoundError",
     "BundleError",
     "ConfigError",
     "DatasetError",
+    "EmbeddingError",
+    "GenerationError",
+    "InputTooLongError",
+    "InvalidInputError",
     "LLMRuntimeError",
     "ManifestError",
     "MissingExtraError",
+    "ModelLoadError",
     "MongarsError",
     "ProvisionError",
     "ProvisionLockTimeout",
     "RegistryError",
+    "RuntimeClosedError",
     "UnknownProfileError",
     "UnknownRoleError",
+    "UnsupportedError",
 ]
 
 
@@ -146,9 +162,78 @@ class LLMRuntimeError(MongarsError, RuntimeError):
         "runtime_error": "any other runtime failure (the default code)",
     }
 
-    def __init__(self, message: str, *, code: str = "runtime_error") -> None:
-        self.code = code
+    #: the code a subclass raises when none is given
+    default_code: ClassVar[str] = "runtime_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code if code is not None else self.default_code
         super().__init__(message)
+
+    @classmethod
+    def wrap(cls, err: BaseException, what: str) -> LLMRuntimeError:
+        """``err`` itself when it is already an :class:`LLMRuntimeError`, else a ``cls``
+        saying ``what`` failed, caused by ``err`` (an error from torch or transformers)."""
+        if isinstance(err, LLMRuntimeError):
+            return err
+        error = cls(f"{what}: {err}")
+        error.__cause__ = err
+        return error
+
+
+class ModelLoadError(LLMRuntimeError):
+    """The model, its tokenizer or an adapter could not be loaded."""
+
+    default_code = "load_failed"
+
+
+class InvalidInputError(LLMRuntimeError, ValueError):
+    """An argument of a runtime call is wrong (the message names it and the fix);
+    ``param`` is the argument's name when there is one."""
+
+    default_code = "invalid_input"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message, code=code)
+
+
+class InputTooLongError(InvalidInputError):
+    """The input has more tokens than the runtime's limit."""
+
+    default_code = "input_too_long"
+
+
+class AdapterNotFoundError(LLMRuntimeError, LookupError):
+    """A call named an adapter that is not loaded."""
+
+    default_code = "adapter_not_found"
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class UnsupportedError(LLMRuntimeError):
+    """The model cannot do what was asked."""
+
+    default_code = "unsupported"
+
+
+class GenerationError(LLMRuntimeError):
+    """The forward pass failed while generating."""
+
+    default_code = "generation_failed"
+
+
+class EmbeddingError(LLMRuntimeError):
+    """The forward pass failed while embedding."""
+
+    default_code = "embedding_failed"
+
+
+class RuntimeClosedError(LLMRuntimeError):
+    """The runtime was closed."""
+
+    default_code = "closed"
 
 
 class DatasetError(MongarsError, ValueError):

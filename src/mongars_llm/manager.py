@@ -1,13 +1,23 @@
-"""``ModelManager``: the active profile of a manifest, its resolved roles, and provisioning.
+"""``ModelManager``: the active profile of a manifest and its resolved roles.
 
 >>> manager = ModelManager(profile="small")            # doctest: +SKIP
 >>> manager.role("general").parameters["max_new_tokens"]  # doctest: +SKIP
 256
+
+Layering: this module sits on the manifest layer (``manifest/``, ``settings``)
+and below provisioning. It says *which* models a profile uses and with which
+parameters; :func:`mongars_llm.provision` (``provisioning/``) puts them on disk
+and takes a manager (``provision(roles, manager=manager)``). Nothing here
+imports ``provisioning`` at module level: :meth:`~ModelManager.ensure_models_installed`
+(the same call, DESIGN §2) and the deprecated :meth:`~ModelManager.installed` and
+:meth:`~ModelManager.remove` import it when called.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UnknownProfileError, UnknownRoleError
 from .manifest import BUILTIN_SOURCE, Manifest, ResolvedRole, load_manifest, resolve_role
 from .manifest.models import Profile
-from .settings import Settings, get_settings, resolve_profile_name
+from .settings import PROFILE_ENV_VARS, Settings, get_settings, resolve_profile_name
 
 if TYPE_CHECKING:
     from .provisioning import InstalledModel, ProvisionReport
@@ -28,10 +38,13 @@ class ModelManager:
 
     ``manifest`` is a :class:`Manifest`, a path to a JSON/YAML file, or ``None``
     for the configured manifest (``settings.llm_models_path``, else the
-    built-in one). The active profile is, by precedence: ``profile`` >
-    ``LLM_MODELS_PROFILE`` > ``MONGARS_LLM_MODELS_PROFILE`` >
-    ``settings.llm_models_profile`` > ``"default"``; it is fixed when the
-    manager is created.
+    built-in one). The active profile is, by precedence: ``profile`` > a
+    profile the settings set (``Settings(llm_models_profile=...)``, or the
+    environment when they were read) > ``LLM_MODELS_PROFILE`` >
+    ``MONGARS_LLM_MODELS_PROFILE`` > ``"default"`` (see
+    :func:`~mongars_llm.settings.resolve_profile_name`); it is fixed when the
+    manager is created. Provision its roles with
+    ``mongars_llm.provision(roles, manager=manager)``.
     """
 
     def __init__(
@@ -131,53 +144,44 @@ class ModelManager:
             ],
         }
 
+    # ------------------------------------------------------------ provisioning
     def ensure_models_installed(
         self, roles: str | Iterable[str] | None = None, *, force: bool = False, **kwargs: Any
     ) -> ProvisionReport:
-        """Provision the weights of ``roles`` (default: every role of the active profile).
-
-        Delegates to :func:`mongars_llm.provisioning.provision` with this manager;
-        extra keyword arguments (``dry_run``, ``locked``, ``progress``, ...) are
-        passed through.
-        """
+        """``mongars_llm.provision(roles, manager=self, force=...)``: this profile's models on disk."""
         from .provisioning import provision
 
         return provision(roles, force=force, manager=self, **kwargs)
 
+    # ------------------------------------------------------------ deprecated
     def installed(self) -> list[InstalledModel]:
-        """Every install under the models dir, with the roles of this profile that use it.
-
-        Hub snapshots, converted GGUF and Ollama models, and adapters (see
-        :func:`mongars_llm.provisioning.installed_models`); found from the disk
-        alone. Local directories that roles use in place are not installs.
-        """
+        """Deprecated: ``mongars_llm.provisioning.installed_models(manager=manager)``."""
+        _deprecated("installed()", "mongars_llm.provisioning.installed_models(manager=manager)")
         from .provisioning import installed_models
 
         return installed_models(manager=self)
 
     def remove(self, target: str) -> list[InstalledModel]:
-        """Delete what ``target`` names from the models dir (``mongars-llm models rm``).
+        """Deprecated: ``mongars_llm.provisioning.remove_models(target, manager=manager)``."""
+        _deprecated("remove()", "mongars_llm.provisioning.remove_models(target, manager=manager)")
+        from .provisioning import remove_models
 
-        ``target`` is a role of the active profile, an installed model name
-        (``name@<revision prefix>`` for one revision) or a folder under the models
-        dir. Each install is removed under its provisioning lock, atomically; a
-        later :meth:`ensure_models_installed` installs it again. Raises
-        :class:`~mongars_llm.errors.ConfigError` for anything outside the models
-        dir (a ``local`` role's own folder is never deleted) and
-        :class:`~mongars_llm.errors.ProvisionError` when nothing matches.
-        """
-        from .provisioning import find_installed, remove_installed
+        return remove_models(target, manager=self)
 
-        return remove_installed(find_installed(target, manager=self), settings=self.settings)
+
+def _deprecated(method: str, instead: str) -> None:
+    warnings.warn(
+        f"ModelManager.{method} is deprecated and will be removed in a future release; "
+        f"use {instead}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _profile_chosen(explicit: str | None, settings: Settings) -> bool:
-    """Whether the argument, an environment variable or a setting named a profile."""
-    import os
-
+    """Whether the argument, the settings or an environment variable named a profile."""
     return bool(
         explicit
-        or os.environ.get("LLM_MODELS_PROFILE")
-        or os.environ.get("MONGARS_LLM_MODELS_PROFILE")
         or "llm_models_profile" in settings.model_fields_set
+        or any(os.environ.get(name) for name in PROFILE_ENV_VARS)
     )

@@ -171,7 +171,13 @@ class Settings(SettingsErrorsMixin, BaseSettings):
         Path("configs/llm_models.json"),
         description="Manifest file (JSON or YAML); the built-in manifest is used when absent.",
     )
-    llm_models_profile: str = Field("default", description="Active profile when none is given.")
+    llm_models_profile: str = Field(
+        "default",
+        validation_alias=AliasChoices(
+            "LLM_MODELS_PROFILE", "MONGARS_LLM_MODELS_PROFILE", "llm_models_profile"
+        ),
+        description="Active profile when none is given.",
+    )
     unified_model_dir: Path | None = Field(
         None, description="Checkpoint directory the shared runtime loads (overrides the role)."
     )
@@ -273,15 +279,26 @@ def get_settings(*, reload: bool = False) -> Settings:
         return _settings
 
 
+#: environment variables that name the active profile, strongest first
+PROFILE_ENV_VARS = ("LLM_MODELS_PROFILE", "MONGARS_LLM_MODELS_PROFILE")
+
+
 def resolve_profile_name(explicit: str | None = None, settings: Settings | None = None) -> str:
-    """Active profile: argument > ``LLM_MODELS_PROFILE`` > ``MONGARS_LLM_MODELS_PROFILE`` >
-    ``settings.llm_models_profile`` > ``"default"``."""
-    for candidate in (
-        explicit,
-        os.environ.get("LLM_MODELS_PROFILE"),
-        os.environ.get("MONGARS_LLM_MODELS_PROFILE"),
-        (settings or get_settings()).llm_models_profile,
-    ):
-        if candidate:
-            return candidate
-    return "default"
+    """The active profile: ``explicit`` > ``settings.llm_models_profile`` when ``settings``
+    set it > ``LLM_MODELS_PROFILE`` > ``MONGARS_LLM_MODELS_PROFILE`` > ``"default"``.
+
+    A value given in code (``Settings(llm_models_profile="x")``) beats the environment,
+    as for every other setting; settings read from the environment carry its value. An
+    environment variable still counts when the settings name no profile, and without
+    ``settings`` the environment is read now, before the process-wide settings.
+    """
+    if explicit:
+        return explicit
+    if settings is not None:
+        named = "llm_models_profile" in settings.model_fields_set
+        if named and settings.llm_models_profile:
+            return settings.llm_models_profile
+    for name in PROFILE_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return (settings or get_settings()).llm_models_profile or "default"

@@ -1,17 +1,27 @@
-"""Tiny, real checkpoints for tests, examples, benchmarks and ``mongars-llm demo``.
+"""Tiny, real checkpoints and small datasets for tests, examples, benchmarks and ``mongars-llm demo``.
 
 :func:`build_tiny_model` writes a complete Hugging Face checkpoint directory —
 random weights, a real byte-level BPE tokenizer trained with ``tokenizers`` and a
 ChatML chat template — that loads through the ordinary
 ``AutoModelForCausalLM``/``AutoTokenizer`` code paths. Nothing is downloaded.
+:func:`example_dataset_path` and :func:`fact_dataset_paths` locate the training
+datasets shipped inside the package.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["CHAT_TEMPLATE", "TINY_CORPUS", "build_tiny_model", "build_tiny_tokenizer"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TINY_CORPUS",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "example_dataset_path",
+    "fact_dataset_paths",
+]
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -141,3 +151,21 @@ def build_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def example_dataset_path() -> Path:
+    """The small curated chat dataset shipped with the package (also in examples/data/)."""
+    return _data_file("product_qa.jsonl")
+
+
+def fact_dataset_paths() -> tuple[Path, Path]:
+    """The made-up fact ``mongars-llm demo`` teaches and its held-out eval set.
+
+    12 phrasings of one question, plus 5 replay rows of answers the base model
+    already gives (so general knowledge survives), as chat records.
+    """
+    return _data_file("velmora_fact.jsonl"), _data_file("velmora_fact_eval.jsonl")
+
+
+def _data_file(name: str) -> Path:
+    return Path(str(resources.files("mongars_llm") / "_data" / name))

@@ -358,24 +358,43 @@ def test_hub_snapshots_are_listed_and_removed_with_their_refs(
 
 
 # ------------------------------------------------------------------ Python API
-def test_model_manager_lists_and_removes_installs(
+def test_the_python_api_lists_and_removes_installs(
     workdir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     import logging
 
-    from mongars_llm import ModelManager
+    from mongars_llm import ModelManager, provision
+    from mongars_llm.provisioning import installed_models, remove_models
 
     entries = _provision(capsys)
     manager = ModelManager("llm_models.json", profile="t")
-    installed = {model.roles: model for model in manager.installed()}
+    installed = {model.roles: model for model in installed_models(manager=manager)}
     assert set(installed) == {("chat",), ("small",)}
     chat = installed[("chat",)]
     assert str(chat.path) == entries["chat"]["path"] and chat.bytes > 0
 
+    assert provision(["chat"], manager=manager)["chat"].action == "exists"  # now cached
     with caplog.at_level(logging.INFO, logger="mongars_llm.provision"):
-        removed = manager.remove("chat")
+        removed = remove_models("chat", manager=manager)
     assert [model.path for model in removed] == [chat.path] and not chat.path.exists()
     (record,) = [r for r in caplog.records if getattr(r, "event", "") == "provision_remove"]
     assert record.fields["path"] == str(chat.path) and record.fields["bytes"] == chat.bytes
-    assert [model.roles for model in manager.installed()] == [("small",)]
-    assert manager.ensure_models_installed(["chat"])["chat"].action == "installed"
+    assert [model.roles for model in installed_models(manager=manager)] == [("small",)]
+    # the cached report of the removed install no longer answers: it is installed again
+    assert provision(["chat"], manager=manager)["chat"].action == "installed"
+
+
+def test_the_deprecated_manager_methods_still_work(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mongars_llm import ModelManager
+
+    _provision(capsys)
+    manager = ModelManager("llm_models.json", profile="t")
+    with pytest.deprecated_call(match=r"installed_models\(manager=manager\)"):
+        assert {model.roles for model in manager.installed()} == {("chat",), ("small",)}
+    with pytest.deprecated_call(match=r"remove_models\(target, manager=manager\)"):
+        (removed,) = manager.remove("chat")
+    assert not removed.path.exists()
+    report = manager.ensure_models_installed(["chat"])
+    assert report["chat"].action == "installed" and Path(str(report["chat"].path)).exists()

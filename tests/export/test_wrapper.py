@@ -1,8 +1,9 @@
 """Wrapper export: merged config, and a loader that works without mongars_llm and
-gives the runtime's vectors and greedy replies."""
+gives the runtime's vectors (the very LLM2Vec core, shipped next to it) and greedy replies."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -56,27 +57,48 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
 def test_wrapper_folder_layout_and_config(bundle) -> None:
+    from mongars_llm.settings import get_settings
+
     wrapper = bundle.wrapper_dir
     config = json.loads((wrapper / "config.json").read_text())
     assert config["manifest_version"] == 1 and config["format"] == "mongars-llm-wrapper"
     assert config["base_model"]["id"] == bundle.config.base_model
     assert config["embedding"]["pooling"] == "mean" and config["embedding"]["normalize"] is True
-    assert config["embedding"]["max_length"] == 64  # from the run's wrapper_config.json
+    assert config["embedding"]["bidirectional"] is False
+    # the runtime's limit (the tiny model has 512 positions), not the training's 64 tokens
+    assert config["embedding"]["max_length"] == min(get_settings().model.max_input_tokens, 512)
     assert config["layout"]["merged_dir"] is None
     for name in (
         "mongars_wrapper.py",
+        "_mongars_llm2vec.py",
         "adapter/adapter_model.safetensors",
         "tokenizer/tokenizer.json",
     ):
         assert (wrapper / name).is_file(), name
-    assert (
-        "mongars_llm"
-        not in (wrapper / "mongars_wrapper.py")
-        .read_text()
-        .replace("mongars_llm must", "")
-        .split('"""', 2)[2]
-    )  # no import of the library outside the docstring
+    for name in ("mongars_wrapper.py", "_mongars_llm2vec.py"):  # no import of the library
+        imported = _imported_modules(wrapper / name)
+        assert not any(m.startswith(("mongars_llm", ".")) for m in imported), imported
+
+
+def test_the_wrapper_ships_the_runtimes_llm2vec_core_byte_for_byte(bundle) -> None:
+    import mongars_llm.runtime._llm2vec as core
+
+    shipped = (bundle.wrapper_dir / "_mongars_llm2vec.py").read_bytes()
+    assert shipped == Path(core.__file__).read_bytes()
+    # and the loader no longer carries a copy of its own
+    source = (bundle.wrapper_dir / "mongars_wrapper.py").read_text("utf-8")
+    assert "def _pool" not in source and "_LLM2VEC_PROMPTS" not in source
 
 
 def test_export_deep_merges_wrapper_config_and_overrides_the_base(bundle, tmp_path: Path) -> None:

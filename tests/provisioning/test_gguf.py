@@ -119,6 +119,43 @@ def test_a_changed_gguf_file_is_converted_again(tiny_ggufs, settings, tmp_path: 
     torch.testing.assert_close(_logits(Path(second.path)), _logits(other), rtol=0, atol=1e-6)
 
 
+def test_a_conversion_clears_its_own_leftovers_and_no_other_models_work(
+    tiny_ggufs, settings, tmp_path: Path
+) -> None:
+    """Conversions sit side by side in gguf/: one must never delete another's staging
+    (a conversion of another file running in another process)."""
+    from mongars_llm.provisioning.local import LocalProvider
+
+    _, gguf_file = tiny_ggufs["mistral"]
+    manifest = write_manifest(tmp_path, {"chat": {"name": str(gguf_file), "provider": "local"}})
+    gguf_dir = settings.resolved_models_dir / "gguf"
+    folder = LocalProvider().target(
+        _request(settings, manifest.parent, {"name": str(gguf_file), "provider": "local"})
+    )
+    own_leftover = gguf_dir / f".tmp-{folder.name}-deadbeef"
+    (own_leftover / "half").mkdir(parents=True)
+    others_live_work = gguf_dir / ".tmp-other-0123456789ab-1234abcd"
+    (others_live_work / "half").mkdir(parents=True)
+
+    entry = provision(manifest=manifest, profile="t", settings=settings)["chat"]
+    assert entry.action == "installed" and Path(entry.path) == folder
+    assert not own_leftover.exists()  # a killed run of this very model: its lock is ours
+    assert (others_live_work / "half").is_dir()
+
+
+def _request(settings, base_dir: Path, entry: dict[str, str]):  # type: ignore[no-untyped-def]
+    from mongars_llm.manifest.models import RoleEntry
+    from mongars_llm.provisioning import ProvisionRequest
+
+    return ProvisionRequest(
+        role="chat",
+        profile="t",
+        entry=RoleEntry.model_validate(entry),
+        settings=settings,
+        base_dir=base_dir,
+    )
+
+
 def test_an_unsupported_architecture_fails_that_role_only(
     tiny_ggufs, settings, tmp_path: Path
 ) -> None:

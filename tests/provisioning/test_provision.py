@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mongars_llm.cli import main
-from mongars_llm.errors import UnknownRoleError
+from mongars_llm.errors import ConfigError, UnknownRoleError
 from mongars_llm.manager import ModelManager
 from mongars_llm.provisioning import (
     FetchResult,
@@ -76,12 +76,12 @@ def test_a_directory_without_config_is_rejected(settings, tmp_path: Path) -> Non
     assert entry.action == "failed" and "config.json" in entry.error
 
 
-def test_ensure_models_installed_and_structured_log_events(
+def test_provisioning_a_managers_roles_logs_structured_events(
     local_manifest: Path, settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = ModelManager(local_manifest, settings=settings, profile="t")
     with caplog.at_level(logging.INFO, logger="mongars_llm.provision"):
-        report = manager.ensure_models_installed(["general"])
+        report = provision(["general"], manager=manager)
     assert [e.role for e in report] == ["general"] and report.ok
     (record,) = [r for r in caplog.records if r.name == "mongars_llm.provision"]
     assert record.event == "provision"
@@ -94,6 +94,29 @@ def test_ensure_models_installed_and_structured_log_events(
     assert isinstance(record.fields["seconds"], float)
     payload = json.loads(report.to_json())
     assert payload["ok"] is True and payload["entries"][0]["action"] == "exists"
+
+
+def test_a_manager_and_other_choices_at_once_are_a_config_error(
+    local_manifest: Path, settings
+) -> None:
+    """A manager fixes its profile: another one beside it is refused, never switched to."""
+    document = json.loads(local_manifest.read_text())
+    document["profiles"]["u"] = {"models": {"general": "org/not-this-one"}}
+    local_manifest.write_text(json.dumps(document))
+    manager = ModelManager(local_manifest, settings=settings, profile="t")
+    other = write_manifest(local_manifest.parent / "other", {"general": "org/other"})
+    for kwargs, named in (
+        ({"profile": "u"}, "profile='u' (the manager's profile is 't')"),
+        ({"settings": settings.model_copy()}, "settings="),
+        ({"manifest": other}, f"manifest= (the manager's manifest is {local_manifest})"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            provision(["general"], manager=manager, **kwargs)
+        assert named in str(info.value) and "pass either manager=" in str(info.value)
+        assert isinstance(info.value, ValueError)
+    # the same choices as the manager's are no conflict
+    same = provision(["general"], manager=manager, profile="t", settings=settings)
+    assert same.profile == "t" and same["general"].action == "exists"
 
 
 class EchoProvider(Provider):

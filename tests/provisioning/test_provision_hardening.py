@@ -216,31 +216,35 @@ def _age(path: Path, seconds: float) -> None:
 
 
 @pytest.fixture
-def lock_holder(settings: Settings) -> Iterator[Path]:
-    """Another process holding the lock of ``huggingface/org--busy`` (a live run)."""
-    lock = settings.resolved_models_dir / ".locks" / "huggingface" / "org--busy.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+def lock_holder(settings: Settings) -> Iterator[list[Path]]:
+    """Another process holding the locks of ``huggingface/org--busy`` and
+    ``gguf/busy-0123456789ab`` (live runs)."""
+    locks = settings.resolved_models_dir / ".locks"
+    held = [locks / "huggingface" / "org--busy.lock", locks / "gguf" / "busy-0123456789ab.lock"]
+    for lock in held:
+        lock.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-            "l.acquire(); print('held', flush=True); time.sleep(120)",
-            str(lock),
+            "import sys, time; from filelock import FileLock; "
+            "held = [FileLock(p) for p in sys.argv[1:]]; [l.acquire() for l in held]; "
+            "print('held', flush=True); time.sleep(120)",
+            *map(str, held),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        yield lock
+        yield held
     finally:
         proc.kill()
         proc.wait(timeout=30)
 
 
 def test_work_left_by_a_killed_run_is_cleaned_by_the_next_run(
-    settings: Settings, tmp_path: Path, tiny_model_dir: Path, lock_holder: Path
+    settings: Settings, tmp_path: Path, tiny_model_dir: Path, lock_holder: list[Path]
 ) -> None:
     models = settings.resolved_models_dir
     stale_staging = models / "huggingface" / "org--tiny" / ".tmp-0123456789ab-deadbeef"
@@ -259,21 +263,51 @@ def test_work_left_by_a_killed_run_is_cleaned_by_the_next_run(
     busy.mkdir(parents=True)
     installed = models / "huggingface" / "org--tiny" / ("a" * 40)
     installed.mkdir()
+    # GGUF conversions sit side by side in gguf/: the name says whose lock guards them
+    stale_conversion = models / "gguf" / ".tmp-tiny-0123456789ab-deadbeef"
+    (stale_conversion / "part").mkdir(parents=True)
+    stale_swap = models / "gguf" / ".old-tiny-0123456789ab-cafebabe"
+    stale_swap.mkdir()
+    busy_conversion = models / "gguf" / ".tmp-busy-0123456789ab-busy0000"
+    busy_conversion.mkdir()
+    converted = models / "gguf" / "tiny-0123456789ab"
+    converted.mkdir()
+    stale_ollama = models / "ollama" / "tiny_135m" / f".tmp-{'b' * 64}-deadbeef"
+    stale_ollama.mkdir(parents=True)
     timeout = settings.provision_lock_timeout
-    for path in (stale_staging, stale_aside, stale_download, stale_adapter_staging, busy):
+    for path in (
+        stale_staging,
+        stale_aside,
+        stale_download,
+        stale_adapter_staging,
+        busy,
+        stale_conversion,
+        stale_swap,
+        busy_conversion,
+        stale_ollama,
+    ):
         _age(path, timeout + 60)
     _age(installed, timeout * 10)
+    _age(converted, timeout * 10)
 
     manifest = write_manifest(
         tmp_path / "cfg", {"general": {"name": str(tiny_model_dir), "provider": "local"}}
     )
     assert provision(manifest=manifest, profile="t", settings=settings).ok
 
-    for gone in (stale_staging, stale_aside, stale_download, stale_adapter_staging):
+    for gone in (
+        stale_staging,
+        stale_aside,
+        stale_download,
+        stale_adapter_staging,
+        stale_conversion,
+        stale_swap,
+        stale_ollama,
+    ):
         assert not os.path.lexists(gone), gone
     assert young.is_dir()  # younger than the lock timeout: maybe a live run
-    assert busy.is_dir()  # its lock is held by a live run
-    assert installed.is_dir()  # never work in progress
+    assert busy.is_dir() and busy_conversion.is_dir()  # their locks are held by live runs
+    assert installed.is_dir() and converted.is_dir()  # never work in progress
 
     dry = provision(manifest=manifest, profile="t", settings=settings, dry_run=True)
     assert dry.ok and young.is_dir()

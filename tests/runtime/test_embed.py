@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mongars_llm.errors import LLMRuntimeError
+from mongars_llm.errors import (
+    AdapterNotFoundError,
+    InputTooLongError,
+    InvalidInputError,
+    LLMRuntimeError,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -200,24 +205,24 @@ def test_embeddings_and_generation_share_one_copy_of_the_weights(runtime: Any) -
 
 
 @pytest.mark.parametrize(
-    ("texts", "kwargs", "code"),
+    ("texts", "kwargs", "error"),
     [
-        ([], {}, "invalid_input"),
-        ([""], {}, "invalid_input"),
-        (["ok", "  "], {}, "invalid_input"),
-        ([["only one"]], {}, "invalid_input"),
-        ([3], {}, "invalid_input"),
-        (["ok"], {"pooling": "max"}, "invalid_input"),
-        (["ok"], {"adapter": "missing"}, "adapter_not_found"),
-        (["word " * 600], {"truncate": False}, "input_too_long"),
+        ([], {}, InvalidInputError),
+        ([""], {}, InvalidInputError),
+        (["ok", "  "], {}, InvalidInputError),
+        ([["only one"]], {}, InvalidInputError),
+        ([3], {}, InvalidInputError),
+        (["ok"], {"pooling": "max"}, InvalidInputError),
+        (["ok"], {"adapter": "missing"}, AdapterNotFoundError),
+        (["word " * 600], {"truncate": False}, InputTooLongError),
     ],
 )
 def test_bad_embedding_input_has_a_stable_code(
-    runtime: Any, texts: Any, kwargs: dict[str, Any], code: str
+    runtime: Any, texts: Any, kwargs: dict[str, Any], error: type[LLMRuntimeError]
 ) -> None:
-    with pytest.raises(LLMRuntimeError) as info:
+    with pytest.raises(error) as info:
         runtime.embed(texts, **kwargs)
-    assert info.value.code == code
+    assert type(info.value) is error and info.value.code == error.default_code
 
 
 def test_overlong_input_is_truncated_by_default(runtime: Any) -> None:

@@ -105,6 +105,22 @@ def test_lazy_loading_readiness_flips_once_loaded(
         )
 
 
+async def test_while_loading_every_model_name_is_a_503_not_a_404(
+    server_settings: Any, manager: Any, tiny_model_dir: Path
+) -> None:
+    # no lifespan on this transport: the runtime never starts loading, so the app
+    # stays in the state a request meets while the model loads
+    app = create_app(server_settings, manager=manager)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        # the checkpoint id is only known once the model is loaded: no 404 before that
+        for model in ("embedding", str(tiny_model_dir)):
+            response = await client.post("/v1/embeddings", json={"model": model, "input": "x"})
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "model_loading"
+            assert response.headers["retry-after"]
+
+
 @pytest.mark.usefixtures("fresh_shared_runtime")
 def test_load_failure_gives_structured_errors_or_the_fallback(
     serve: Any, tmp_path: Path, manifest_path: Path, manager: Any

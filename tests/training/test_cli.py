@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,61 @@ def test_build_with_config_file_and_flags_then_manage_the_registry(
     # the bundle is never overwritten: same run name again is a failure (exit 1)
     assert main(argv) == 1
     assert "already holds a finished bundle" in capsys.readouterr().err
+
+
+@pytest.mark.train
+def test_resume_finds_a_checkpoint_by_its_step_however_it_is_written(
+    tmp_path: Path, tiny_base: Path, colours_file: Path, capsys
+) -> None:
+    """Checkpoints are named ``step-00000002``; ``--resume .../step-2`` and ``--resume 2``
+    find it, and a step with no checkpoint is one line naming those there are."""
+    runs = tmp_path / "runs"
+
+    def build(run_name: str, *extra: str) -> list[str]:
+        return [
+            *("bundle", "build", "--dataset-path", str(colours_file)),
+            *("--base-model", str(tiny_base), "--output-dir", str(runs)),
+            *("--run-name", run_name, "--max-steps", "6", "--save-steps", "2"),
+            *("--batch-size", "4", "--max-seq-len", "64", "--no-register", *extra),
+        ]
+
+    def losses(run_name: str) -> list[float]:
+        log = (runs / run_name / "train_log.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in log]
+
+    def resumed_from(run_name: str) -> str:
+        return json.loads((runs / run_name / "run_metadata.json").read_text())["resumed_from"]
+
+    assert main(build("first")) == 0
+    checkpoints = runs / "first" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    capsys.readouterr()
+
+    # the step as people write it, in a new run: it continues from step 2 of the first run
+    assert main(build("second", "--resume", str(checkpoints / "step-2"), "--json")) == 0
+    assert _json(capsys)["metrics"]["steps"] == 6
+    assert resumed_from("second") == str(checkpoints / "step-00000002")
+    assert losses("second")[2:] == pytest.approx(losses("first")[2:], abs=1e-5)
+
+    # a crashed run: the bare step number names one of its own checkpoints
+    crashed = runs / "third" / "checkpoints"
+    crashed.mkdir(parents=True)
+    shutil.copytree(checkpoints / "step-00000002", crashed / "step-00000002")
+    assert main(build("third", "--resume", "2")) == 0
+    assert resumed_from("third").endswith(str(Path("third", "checkpoints", "step-00000002")))
+    capsys.readouterr()
+
+    # a step with no checkpoint (here from a config file): one line listing the checkpoints
+    config = tmp_path / "resume.yaml"
+    config.write_text("resume: 3\n")
+    crashed = runs / "fourth" / "checkpoints"
+    crashed.mkdir(parents=True)
+    shutil.copytree(checkpoints / "step-00000002", crashed / "step-00000002")
+    assert main(build("fourth", "--config", str(config))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "step-00000002" in err and "--resume 2" in err and str(crashed) in err, err
+    assert not (runs / "fourth" / "run_metadata.json").exists()
 
 
 # ----------------------------------------------------- errors, never tracebacks

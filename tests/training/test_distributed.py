@@ -32,21 +32,18 @@ STEPS = 6
 LOSS_RTOL = 1e-4
 
 
-def _common(tiny_base: Path, data: Path, tmp: Path) -> dict:
-    return {
-        "dataset_path": data,
-        "base_model": str(tiny_base),
-        "output_dir": tmp / "runs",
-        "registry_path": tmp / "registry",
-        "max_seq_len": 64,
-        "progress": False,
-        "eval_fraction": 0.17,  # 25 train records: the last global micro-batch of an
-        "grad_accum": 2,  # epoch holds 1, so rank 1 joins that step's sync with no record
-        "max_steps": STEPS,
-        "learning_rate": 5e-3,
-        "target_modules": ["all-linear"],
-        "lora_dropout": 0.0,
-    }
+def _common(bundle_args, tiny_base: Path, data: Path, tmp: Path) -> dict:
+    return bundle_args(
+        tiny_base,
+        data,
+        tmp,
+        eval_fraction=0.17,  # 25 train records: the last global micro-batch of an
+        grad_accum=2,  # epoch holds 1, so rank 1 joins that step's sync with no record
+        max_steps=STEPS,
+        learning_rate=5e-3,
+        target_modules=["all-linear"],
+        lora_dropout=0.0,
+    )
 
 
 def _tensors(adapter_dir: Path) -> dict:
@@ -82,12 +79,15 @@ def _cli_args(common: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_process_run(
-    tiny_base: Path, colours_file_shared: Path, tmp_path_factory: pytest.TempPathFactory
+    bundle_args,
+    tiny_base: Path,
+    colours_file_shared: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ):
     """One straight 2-process run through the CLI (checkpoint at N/2) and the same run in
     one process with the same global batch (8 = 2 per process x 2 processes x 2 accum)."""
     tmp = tmp_path_factory.mktemp("dist")
-    common = _common(tiny_base, colours_file_shared, tmp)
+    common = _common(bundle_args, tiny_base, colours_file_shared, tmp)
     one = build_bundle(**common, run_name="one", batch_size=4, register_adapter=False)
     argv = ["bundle", "build", *_cli_args(common), "--run-name", "two", "--batch-size", "2"]
     argv += ["--max-steps", str(STEPS), "--save-steps", str(STEPS // 2)]
@@ -205,9 +205,9 @@ def _rank_of(pid: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 def test_a_dead_rank_ends_the_whole_run_quickly_and_registers_nothing(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
+    bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path
 ) -> None:
-    common = _common(tiny_base, colours_file, tmp_path)
+    common = _common(bundle_args, tiny_base, colours_file, tmp_path)
     argv = [sys.executable, "-m", "mongars_llm", "bundle", "build", *_cli_args(common)]
     argv += ["--run-name", "doomed", "--batch-size", "2", "--max-steps", "1000000"]
     argv += ["--num-processes", "2"]
@@ -242,12 +242,12 @@ def test_a_dead_rank_ends_the_whole_run_quickly_and_registers_nothing(
 
 
 def test_bad_data_under_two_processes_is_the_same_clear_error_as_in_one(
-    tiny_base: Path, jsonl, tmp_path: Path
+    bundle_args, tiny_base: Path, jsonl, tmp_path: Path
 ) -> None:
     from mongars_llm.errors import DatasetError
 
     data = jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b"}, "{oops", "[]"])
-    common = _common(tiny_base, data, tmp_path)
+    common = _common(bundle_args, tiny_base, data, tmp_path)
     with pytest.raises(DatasetError) as caught:
         build_bundle(**common, run_name="bad", batch_size=2, num_processes=2)
     assert [p.line for p in caught.value.problems] == [2, 3]  # rank 0's own error
@@ -255,13 +255,13 @@ def test_bad_data_under_two_processes_is_the_same_clear_error_as_in_one(
 
 
 def test_the_launcher_form_prints_one_result(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
+    bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path
 ) -> None:
     """``torchrun ... -m mongars_llm.cli bundle build`` (what ``accelerate launch`` runs on
     GPUs): every process runs the command, rank 0 alone prints and writes."""
     from mongars_llm.training._distributed import _free_port
 
-    common = _common(tiny_base, colours_file, tmp_path)
+    common = _common(bundle_args, tiny_base, colours_file, tmp_path)
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     argv += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     argv += ["-m", "mongars_llm.cli", "bundle", "build", *_cli_args(common)]
@@ -282,10 +282,12 @@ def _cuda_devices() -> int:
 
 
 @pytest.mark.gpu
-def test_two_processes_on_cuda(tiny_base: Path, colours_file: Path, tmp_path: Path) -> None:
+def test_two_processes_on_cuda(
+    bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path
+) -> None:
     if _cuda_devices() < 2:
         pytest.skip("needs two CUDA devices")
-    common = _common(tiny_base, colours_file, tmp_path)
+    common = _common(bundle_args, tiny_base, colours_file, tmp_path)
     one = build_bundle(**common, run_name="one", batch_size=8, device="cuda", precision="fp32")
     two = build_bundle(
         **common, run_name="two", batch_size=4, num_processes=2, device="cuda", precision="fp32"
@@ -297,7 +299,9 @@ def test_two_processes_on_cuda(tiny_base: Path, colours_file: Path, tmp_path: Pa
 
 
 @pytest.mark.gpu
-def test_fsdp_under_accelerate_launch(tiny_base: Path, colours_file: Path, tmp_path: Path) -> None:
+def test_fsdp_under_accelerate_launch(
+    bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path
+) -> None:
     n = _cuda_devices()
     if n < 1:
         pytest.skip("needs a CUDA device")
@@ -316,7 +320,7 @@ def test_fsdp_under_accelerate_launch(tiny_base: Path, colours_file: Path, tmp_p
         "  fsdp_cpu_ram_efficient_loading: false\n"
         "  fsdp_sync_module_states: true\n"
     )
-    common = _common(tiny_base, colours_file, tmp_path)
+    common = _common(bundle_args, tiny_base, colours_file, tmp_path)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     argv += ["-m", "mongars_llm.cli", "bundle", "build", *_cli_args(common)]
     argv += ["--run-name", "fsdp", "--batch-size", "4", "--max-steps", str(STEPS), "--json"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.train
 
 
 def test_train_log_grows_as_steps_happen(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
+    bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path
 ) -> None:
     """At every step's log event, train_log.jsonl already holds that step (not only at
     the end of the run)."""
@@ -37,15 +37,10 @@ def test_train_log_grows_as_steps_happen(
     logger.setLevel(logging.INFO)
     try:
         build_bundle(
-            dataset_path=colours_file,
-            base_model=str(tiny_base),
-            output_dir=tmp_path / "runs",
-            registry_path=tmp_path / "registry",
+            **bundle_args(tiny_base, colours_file, tmp_path),
             run_name="live",
-            max_seq_len=64,
             max_steps=4,
             logging_steps=1,
-            progress=False,
             register_adapter=False,
         )
     finally:

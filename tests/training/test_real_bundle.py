@@ -19,27 +19,22 @@ pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.train]
 
 
 def test_a_short_bundle_on_the_real_model_lowers_eval_loss(
-    smollm2_dir: Path, tmp_path: Path
+    bundle_args, smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    from mongars_llm.demo import fact_dataset_paths
+    from mongars_llm.testing import fact_dataset_paths
     from mongars_llm.training import build_bundle
 
     dataset, eval_dataset = fact_dataset_paths()
     result = build_bundle(
-        dataset_path=dataset,
+        **bundle_args(smollm2_dir, dataset, tmp_path),
         eval_dataset_path=eval_dataset,
-        base_model=str(smollm2_dir),
-        output_dir=tmp_path / "runs",
-        registry_path=tmp_path / "registry",
         run_name="velmora",
         max_steps=6,
         batch_size=4,
         learning_rate=6e-3,
-        max_seq_len=64,
         seed=0,
         lora_r=8,
         lora_alpha=16,
-        progress=False,
     )
     metrics = result.metrics
     assert metrics["steps"] == 6 and metrics["eval_examples"] == 3

@@ -15,17 +15,10 @@ from mongars_llm.training import build_bundle
 pytestmark = pytest.mark.train
 
 
-def _common(tiny_base: Path, colours_file: Path, tmp_path: Path) -> dict:
-    return {
-        "dataset_path": colours_file,
-        "base_model": str(tiny_base),
-        "output_dir": tmp_path / "runs",
-        "registry_path": tmp_path / "registry",
-        "max_seq_len": 64,
-        "batch_size": 8,
-        "progress": False,
-        "eval_fraction": 0.2,
-    }
+@pytest.fixture
+def common(bundle_args, tiny_base: Path, colours_file: Path, tmp_path: Path) -> dict:
+    """The knobs every run of this module shares; runs and registry under ``tmp_path``."""
+    return bundle_args(tiny_base, colours_file, tmp_path, batch_size=8, eval_fraction=0.2)
 
 
 def _adapter_tensors(adapter_dir: Path) -> dict:
@@ -35,7 +28,7 @@ def _adapter_tensors(adapter_dir: Path) -> dict:
 
 
 def test_training_lowers_eval_loss_and_leaves_the_base_untouched(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
+    common: dict, tiny_base: Path, tmp_path: Path
 ) -> None:
     import torch
     from peft import PeftModel
@@ -44,7 +37,7 @@ def test_training_lowers_eval_loss_and_leaves_the_base_untouched(
     base_file = tiny_base / "model.safetensors"
     base_bytes = base_file.read_bytes()
     result = build_bundle(
-        **_common(tiny_base, colours_file, tmp_path),
+        **common,
         run_name="learn",
         max_steps=100,
         learning_rate=5e-3,
@@ -117,17 +110,15 @@ def test_training_lowers_eval_loss_and_leaves_the_base_untouched(
 
     # a finished bundle is never overwritten
     with pytest.raises(BundleError, match="already holds a finished bundle"):
-        build_bundle(**_common(tiny_base, colours_file, tmp_path), run_name="learn", max_steps=1)
+        build_bundle(**common, run_name="learn", max_steps=1)
 
 
-def test_same_seed_same_losses_and_adapter_bit_for_bit(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
-) -> None:
+def test_same_seed_same_losses_and_adapter_bit_for_bit(common: dict) -> None:
     import torch
 
     runs = [
         build_bundle(
-            **_common(tiny_base, colours_file, tmp_path),
+            **common,
             run_name=f"seeded-{i}",
             max_steps=12,
             grad_accum=2,
@@ -142,7 +133,7 @@ def test_same_seed_same_losses_and_adapter_bit_for_bit(
     a, b = (_adapter_tensors(r.adapter_dir) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = build_bundle(
-        **_common(tiny_base, colours_file, tmp_path),
+        **common,
         run_name="other-seed",
         max_steps=12,
         grad_accum=2,
@@ -154,12 +145,9 @@ def test_same_seed_same_losses_and_adapter_bit_for_bit(
     assert [h["loss"] for h in other.history] != [h["loss"] for h in runs[0].history]
 
 
-def test_resume_at_half_ends_where_a_straight_run_ends(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
-) -> None:
-
+def test_resume_at_half_ends_where_a_straight_run_ends(common: dict, tmp_path: Path) -> None:
     knobs = {
-        **_common(tiny_base, colours_file, tmp_path),
+        **common,
         "max_steps": 16,
         "save_steps": 8,
         "grad_accum": 2,
@@ -221,7 +209,7 @@ def test_qlora_off_cuda_is_refused_before_anything_loads(
 
 @pytest.mark.gpu
 def test_qlora_trains_on_cuda_and_the_adapter_serves_on_the_nf4_base(
-    tiny_base: Path, colours_file: Path, tmp_path: Path
+    common: dict, tiny_base: Path
 ) -> None:
     import torch
 
@@ -232,7 +220,7 @@ def test_qlora_trains_on_cuda_and_the_adapter_serves_on_the_nf4_base(
     from mongars_llm.settings import Settings
 
     result = build_bundle(
-        **_common(tiny_base, colours_file, tmp_path),
+        **common,
         run_name="qlora",
         qlora=True,
         max_steps=40,

@@ -3,6 +3,12 @@
 Each command group lives in its own module exposing ``register(subparsers)``;
 handlers return an exit code: 0 all ok, 1 a failure at run time (e.g. a role
 failed to provision), 2 a usage or configuration error.
+
+This is the top floor: it may import every layer below (provisioning, runtime,
+training, server), and nothing in the library imports it. Application code that
+only the commands use lives here too, in private modules: ``_demo`` (the whole
+lifecycle of ``mongars-llm demo``) and ``_doctor`` (the machine report of
+``mongars-llm doctor``).
 """
 
 from __future__ import annotations

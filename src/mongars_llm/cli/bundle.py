@@ -173,6 +173,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm bundle build --dataset-path data.jsonl --base-model org/name \\",
             "    --run-name qa --max-steps 200 --lora-r 16 --target-modules q_proj,v_proj",
             "mongars-llm bundle build --config bundle.yaml --resume",
+            "mongars-llm bundle build --config bundle.yaml --run-name qa-2 \\",
+            "    --resume ~/.local/share/mongars-llm/encoders/runs/qa/checkpoints/step-10",
             note="Runs go to <registry>/runs/<run name>; the registry is "
             "MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user data dir's encoders/. A Hub id "
             "that `mongars-llm provision` installed is read from the models dir.",
@@ -194,7 +196,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         const=True,
         default=None,
         metavar="CHECKPOINT",
-        help="continue from the run's newest checkpoint (or the given checkpoint directory)",
+        help="continue from the run's newest checkpoint, or the one given: a checkpoint "
+        "folder, or a step of this run's (10, step-10)",
     )
     build.add_argument("--qlora", action="store_true", help="4-bit base (CUDA + bitsandbytes)")
     build.add_argument("--dry-run", action="store_true", help="check the data, write the summary")

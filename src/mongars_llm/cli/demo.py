@@ -11,7 +11,7 @@ from ._output import examples, print_json
 
 def _run(args: argparse.Namespace) -> int:
     from .._extras import require
-    from ..demo import DemoStep, choose_model, run_demo
+    from ._demo import DemoStep, choose_model, run_demo
 
     # the demo's last step answers HTTP requests: say so before minutes of work, not after
     require("fastapi", "serve", feature="mongars-llm demo")

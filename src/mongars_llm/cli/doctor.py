@@ -9,7 +9,7 @@ from ._output import examples, print_json
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..doctor import diagnose
+    from ._doctor import diagnose
 
     report = diagnose()
     if args.json:

@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MongarsError
-from ._output import print_json, print_table
+from ._output import examples, print_json, print_table
 
 if TYPE_CHECKING:
     from ..manager import ModelManager
@@ -90,9 +90,10 @@ def _revision(value: str | None) -> str:
 
 def _list_installed(args: argparse.Namespace) -> int:
     from .._fs import human_bytes
+    from ..provisioning import installed_models
 
     manager = _manager(args)
-    models = manager.installed()
+    models = installed_models(manager=manager)
     models_dir = str(manager.settings.resolved_models_dir)
     total = sum(model.bytes for model in models)
     if args.json:
@@ -235,6 +236,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list profiles and roles, show resolved parameters, list or remove installs",
         description="Inspect the manifest's profiles and the resolved roles of a profile; "
         "list the models installed in the models dir and remove them.",
+        **examples(
+            "mongars-llm models list",
+            "mongars-llm models list --installed",
+            "mongars-llm models show general --profile small",
+            "mongars-llm models rm general --dry-run",
+        ),
     )
     commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
@@ -245,7 +252,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Profiles and their roles; with --profile only that profile. With "
         "--installed: every model installed in the models dir (MONGARS_MODELS_DIR) with its "
         "size on disk and the roles of the active profile that use it.",
-        epilog="example: mongars-llm models list --installed",
+        **examples(
+            "mongars-llm models list",
+            "mongars-llm models list --installed --json",
+        ),
     )
     list_parser.add_argument(
         "--installed",
@@ -260,6 +270,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="resolved parameters of the active profile's roles",
         description="Resolved parameters of one role (or every role) of the active profile, "
         "after the bounds in settings.model are applied.",
+        **examples(
+            "mongars-llm models show",
+            "mongars-llm models show general --profile small --json",
+        ),
     )
     show.add_argument("role", nargs="?", metavar="ROLE", help="one role (default: all)")
     _common(show)
@@ -273,7 +287,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "name (every revision; NAME@REV for one), or a folder under the models dir. Local "
         "folders that roles use in place are never deleted. Asks first in a terminal; "
         "`mongars-llm provision` installs it again.",
-        epilog="example: mongars-llm models rm general --yes",
+        **examples(
+            "mongars-llm models rm general --dry-run",
+            "mongars-llm models rm general --yes",
+        ),
     )
     rm.add_argument(
         "targets", nargs="+", metavar="ROLE|MODEL", help="role, model name or installed folder"

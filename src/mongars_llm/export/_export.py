@@ -3,8 +3,13 @@
 The wrapper folder holds ``config.json`` (DEFAULT_WRAPPER_CONFIG deep-merged
 with an existing ``wrapper/config.json`` and the run's ``wrapper_config.json``),
 copies of ``adapter/`` and ``tokenizer/``, an optional merged fp16 snapshot
-(``merged/``) and ``mongars_wrapper.py``, a loader that needs only
-torch/transformers/peft.
+(``merged/``), ``mongars_wrapper.py``, a loader that needs only
+torch/transformers/peft, and ``_mongars_llm2vec.py``, a byte-for-byte copy of
+the runtime's LLM2Vec core (:mod:`mongars_llm.runtime._llm2vec`) that the
+loader embeds with, so the wrapper's vectors are the runtime's. The
+``embedding.max_length`` recorded in ``config.json`` is the runtime's limit
+(``settings.model.max_input_tokens`` bounded by the base model's context), so
+both cut long inputs at the same token.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..logging import log_event
 
 __all__ = [
     "DEFAULT_WRAPPER_CONFIG",
+    "WRAPPER_CORE_NAME",
     "WRAPPER_MANIFEST_VERSION",
     "WRAPPER_MODULE_NAME",
     "deep_merge",
@@ -35,7 +41,10 @@ logger = logging.getLogger(__name__)
 
 WRAPPER_MANIFEST_VERSION = 1
 WRAPPER_MODULE_NAME = "mongars_wrapper.py"
+#: the LLM2Vec core, shipped next to the loader (the name the loader imports)
+WRAPPER_CORE_NAME = "_mongars_llm2vec.py"
 _TEMPLATE = Path(__file__).with_name("_wrapper_module.py")
+_CORE = Path(__file__).parents[1] / "runtime" / "_llm2vec.py"
 
 DEFAULT_WRAPPER_CONFIG: dict[str, Any] = {
     "format": "mongars-llm-wrapper",
@@ -52,6 +61,7 @@ DEFAULT_WRAPPER_CONFIG: dict[str, Any] = {
         "pooling": "mean",
         "normalize": True,
         "instruction": None,
+        "bidirectional": False,
         "max_length": None,
         "batch_size": 16,
     },
@@ -143,6 +153,8 @@ def export_wrapper(
         shutil.rmtree(merged, ignore_errors=True)
         layout.update(merged_dir=None, use_merged=False)
     atomic_write_bytes(out / layout["module"], _TEMPLATE.read_bytes())
+    atomic_write_bytes(out / WRAPPER_CORE_NAME, _CORE.read_bytes())
+    config["embedding"]["max_length"] = _runtime_max_length(config, out)
     config.update(
         manifest_version=WRAPPER_MANIFEST_VERSION,
         mongars_llm_version=__version__,
@@ -151,6 +163,30 @@ def export_wrapper(
     atomic_write_json(out / "config.json", config)
     log_event(logger, "wrapper_exported", run_dir=str(run_dir), output=str(out), merged=bool(merge))
     return out
+
+
+def _runtime_max_length(config: dict[str, Any], out: Path) -> int:
+    """The token limit the runtime embeds with for this model: ``max_input_tokens``
+    bounded by the model's ``max_position_embeddings`` when its config is at hand
+    (the wrapper applies the same bound when it loads the model)."""
+    from ..settings import get_settings
+
+    limit = get_settings().model.max_input_tokens
+    merged_dir = config["layout"].get("merged_dir")
+    candidates = [out / merged_dir] if merged_dir else []
+    candidates.append(Path(str(config["base_model"]["id"])).expanduser())
+    for folder in candidates:
+        path = folder / "config.json"
+        if path.is_file():
+            model_config = _read_json(path)
+            text_config = model_config.get("text_config") or {}
+            positions = model_config.get("max_position_embeddings") or text_config.get(
+                "max_position_embeddings"
+            )
+            if isinstance(positions, int) and positions > 0:
+                limit = min(limit, positions)
+            break
+    return int(limit)
 
 
 def _replace_tree(source: Path, target: Path) -> None:

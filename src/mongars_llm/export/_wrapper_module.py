@@ -10,24 +10,57 @@ machine where only ``transformers`` and ``peft`` are installed::
 
 or ``Wrapper.load("/path/to/wrapper")`` for an explicit instance.
 
-Embeddings: the base model's last hidden states, pooled per ``config.json``
-``embedding.pooling`` (``mean`` by default: attention-mask weighted, mask sum
-clamped), instruction and special tokens excluded from pooling, optional L2
-normalisation -- the same vectors as mongars-llm's ``UnifiedLLMRuntime``.
-Bidirectional attention is not offered here (causal, the runtime's default).
+Embeddings are computed by ``_mongars_llm2vec.py``, next to this file: the
+export copies mongars-llm's LLM2Vec core (``mongars_llm/runtime/_llm2vec.py``)
+there byte for byte, so the wrapper's vectors are the runtime's: llm2vec's
+instruction spans, every pooling mode, causal or bidirectional attention,
+the runtime's ``max_length`` (recorded in ``config.json`` at export) and
+optional L2 normalisation. It is loaded from this file's folder, whether that
+folder is on ``sys.path`` or this module was loaded from a path.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
+import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = ["Wrapper", "embed", "generate", "load", "load_config"]
 
 HERE = Path(__file__).resolve().parent
+CORE_FILE = "_mongars_llm2vec.py"
 _DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _load_core() -> ModuleType:
+    """The LLM2Vec core shipped next to this file, imported once per folder."""
+    path = HERE / CORE_FILE
+    name = f"_mongars_llm2vec_{abs(hash(str(path))):x}"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(
+            f"{path} is missing: the wrapper needs the LLM2Vec core exported with it; "
+            "export the wrapper again (mongars-llm bundle export-wrapper)"
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_l2v = _load_core()
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -45,6 +78,22 @@ class Wrapper:
         self.config = config
         self.device = device
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        model_config = model.config
+        if hasattr(model_config, "get_text_config"):
+            model_config = model_config.get_text_config()
+        self._text_config = model_config
+        # the runtime's rule: the recorded limit, bounded by the model's context
+        limits = [
+            int(value)
+            for value in (
+                config.get("embedding", {}).get("max_length"),
+                getattr(model_config, "max_position_embeddings", None),
+            )
+            if value
+        ]
+        #: inputs are cut at this many tokens (the runtime's ``max_length``)
+        self.max_length: int = min(limits) if limits else 1 << 30
 
     @classmethod
     def load(
@@ -160,158 +209,69 @@ class Wrapper:
         normalize: bool | None = None,
         pooling: str | None = None,
         batch_size: int | None = None,
+        bidirectional: bool | None = None,
+        truncate: bool = True,
     ) -> Any:
-        """``numpy.ndarray`` ``(len(texts), hidden)`` float32.
+        """``numpy.ndarray`` ``(len(texts), hidden)`` float32, as the runtime's ``embed``.
 
         ``texts``: a string, strings, or ``[instruction, text]`` pairs. As in
         LLM2Vec the model reads ``"<instruction> <text>"`` and only the text's
-        tokens are pooled (special tokens never are).
+        tokens are pooled. Options left unset come from ``config.json``
+        ``embedding`` (``pooling``, ``normalize``, ``instruction``,
+        ``bidirectional``, ``batch_size``); inputs are cut at
+        :attr:`max_length` (``truncate=False`` raises instead). Bad input raises
+        ``ValueError`` (``.code`` says which kind), as the runtime refuses it.
         """
         import numpy as np
         import torch
 
         options = self.config.get("embedding", {})
-        pooling = pooling or options.get("pooling", "mean")
+        pooling = pooling or options.get("pooling") or "mean"
         normalize = options.get("normalize", True) if normalize is None else normalize
-        instruction = instruction if instruction is not None else options.get("instruction")
-        batch_size = batch_size or options.get("batch_size", 16)
-        items = [texts] if isinstance(texts, str) else list(texts)
-        pairs = [(instruction or "", t) if isinstance(t, str) else (t[0], t[1]) for t in items]
-        rows = self._encode(pairs, pooling, options.get("max_length"))
-        causal = (
-            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        )
-        decoder = causal.get_decoder()
-        pad_id = self.tokenizer.pad_token_id
-        pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
-        vectors = []
-        with self._lock, torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-                span = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for row, (tokens, pooled) in enumerate(chunk):  # right padding
-                    ids[row, : len(tokens)] = torch.tensor(tokens)
-                    mask[row, : len(tokens)] = True
-                    span[row, : len(tokens)] = torch.tensor(pooled, dtype=torch.bool)
-                ids, mask, span = ids.to(self.device), mask.to(self.device), span.to(self.device)
-                positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-                hidden = decoder(
-                    input_ids=ids,
-                    attention_mask=mask.long(),
-                    position_ids=positions,
-                    use_cache=False,
-                ).last_hidden_state
-                vectors.append(
-                    _pool(hidden.float(), mask, span, ids, pooling, self.tokenizer.bos_token_id)
-                )
-        out = torch.cat(vectors)
-        if normalize:
-            out = torch.nn.functional.normalize(out, p=2, dim=-1)
-        return out.cpu().numpy().astype(np.float32)
-
-    def _encode(
-        self, pairs: list[tuple[str, str]], pooling: str, max_length: int | None
-    ) -> list[tuple[list[int], list[bool]]]:
-        tok = self.tokenizer
+        if bidirectional is None:
+            bidirectional = bool(options.get("bidirectional", False))
+        if instruction is None:
+            instruction = options.get("instruction")
+        batch_size = batch_size or options.get("batch_size") or 16
         base_id = str(self.config.get("base_model", {}).get("id") or "")
-        model_type = str(getattr(self.model.config, "model_type", ""))
-        prompt = _LLM2VEC_PROMPTS.get(base_id)
-        eos = _eos_suffix(tok, model_type, base_id)
-        composed = [_compose(i, t, pooling=pooling, prompt=prompt, eos=eos) for i, t in pairs]
-        enc = tok(
-            [c[0] for c in composed],
-            add_special_tokens=True,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            verbose=False,
+        model_type = str(getattr(self._text_config, "model_type", "") or "")
+        items = _l2v.normalise_inputs(texts, instruction)
+        message = _l2v.check_pooling(
+            self.tokenizer, pooling, model_type=model_type, model_id=base_id
         )
-        rows = []
-        for index, (_, boundary) in enumerate(composed):
-            ids = list(enc["input_ids"][index])
-            pooled = [
-                seq == 0 and end > boundary
-                for seq, (_, end) in zip(
-                    enc.sequence_ids(index), enc["offset_mapping"][index], strict=True
+        if message and pooling not in self._warned:
+            self._warned.add(pooling)
+            warnings.warn(message, _l2v.EmbeddingWarning, stacklevel=2)
+        encoded = _l2v.encode_inputs(
+            self.tokenizer,
+            items,
+            pooling=pooling,
+            max_length=self.max_length,
+            truncate=truncate,
+            model_type=model_type,
+            model_id=base_id,
+            doc_max_length=options.get("doc_max_length"),
+        )
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # less padding
+        out = np.empty((len(encoded), int(self._text_config.hidden_size)), dtype=np.float32)
+        decoder = _l2v.decoder_of(self.model)
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                vectors = _l2v.embed_padded(
+                    decoder,
+                    [encoded[i] for i in rows],
+                    pooling=pooling,
+                    bidirectional=bidirectional,
+                    pad_id=self.tokenizer.pad_token_id,
+                    bos_token_id=self.tokenizer.bos_token_id,
+                    padding_side=getattr(self.tokenizer, "padding_side", None) or "right",
+                    device=self.device,
                 )
-            ]
-            if max_length and len(ids) > max_length:
-                ids, pooled = ids[:max_length], pooled[:max_length]
-            rows.append((ids, pooled))
-        return rows
-
-
-# Prompt formats LLM2Vec applies to its published instruct bases (as the runtime does).
-_LLM2VEC_PROMPTS: dict[str, tuple[str, str]] = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": (
-        "<|start_header_id|>user<|end_header_id|>\n\n",
-        "<|eot_id|>",
-    ),
-    "mistralai/Mistral-7B-Instruct-v0.2": ("[INST] ", " [/INST]"),
-    "meta-llama/Llama-2-7b-chat-hf": ("[INST] ", " [/INST]"),
-    "google/gemma-2-9b-it": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
-    "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
-    "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
-}
-_SEP = "\ue000"  # marks where the text starts inside the composed input
-
-
-def _eos_suffix(tokenizer: Any, model_type: str, model_id: str) -> str:
-    if model_id == "meta-llama/Meta-Llama-3-8B":
-        return "<|end_of_text|>"
-    eos = tokenizer.eos_token or ""
-    if model_type in ("llama", "mistral"):
-        return " " + eos
-    if model_type == "qwen2" and "<|endoftext|>" in tokenizer.get_vocab():
-        return "<|endoftext|>"
-    return eos
-
-
-def _compose(
-    instruction: str, text: str, *, pooling: str, prompt: tuple[str, str] | None, eos: str
-) -> tuple[str, int]:
-    """The string the model reads and the character index where the text starts."""
-    instruction = instruction.strip()
-    marked = f"{instruction} {_SEP}{text}" if instruction else f"{_SEP}{text}"
-    if prompt is not None:
-        marked = prompt[0] + marked.strip() + prompt[1]
-        if prompt[0].startswith("<|start_header_id|>"):
-            eos = ""
-    if pooling == "eos_token" and eos:
-        marked = marked.strip() + eos
-    boundary = marked.index(_SEP)
-    return marked.replace(_SEP, "", 1), boundary
-
-
-def _pool(hidden: Any, mask: Any, span: Any, ids: Any, pooling: str, bos_id: int | None) -> Any:
-    """Pad positions never contribute; the mask sum is clamped (never a division by 0)."""
-    import torch
-
-    batch = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling in ("mean", "weighted_mean"):
-        span = span & mask
-        span = torch.where(span.any(-1, keepdim=True), span, mask)  # empty span: whole input
-        weights = span.float()
-        if pooling == "weighted_mean":  # 1..n over the span (LLM2Vec)
-            weights = torch.cumsum(weights, -1) * weights
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        hidden = torch.where(
-            span.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        )
-        return torch.einsum("bt,bth->bh", weights, hidden)
-    if pooling in ("eos_token", "last_token"):
-        width = mask.shape[-1]
-        last = width - 1 - torch.argmax(mask.flip(-1).int(), dim=-1)
-        return hidden[batch, last]
-    if pooling == "bos_token":
-        hits = mask & (ids == bos_id) if bos_id is not None else mask
-        hits = torch.where(hits.any(-1, keepdim=True), hits, mask)
-        return hidden[batch, torch.argmax(hits.int(), dim=-1)]
-    raise ValueError(
-        f"unknown pooling {pooling!r}; use mean, weighted_mean, eos_token, last_token or bos_token"
-    )
+                if normalize:
+                    vectors = _l2v.normalise(vectors)
+                out[rows] = vectors.float().cpu().numpy()
+        return out
 
 
 def _dtype(name: str) -> Any:
@@ -340,6 +300,6 @@ def generate(prompt: str | list[dict[str, str]], **kwargs: Any) -> str:
     return load().generate(prompt, **kwargs)
 
 
-def embed(texts: str | list[str], **kwargs: Any) -> Any:
+def embed(texts: str | list[str] | list[list[str]], **kwargs: Any) -> Any:
     """Embed with the wrapper of this folder (see :meth:`Wrapper.embed`)."""
     return load().embed(texts, **kwargs)

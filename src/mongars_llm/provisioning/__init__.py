@@ -6,6 +6,16 @@
 
 Providers (``huggingface``, ``local``, ``ollama``, plugins) implement the
 :class:`Provider` template method; see docs/provisioning.md.
+
+Layering: this package sits above :mod:`mongars_llm.manager` (which says which
+roles a profile has) and below the runtime, the server and the CLI.
+:func:`provision` is the one way to provision, for a manager's profile
+(``provision(roles, manager=manager)``) or for one it builds from
+``profile``/``manifest``/``settings``. Modules: ``_provision`` (the orchestrator:
+cache, single-flight, locks, lock file), ``_base`` (the provider interface and
+registry), one module per provider, ``_gguf`` (GGUF -> transformers), ``_adapters``,
+``_installed`` (list and remove installs), ``_staging`` (staging folders and
+leftovers of killed runs).
 """
 
 from __future__ import annotations
@@ -22,7 +32,13 @@ from ._base import (
     register_provider,
     unregister_provider,
 )
-from ._installed import InstalledModel, find_installed, installed_models, remove_installed
+from ._installed import (
+    InstalledModel,
+    find_installed,
+    installed_models,
+    remove_installed,
+    remove_models,
+)
 from ._local_copy import ProvisionedCopy, provisioned_copy
 from ._lockfile import LOCK_FILE_NAME, read_lock
 from ._provision import aprovision, clear_cache, provision
@@ -61,6 +77,7 @@ __all__ = [
     "read_lock",
     "register_provider",
     "remove_installed",
+    "remove_models",
     "safe_extract",
     "tree_sha256",
     "unregister_provider",

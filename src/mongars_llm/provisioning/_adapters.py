@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import stat
 import tarfile
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .._fs import atomic_write_json, file_lock, sha256_file
 from ..errors import ProvisionError, ProvisionLockTimeout
 from ._report import AdapterRecord
+from ._staging import replace_dir
 
 if TYPE_CHECKING:
     from ..manifest.models import AdapterSpec
@@ -310,7 +310,7 @@ def _install_archive(
         safe_extract(archive, staging, max_bytes=request.settings.adapter_archive_max_bytes)
         _check_peft_dir(_adapter_dir_in(staging))
         atomic_write_json(staging / MARKER_NAME, {"name": spec.name, "sha256": digest})
-        _swap_in(staging, final)
+        replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _record(spec, _adapter_dir_in(final), digest, spec.version)
@@ -367,20 +367,10 @@ def _hf_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRecord:
         digest = tree_sha256(staging)
         _check_digest(spec, digest, what=f"{spec.source} (tree_sha256)")
         atomic_write_json(staging / MARKER_NAME, {"name": spec.name, "revision": commit})
-        _swap_in(staging, final)
+        replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _record(spec, final, digest, spec.version or commit)
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    aside = None
-    if final.exists():
-        aside = final.with_name(f".old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, aside)
-    os.rename(staging, final)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- archives

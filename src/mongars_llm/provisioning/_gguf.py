@@ -17,19 +17,21 @@ architecture or a quantisation type that transformers cannot de-quantise fails
 with a message naming it.
 
 A conversion writes into a hidden staging folder and is renamed into place only
-when complete, so an interrupted one never looks installed.
+when complete, so an interrupted one never looks installed; both GGUF providers
+(``local`` and ``ollama``) convert through :func:`stage_conversion`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import struct
 import time
-import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Any, BinaryIO
 from .._fs import atomic_write_json, sha256_file
 from .._version import __version__
 from ..errors import ProvisionError
+from ._staging import clear_work, replace_dir, staging_path
 
 __all__ = [
     "GGUF_MARKER_NAME",
@@ -47,6 +50,7 @@ __all__ = [
     "convert_gguf",
     "read_gguf_header",
     "read_marker",
+    "stage_conversion",
 ]
 
 logger = logging.getLogger("mongars_llm.provision")
@@ -293,28 +297,69 @@ def convert_gguf(gguf_path: str | Path, dest_dir: str | Path) -> GgufConversion:
     """
     source = Path(gguf_path).expanduser().absolute()
     dest = Path(dest_dir).expanduser().absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".tmp-{dest.name[:24]}-{uuid.uuid4().hex[:8]}"
+    conversion = stage_conversion(source, dest)
     try:
-        result = write_converted(source, staging)
-        replace_dir(staging, dest)
+        replace_dir(conversion.path, dest)
+    except BaseException:
+        shutil.rmtree(conversion.path, ignore_errors=True)
+        raise
+    return dataclasses.replace(conversion, path=dest)
+
+
+def stage_conversion(
+    source: Path,
+    target: Path,
+    *,
+    check: Callable[[str], None] | None = None,
+    report: Callable[..., None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> GgufConversion:
+    """Convert ``source`` into a fresh staging folder beside ``target``; return it.
+
+    The one sequence both GGUF providers run (a ``local`` ``.gguf`` file, an
+    Ollama blob): clear this target's leftovers, read the header and refuse
+    what transformers cannot de-quantise (milliseconds), hash the file and let
+    ``check(sha256)`` refuse it (a pin, a manifest's digest), report the
+    ``convert`` stage (``report`` is :meth:`ProvisionRequest.report`), then
+    convert. The caller holds the target's provisioning lock and moves the
+    returned ``path`` into place with :func:`~._staging.replace_dir` once
+    verified; on any failure the staging folder is gone.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clear_work(target.parent, owner=target.name)
+    staging = staging_path(target.parent, target.name)
+    try:
+        header = read_gguf_header(source)
+        check_convertible(header)
+        digest = sha256_file(source)
+        if check is not None:
+            check(digest)
+        if report is not None:
+            report("convert", detail=f"GGUF {header.architecture} -> transformers")
+        return write_converted(source, staging, sha256=digest, extra=extra, header=header)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return GgufConversion(**{**result.__dict__, "path": dest})
 
 
 def write_converted(
-    source: Path, folder: Path, *, sha256: str | None = None, extra: dict[str, Any] | None = None
+    source: Path,
+    folder: Path,
+    *,
+    sha256: str | None = None,
+    extra: dict[str, Any] | None = None,
+    header: GgufHeader | None = None,
 ) -> GgufConversion:
     """Convert ``source`` into ``folder`` (created; not atomic) and write the marker.
 
     ``sha256`` is the source's digest when already known and verified (an
-    Ollama blob); otherwise it is computed here.
+    Ollama blob); otherwise it is computed here. ``header`` is the source's
+    header when already read and checked.
     """
     started = time.perf_counter()
-    header = read_gguf_header(source)
-    check_convertible(header)
+    if header is None:
+        header = read_gguf_header(source)
+        check_convertible(header)
     digest = sha256 or sha256_file(source)
     stat = source.stat()
     folder.mkdir(parents=True, exist_ok=True)
@@ -441,19 +486,3 @@ def verify_converted(folder: Path) -> str:
     if not (folder / "tokenizer_config.json").is_file():
         raise ProvisionError(f"{folder} has no tokenizer; provision it again")
     return str(marker.get("verified") or "converted GGUF present")
-
-
-def replace_dir(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an existing ``final`` is swapped out first."""
-    from .huggingface import _replace_dir
-
-    _replace_dir(staging, final)
-
-
-def remove_stale_staging(parent: Path) -> None:
-    """Remove what interrupted conversions left in ``parent`` (call under the lock)."""
-    if not parent.is_dir():
-        return
-    for child in parent.iterdir():
-        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
-            shutil.rmtree(child, ignore_errors=True)

@@ -14,8 +14,9 @@ are never listed here and never removed.
 
 Removal (``mongars-llm models rm``) holds the same per-model file lock as
 provisioning, so it never deletes under a running download; it renames the
-folder to a hidden ``.old-rm-*`` name (atomic: readers see the install or
-nothing) and deletes that afterwards. A later ``provision`` installs it again.
+folder to a hidden ``.old-*`` name (atomic: readers see the install or
+nothing; see :mod:`._staging`) and deletes that afterwards. A later
+``provision`` installs it again.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import logging
 import os
 import re
 import shutil
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +35,20 @@ from typing import TYPE_CHECKING, Any
 from .._fs import file_lock
 from ..errors import ConfigError, ProvisionError, ProvisionLockTimeout
 from ..logging import log_event
-from ._base import ProvisionRequest, _safe_name, get_provider
+from ._base import ProvisionRequest, get_provider
+from ._staging import aside_path
 
 if TYPE_CHECKING:
     from ..manager import ModelManager
     from ..settings import Settings
 
-__all__ = ["InstalledModel", "find_installed", "installed_models", "remove_installed"]
+__all__ = [
+    "InstalledModel",
+    "find_installed",
+    "installed_models",
+    "remove_installed",
+    "remove_models",
+]
 
 logger = logging.getLogger("mongars_llm.provision")
 
@@ -107,8 +114,9 @@ def installed_models(
     """
     settings = _settings(settings, manager)
     root = settings.resolved_models_dir
-    found = [*_hub_installs(root), *_gguf_installs(root), *_ollama_installs(root)]
-    found += _adapter_installs(root)
+    found = [*_gguf_installs(root)]
+    for kind in _NESTED_KINDS:
+        found += _nested_installs(root, kind)
     if manager is not None:
         found = _with_roles(found, manager)
     return sorted(found, key=lambda m: (m.provider == "adapter", m.provider, m.model, m.path))
@@ -155,29 +163,64 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def _hub_installs(root: Path) -> Iterator[InstalledModel]:
-    for repo_dir in _children(root / "huggingface"):
-        for child in _children(repo_dir):
-            marker = _json(child / MARKER_NAME) if _COMMIT.match(child.name) else None
+def _marker(folder: Path) -> dict[str, Any] | None:
+    return _json(folder / MARKER_NAME)
+
+
+def _repo_id(folder_name: str) -> str:
+    return folder_name.replace("--", "/", 1)
+
+
+def _gguf_marker(folder: Path) -> dict[str, Any] | None:
+    from ._gguf import read_marker
+
+    return read_marker(folder)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One kind folder of the models dir: ``<kind>/<model folder>/<install>/``."""
+
+    folder: str
+    provider: str
+    install_name: re.Pattern[str] | None  # what an install folder is named, if fixed
+    read_marker: Callable[[Path], dict[str, Any] | None]
+    model_key: str  # the marker key naming the model, else the model folder says it
+    folder_model: Callable[[str], str] = str  # model folder name -> model name
+
+
+_NESTED_KINDS = (
+    _Kind("huggingface", "huggingface", _COMMIT, _marker, "repo_id", _repo_id),
+    _Kind("ollama", "ollama", _HEX64, _gguf_marker, "ollama_model"),
+    _Kind("adapters", "adapter", None, _marker, "name"),
+)
+
+
+def _nested_installs(root: Path, kind: _Kind) -> Iterator[InstalledModel]:
+    for model_dir in _children(root / kind.folder):
+        for child in _children(model_dir):
+            if kind.install_name is not None and not kind.install_name.match(child.name):
+                continue
+            marker = kind.read_marker(child)
             if marker is None:
                 continue
-            repo_id = str(marker.get("repo_id") or repo_dir.name.replace("--", "/", 1))
+            model = marker.get(kind.model_key) or kind.folder_model(model_dir.name)
             yield InstalledModel(
-                provider="huggingface",
-                model=repo_id,
+                provider=kind.provider,
+                model=str(model),
                 revision=child.name,
                 path=child,
                 bytes=tree_bytes(child),
-                lock=f"huggingface/{_safe_name(repo_id)}",
+                lock=f"{kind.folder}/{model_dir.name}",
                 installed_at=marker.get("installed_at"),
+                source=marker.get("source"),
             )
 
 
 def _gguf_installs(root: Path) -> Iterator[InstalledModel]:
-    from . import _gguf
-
+    """Conversions of local ``.gguf`` files sit side by side: ``gguf/<install>/``."""
     for child in _children(root / "gguf"):
-        marker = _gguf.read_marker(child)
+        marker = _gguf_marker(child)
         if marker is None:
             continue
         yield InstalledModel(
@@ -190,43 +233,6 @@ def _gguf_installs(root: Path) -> Iterator[InstalledModel]:
             installed_at=marker.get("installed_at"),
             source=marker.get("source"),
         )
-
-
-def _ollama_installs(root: Path) -> Iterator[InstalledModel]:
-    from . import _gguf
-
-    for name_dir in _children(root / "ollama"):
-        for child in _children(name_dir):
-            marker = _gguf.read_marker(child) if _HEX64.match(child.name) else None
-            if marker is None:
-                continue
-            yield InstalledModel(
-                provider="ollama",
-                model=str(marker.get("ollama_model") or name_dir.name),
-                revision=child.name,
-                path=child,
-                bytes=tree_bytes(child),
-                lock=f"ollama/{name_dir.name}",
-                installed_at=marker.get("installed_at"),
-                source=marker.get("source"),
-            )
-
-
-def _adapter_installs(root: Path) -> Iterator[InstalledModel]:
-    for name_dir in _children(root / "adapters"):
-        for child in _children(name_dir):
-            marker = _json(child / MARKER_NAME)
-            if marker is None:
-                continue
-            yield InstalledModel(
-                provider="adapter",
-                model=str(marker.get("name") or name_dir.name),
-                revision=child.name,
-                path=child,
-                bytes=tree_bytes(child),
-                lock=f"adapters/{name_dir.name}",
-                installed_at=marker.get("installed_at"),
-            )
 
 
 # ------------------------------------------------------------------ roles
@@ -381,6 +387,20 @@ def _for_role(
 
 
 # ------------------------------------------------------------------ removing
+def remove_models(target: str, *, manager: ModelManager) -> list[InstalledModel]:
+    """Delete what ``target`` names from the models dir (``mongars-llm models rm``).
+
+    :func:`find_installed` then :func:`remove_installed`: ``target`` is a role
+    of the manager's active profile, an installed model name
+    (``name@<revision prefix>`` for one revision) or a folder under the models
+    dir. A later :func:`~mongars_llm.provision` installs it again. Raises
+    :class:`~mongars_llm.errors.ConfigError` for anything outside the models
+    dir (a ``local`` role's own folder is never deleted) and
+    :class:`~mongars_llm.errors.ProvisionError` when nothing matches.
+    """
+    return remove_installed(find_installed(target, manager=manager), settings=manager.settings)
+
+
 def remove_installed(
     models: Iterable[InstalledModel], *, settings: Settings | None = None
 ) -> list[InstalledModel]:
@@ -390,10 +410,9 @@ def remove_installed(
     ``settings.provision_lock_timeout`` seconds for a running download, then
     :class:`~mongars_llm.errors.ProvisionLockTimeout`), renamed to a hidden
     trash name and then deleted. The process's cached provisioning reports for
-    it are dropped. Returns what was removed (an install already gone is skipped).
+    it no longer count: a cached report is only used while its path exists.
+    Returns what was removed (an install already gone is skipped).
     """
-    from ._provision import forget_cached
-
     settings = _settings(settings, None)
     root = settings.resolved_models_dir
     removed: list[InstalledModel] = []
@@ -411,12 +430,12 @@ def remove_installed(
         ):
             if not model.path.is_dir():
                 continue
-            trash = model.path.with_name(f".old-rm-{uuid.uuid4().hex[:12]}")
+            trash = aside_path(model.path)
             os.rename(model.path, trash)  # atomic: from here on the install is gone
             if model.provider == "huggingface":
                 _drop_refs(model.path.parent, model.path.name)
         # the lock is released: deleting many GB must not hold up provisioning; a
-        # leftover .old-* folder is cleaned by a later provisioning run
+        # leftover .old-* folder is swept by a later provisioning run
         shutil.rmtree(trash, ignore_errors=True)
         if _real(model.path.parent) != _real(root / "gguf"):
             with contextlib.suppress(OSError):  # a model folder left empty goes too
@@ -432,7 +451,6 @@ def remove_installed(
             path=str(model.path),
             bytes=model.bytes,
         )
-    forget_cached(m.path for m in removed)
     return removed
 
 

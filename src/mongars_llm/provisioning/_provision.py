@@ -5,18 +5,20 @@ single-flight execution per role key runs the provider under an inter-process
 file lock (per model, with ``settings.provision_lock_timeout``). Any failure is
 that role's ``failed`` entry; the other roles still run.
 
-Before a real run, :func:`remove_stale_work` deletes what a killed run left
-behind (staging folders, partial downloads) once it is older than the lock
-timeout and its lock is free.
+Before a real run, :func:`~._staging.remove_stale_work` deletes what a killed
+run left behind (staging folders, partial downloads) once it is older than the
+lock timeout and its lock is free.
+
+Layering: provisioning sits above :mod:`mongars_llm.manager` and imports it; a
+:class:`~mongars_llm.manager.ModelManager` says which roles a profile has,
+:func:`provision` puts them on disk. The manager never imports this package
+(but for its deprecated shims).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,18 +28,19 @@ from typing import TYPE_CHECKING, Any
 from .._fs import file_lock, human_bytes
 from ..errors import ConfigError, ProvisionError, ProvisionLockTimeout
 from ..logging import log_event
+from ..manager import ModelManager
 from ._adapters import plan_adapters, provision_adapters
 from ._base import Provider, ProvisionRequest, get_provider
 from ._lockfile import LOCK_FILE_NAME, LockedRole, lock_record, read_lock, update_lock
 from ._report import ProgressEvent, ProvisionEntry, ProvisionReport
 from ._singleflight import SingleFlight
+from ._staging import remove_stale_work
 
 if TYPE_CHECKING:
-    from ..manager import ModelManager
     from ..manifest.models import Manifest
     from ..settings import Settings
 
-__all__ = ["aprovision", "clear_cache", "forget_cached", "provision", "remove_stale_work"]
+__all__ = ["aprovision", "clear_cache", "provision"]
 
 logger = logging.getLogger("mongars_llm.provision")
 
@@ -50,20 +53,6 @@ def clear_cache() -> None:
     """Forget every cached report (the next call checks the disk/daemon again)."""
     with _cache_lock:
         _cache.clear()
-
-
-def forget_cached(paths: Iterable[str | Path]) -> None:
-    """Forget the cached reports of installs at (or under) ``paths`` (``models rm``)."""
-    gone = [Path(path).absolute() for path in paths]
-    if not gone:
-        return
-    with _cache_lock:
-        for key, entry in list(_cache.items()):
-            if entry.path is None:
-                continue
-            where = Path(entry.path).absolute()
-            if any(where == path or path in where.parents for path in gone):
-                del _cache[key]
 
 
 def provision(
@@ -148,64 +137,6 @@ async def aprovision(roles: str | Iterable[str] | None = None, **kwargs: Any) ->
     return await asyncio.to_thread(provision, roles, **kwargs)
 
 
-# ------------------------------------------------------------ stale work
-#: Folders of the models dir whose ``<kind>/<name>/`` work is guarded by the lock
-#: ``.locks/<kind>/<name>.lock`` (the Hub provider's and the adapters' layout).
-STALE_WORK_KINDS = ("huggingface", "adapters")
-#: Names of what a run writes before moving it into place.
-STALE_WORK_PREFIXES = (".tmp-", ".old-", ".download-")
-
-
-def remove_stale_work(models_dir: Path, *, max_age: float) -> list[Path]:
-    """Delete staging folders and partial downloads that a killed run left behind.
-
-    An entry of ``<models_dir>/<kind>/<name>/`` named ``.tmp-*``, ``.old-*`` or
-    ``.download-*`` goes when it was last modified more than ``max_age`` seconds
-    ago (the provisioning lock timeout) and the lock guarding that folder can be
-    taken at once, so no live run is using it. Returns what was removed.
-    """
-    removed: list[Path] = []
-    now = time.time()
-    for kind in STALE_WORK_KINDS:
-        try:
-            owners = [d for d in (models_dir / kind).iterdir() if d.is_dir() and not d.is_symlink()]
-        except OSError:
-            continue
-        for owner in owners:
-            try:
-                ages = {
-                    child: now - child.lstat().st_mtime
-                    for child in owner.iterdir()
-                    if child.name.startswith(STALE_WORK_PREFIXES)
-                }
-            except OSError:
-                continue
-            stale = [child for child, age in ages.items() if age > max_age]
-            if not stale:
-                continue
-            lock = models_dir / ".locks" / kind / f"{owner.name}.lock"
-            try:
-                with file_lock(lock, timeout=0, what=f"{kind}/{owner.name}"):
-                    for child in stale:
-                        if child.is_dir() and not child.is_symlink():
-                            shutil.rmtree(child, ignore_errors=True)
-                        else:
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(child)
-                        if not os.path.lexists(child):
-                            removed.append(child)
-                            log_event(
-                                logger,
-                                "provision_cleanup",
-                                logging.INFO,
-                                path=str(child),
-                                age_seconds=round(ages[child]),
-                            )
-            except (ProvisionLockTimeout, OSError):
-                continue  # a live run holds it: its work is not stale
-    return removed
-
-
 # ---------------------------------------------------------------- helpers
 def _manager(
     manager: ModelManager | None,
@@ -214,12 +145,23 @@ def _manager(
     profile: str | None,
     manifest: Manifest | str | Path | None,
 ) -> ModelManager:
-    from ..manager import ModelManager
-
+    """``manager``, or one built from the other arguments; both at once is an error."""
     if manager is None:
         return ModelManager(manifest, settings=settings, profile=profile)
+    conflicts = []
     if profile is not None and profile != manager.profile_name:
-        return ModelManager(manager.manifest, settings=manager.settings, profile=profile)
+        conflicts.append(f"profile={profile!r} (the manager's profile is {manager.profile_name!r})")
+    if settings is not None and settings is not manager.settings:
+        conflicts.append("settings= (the manager has its own settings)")
+    if manifest is not None and manifest is not manager.manifest:
+        conflicts.append(f"manifest= (the manager's manifest is {manager.manifest_source})")
+    if conflicts:
+        raise ConfigError(
+            f"provision() got manager= and {', '.join(conflicts)}: a manager fixes its "
+            "manifest, settings and profile; pass either manager= or profile=/settings=/"
+            "manifest=, e.g. provision(roles, profile=..., manifest=manager.manifest, "
+            "settings=manager.settings) for another profile of the same manifest"
+        )
     return manager
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,6 +28,7 @@ from .._version import __version__
 from ..errors import ProvisionError
 from ._base import FetchResult, Provider, ProvisionRequest, Resolution
 from ._report import PlannedFile, ProvisionPlan
+from ._staging import clear_work, replace_dir, staging_path
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -313,9 +313,9 @@ class HuggingFaceProvider(Provider):
         files = self.remote_files(request, resolution)
         repo_dir: Path = resolution.details["repo_dir"]
         repo_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(repo_dir)  # the caller holds this model's file lock
+        clear_work(repo_dir)  # the caller holds this model's file lock
         assert resolution.revision is not None
-        staging = repo_dir / f".tmp-{resolution.revision[:12]}-{uuid.uuid4().hex[:8]}"
+        staging = staging_path(repo_dir, resolution.revision[:12])
         ensure_within(repo_dir, staging, what="the staging folder", error=ProvisionError)
         staging.mkdir()
         fetched = FetchResult(staging=staging, bytes=sum(int(f.size or 0) for f in files))
@@ -432,7 +432,7 @@ class HuggingFaceProvider(Provider):
                 "mongars_llm_version": __version__,
             },
         )
-        _replace_dir(staging, final)
+        replace_dir(staging, final)
         wanted = resolution.details.get("wanted")
         if wanted and wanted != resolution.revision:
             repo_dir: Path = resolution.details["repo_dir"]
@@ -511,28 +511,6 @@ def _verify_against_marker(path: Path) -> str:
             raise ProvisionError(f"{file} does not match its recorded checksum")
     _check_config(path / "config.json", str(marker.get("repo_id")))
     return f"{len(files)} files match the checksums recorded at install time (offline)"
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an existing ``final`` is swapped out first."""
-    aside = None
-    if final.exists():
-        aside = final.with_name(f".old-{final.name[:12]}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, aside)
-    try:
-        os.rename(staging, final)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, final)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _remove_stale_staging(repo_dir: Path) -> None:
-    for child in repo_dir.iterdir():
-        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def free_disk_bytes(path: Path) -> int | None:

@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,6 +33,7 @@ from ..errors import ProvisionError
 from . import _gguf
 from ._base import FetchResult, Provider, ProvisionRequest, Resolution, _safe_name
 from ._report import ProvisionPlan
+from ._staging import replace_dir
 
 __all__ = ["PACKAGE_SCHEME", "LocalProvider", "package_file"]
 
@@ -126,24 +126,14 @@ class LocalProvider(Provider):
         source = resolution.details.get("source")
         if source is None:
             raise ProvisionError(f"the local provider never downloads ({resolution.path})")
-        target: Path = resolution.details["target"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _gguf.remove_stale_staging(target.parent)  # the caller holds this model's file lock
-        staging = target.parent / f".tmp-{target.name[:40]}-{uuid.uuid4().hex[:8]}"
-        fetched = FetchResult(staging=staging)
-        try:
-            header = _gguf.read_gguf_header(source)
-            _gguf.check_convertible(header)
-            digest = sha256_file(source)
-            _check_pin(request, digest, source)
-            request.report("convert", detail=f"GGUF {header.architecture} -> transformers")
-            conversion = _gguf.write_converted(source, staging, sha256=digest)
-        except BaseException:
-            self.discard(request, fetched)
-            raise
+        conversion = _gguf.stage_conversion(
+            source,
+            resolution.details["target"],
+            check=lambda digest: _check_pin(request, digest, source),
+            report=request.report,
+        )
         resolution.revision = conversion.sha256
-        fetched.bytes = conversion.bytes
-        return fetched
+        return FetchResult(staging=conversion.path, bytes=conversion.bytes)
 
     def verify(
         self, request: ProvisionRequest, resolution: Resolution, fetched: FetchResult
@@ -155,7 +145,7 @@ class LocalProvider(Provider):
         self, request: ProvisionRequest, resolution: Resolution, fetched: FetchResult
     ) -> Path | None:
         assert fetched.staging is not None and resolution.path is not None
-        _gguf.replace_dir(fetched.staging, resolution.path)
+        replace_dir(fetched.staging, resolution.path)
         return resolution.path
 
     def discard(self, request: ProvisionRequest, fetched: FetchResult) -> None:

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +38,7 @@ from ..errors import ProvisionError
 from . import _gguf
 from ._base import FetchResult, Provider, ProvisionRequest, Resolution, _safe_name
 from ._report import ProvisionPlan
+from ._staging import replace_dir
 
 __all__ = ["MODEL_MEDIA_TYPE", "OllamaProvider", "ollama_store"]
 
@@ -265,31 +265,24 @@ class OllamaProvider(Provider):
 
     def _convert(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
         blob: Path = resolution.details["blob"]
-        target: Path = resolution.details["target"]
         digest = str(resolution.revision)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _gguf.remove_stale_staging(target.parent)  # the caller holds this model's file lock
-        staging = target.parent / f".tmp-{digest[:12]}-{uuid.uuid4().hex[:8]}"
-        fetched = FetchResult(staging=staging)
-        try:
-            header = _gguf.read_gguf_header(blob)
-            _gguf.check_convertible(header)
-            actual = sha256_file(blob)
+
+        def check(actual: str) -> None:
             if actual != digest:
                 raise ProvisionError(
                     f"Ollama blob {blob} has sha256 {actual}, but the manifest of "
                     f"{resolution.model} says {digest}: the store is corrupt; refusing it. Pull "
                     "the model again (`ollama rm` then `ollama pull`)"
                 )
-            request.report("convert", detail=f"GGUF {header.architecture} -> transformers")
-            conversion = _gguf.write_converted(
-                blob, staging, sha256=digest, extra={"ollama_model": resolution.model}
-            )
-        except BaseException:
-            self.discard(request, fetched)
-            raise
-        fetched.bytes = conversion.bytes
-        return fetched
+
+        conversion = _gguf.stage_conversion(
+            blob,
+            resolution.details["target"],
+            check=check,
+            report=request.report,
+            extra={"ollama_model": resolution.model},
+        )
+        return FetchResult(staging=conversion.path, bytes=conversion.bytes)
 
     def discard(self, request: ProvisionRequest, fetched: FetchResult) -> None:
         if fetched.staging is not None:
@@ -300,7 +293,7 @@ class OllamaProvider(Provider):
     ) -> Path | None:
         if fetched.staging is not None:
             assert resolution.path is not None
-            _gguf.replace_dir(fetched.staging, resolution.path)
+            replace_dir(fetched.staging, resolution.path)
         return resolution.path
 
     def _pull(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:

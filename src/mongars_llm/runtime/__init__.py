@@ -6,6 +6,22 @@
 >>> rt.embed([["Retrieve passages", "what is LoRA?"]]).shape
 
 Importing this package is cheap: torch and transformers load with the model.
+
+Where things live (private modules):
+
+- ``_runtime``: :class:`UnifiedLLMRuntime`, the facade every call goes through;
+- ``_loading``: what loads (adapters, provisioned copies, LLM2Vec layouts) and
+  how (device, dtype, 4-bit, CPU threads);
+- ``_adapters``: the LoRA adapters on the one model and the gate that switches them;
+- ``_params`` / ``_generator`` / ``_decoding``: sampling parameters and their
+  bounds; the generation path (role defaults, batching, ``llm_generate``); the
+  torch side of one batched ``model.generate``;
+- ``_embedder`` / ``_embedding`` / ``_llm2vec``: the embedding path; forward-batch
+  planning; the LLM2Vec core shared with the exported wrapper;
+- ``_batching``: the micro-batcher; ``_types``: results and streams.
+
+Building a runtime from a manifest role, and the process-wide runtime, are the
+application layer's (:mod:`mongars_llm._compose`).
 """
 
 from __future__ import annotations
@@ -14,9 +30,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LLMRuntimeError
+from ._llm2vec import POOLING_MODES, EmbeddingWarning
 from ._types import AsyncGenerationStream, Generation, GenerationStream, Usage
-
-POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 
 _LAZY = {
     "UnifiedLLMRuntime": "mongars_llm.runtime._runtime",
@@ -27,6 +42,7 @@ _LAZY = {
 __all__ = [
     "POOLING_MODES",
     "AsyncGenerationStream",
+    "EmbeddingWarning",
     "Generation",
     "GenerationStream",
     "LLMRuntimeError",

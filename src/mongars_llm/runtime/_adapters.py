@@ -3,24 +3,26 @@
 The causal LM is wrapped by ``peft`` once; every adapter is injected *in place*
 into its modules, so the base weights keep their storage. Each call runs in a
 "mode" — the tuple of adapter names it needs (``()`` is the exact base model) —
-held through a :class:`~._batching.ModeGate`: calls needing the same adapters
-run together; a call needing others waits until they finish, then the gate
+held through a :class:`ModeGate`: calls needing the same adapters run
+together; a call needing others waits until they finish, then the gate
 switches the active adapters (several at once for the LLM2Vec MNTP +
 supervised stack, which adds both LoRA deltas exactly as merging them would).
+peft is imported only when the first adapter loads.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import threading
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import LLMRuntimeError
-from ._batching import ModeGate
+from ..errors import AdapterNotFoundError, InvalidInputError, LLMRuntimeError, ModelLoadError
 
 
 @contextlib.contextmanager
@@ -34,13 +36,82 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
-__all__ = ["AdapterStack", "AdapterUse"]
+__all__ = ["AdapterStack", "AdapterUse", "ModeGate"]
 
 logger = logging.getLogger("mongars_llm.runtime")
 
 #: which calls activate an adapter by default; ``explicit``: only calls that name it
 AdapterUse = Literal["all", "generate", "embed", "explicit"]
 _USES = ("all", "generate", "embed", "explicit")
+
+
+class ModeGate:
+    """Shared access per mode; a different mode waits until the holders leave.
+
+    ``switch(mode)`` is called (under the gate) when the mode changes. A caller
+    that asks for the current mode while another mode is waiting queues behind
+    it, so neither kind of call starves the other.
+    """
+
+    def __init__(self, switch: Callable[[Hashable], None], initial: Hashable = ()) -> None:
+        self._switch = switch
+        self._mode: Hashable = initial
+        self._holders = 0
+        self._waiting: collections.Counter[Hashable] = collections.Counter()
+        self._cond = threading.Condition()
+
+    @property
+    def mode(self) -> Hashable:
+        return self._mode
+
+    def _others_waiting(self, mode: Hashable) -> bool:
+        return any(count for other, count in self._waiting.items() if other != mode)
+
+    @contextlib.contextmanager
+    def hold(self, mode: Hashable) -> Iterator[None]:
+        with self._cond:
+            if not (self._holders == 0 or (mode == self._mode and not self._others_waiting(mode))):
+                self._waiting[mode] += 1
+                try:
+                    while not (
+                        self._holders == 0
+                        or (mode == self._mode and not self._others_waiting(mode))
+                    ):
+                        self._cond.wait()
+                finally:
+                    self._waiting[mode] -= 1
+                    if not self._waiting[mode]:
+                        del self._waiting[mode]
+            if mode != self._mode:
+                self._switch(mode)
+                self._mode = mode
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Sole access (adapter loading/unloading); the mode is left as it is."""
+        token = object()
+        with self._cond:
+            self._waiting[token] += 1
+            try:
+                while self._holders:
+                    self._cond.wait()
+            finally:
+                del self._waiting[token]
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                self._mode = object()  # the adapters changed: switch again on next use
+                self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -85,10 +156,9 @@ class AdapterStack:
         for name in names:
             if name not in self._adapters:
                 known = ", ".join(self._adapters) or "(none loaded)"
-                raise LLMRuntimeError(
+                raise AdapterNotFoundError(
                     f"adapter {name!r} is not loaded; loaded adapters: {known}. "
-                    "Load it with rt.load_adapter(name, path) or list it in the role's adapters",
-                    code="adapter_not_found",
+                    "Load it with rt.load_adapter(name, path) or list it in the role's adapters"
                 )
         return tuple(dict.fromkeys(names))
 
@@ -114,11 +184,11 @@ class AdapterStack:
     def load(self, name: str, path: str | Path, *, use: str = "all") -> None:
         """Inject adapter ``name`` from a peft directory (local path or Hub id)."""
         if use not in _USES:
-            raise LLMRuntimeError(
-                f"adapter use {use!r} is not one of {', '.join(_USES)}", code="invalid_input"
+            raise InvalidInputError(
+                f"adapter use {use!r} is not one of {', '.join(_USES)}", param="use"
             )
         if not name or not isinstance(name, str):
-            raise LLMRuntimeError("an adapter needs a non-empty name", code="invalid_input")
+            raise InvalidInputError("an adapter needs a non-empty name", param="name")
         with self.gate.exclusive():
             if name in self._adapters:
                 self._delete(name)
@@ -129,20 +199,18 @@ class AdapterStack:
             except Exception as err:
                 with contextlib.suppress(Exception):
                     self._delete(name)
-                raise LLMRuntimeError(
+                raise ModelLoadError(
                     f"could not load adapter {name!r} from {str(path)!r}: {err}. "
-                    "Expected a peft LoRA directory (adapter_config.json + adapter_model.safetensors)",
-                    code="load_failed",
+                    "Expected a peft LoRA directory (adapter_config.json + adapter_model.safetensors)"
                 ) from err
             self._adapters[name] = _Adapter(name, str(path), use)  # type: ignore[arg-type]
         logger.info("adapter %s loaded from %s (use=%s)", name, path, use)
 
     def unload(self, name: str) -> None:
         if name not in self._adapters:
-            raise LLMRuntimeError(
+            raise AdapterNotFoundError(
                 f"adapter {name!r} is not loaded; loaded adapters: "
-                f"{', '.join(self._adapters) or '(none)'}",
-                code="adapter_not_found",
+                f"{', '.join(self._adapters) or '(none)'}"
             )
         with self.gate.exclusive():
             self._delete(name)
@@ -179,10 +247,9 @@ class AdapterStack:
         missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]  # type: ignore[attr-defined]
         if unexpected or missing:
             sample = (unexpected or missing)[:3]
-            raise LLMRuntimeError(
+            raise ModelLoadError(
                 f"adapter {name!r} at {path!r} does not fit this model "
-                f"({len(missing)} missing, {len(unexpected)} unexpected LoRA weights, e.g. {sample})",
-                code="load_failed",
+                f"({len(missing)} missing, {len(unexpected)} unexpected LoRA weights, e.g. {sample})"
             )
         self._lm.requires_grad_(False)
         self._peft.eval()  # new LoRA layers start in training mode: dropout off for inference

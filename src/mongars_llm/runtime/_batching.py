@@ -1,31 +1,37 @@
-"""Micro-batching of concurrent calls and the adapter "mode gate".
+"""Micro-batching of concurrent calls (standard library only).
 
 :class:`MicroBatcher` runs one worker thread: it takes the first waiting
 request, keeps collecting for ``wait_s`` seconds (or until ``max_size`` items),
 groups what it got by a compatibility key and hands each group to the handler
-in one call. Callers wait on a :class:`concurrent.futures.Future`, which an
-asyncio caller awaits with :func:`asyncio.wrap_future` without blocking its loop.
+in one call, so a group never holds more than ``max_size`` items. Callers wait
+on a :class:`concurrent.futures.Future`, which an asyncio caller awaits with
+:func:`asyncio.wrap_future` without blocking its loop. A request submitted to,
+or still queued in, a closed batcher fails with
+:class:`~mongars_llm.errors.RuntimeClosedError`.
 
-:class:`ModeGate` lets many calls share the model while they need the same
-adapter configuration and makes a call that needs another one wait until they
-are done, so that switching adapters never changes the weights under a running
-forward pass.
+Batchers still open when the interpreter exits are closed by an ``atexit``
+hook: their worker threads are daemons, and a daemon thread still inside
+torch when Python finalises aborts the process ("terminate called without an
+active exception") after a script that never called ``rt.close()``.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
-import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+import weakref
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BatchStats", "MicroBatcher", "ModeGate", "Pending"]
+from ..errors import LLMRuntimeError, MongarsError, RuntimeClosedError
+
+__all__ = ["BatchStats", "MicroBatcher", "Pending"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,14 @@ class BatchStats:
 
 
 _STOP = object()
+_OPEN: weakref.WeakSet[MicroBatcher[Any]] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_batchers() -> None:
+    """Stop every worker thread before the interpreter finalises (see the module doc)."""
+    for batcher in list(_OPEN):
+        batcher.close(timeout=30.0)
 
 
 class MicroBatcher(Generic[T]):
@@ -92,12 +106,16 @@ class MicroBatcher(Generic[T]):
         """Queue ``item``; its future completes when its batch has run."""
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"the {self.name} batcher is closed")
+                raise RuntimeClosedError(
+                    f"the {self.name} batcher is closed (the runtime was closed); "
+                    "build or fetch a new runtime"
+                )
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"mongars-{self.name}-batcher", daemon=True
                 )
                 self._thread.start()
+                _OPEN.add(self)
         self._queue.put(item)
         return item.future
 
@@ -107,6 +125,7 @@ class MicroBatcher(Generic[T]):
                 return
             self._closed = True
             thread = self._thread
+            _OPEN.discard(self)
         self._queue.put(_STOP)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -152,7 +171,11 @@ class MicroBatcher(Generic[T]):
             except queue.Empty:
                 return
             if item is not _STOP and not item.future.done():
-                item.future.set_exception(RuntimeError(f"the {self.name} batcher was closed"))
+                item.future.set_exception(
+                    RuntimeClosedError(
+                        f"the {self.name} batcher was closed before this request ran"
+                    )
+                )
 
     def _run_group(self, group: list[T]) -> None:
         items = sum(item.size() for item in group)
@@ -166,78 +189,16 @@ class MicroBatcher(Generic[T]):
             self._handler(group)
         except BaseException as err:  # the handler failed as a whole
             logger.debug("%s batch failed: %r", self.name, err)
+            error = (
+                err
+                if isinstance(err, MongarsError) or not isinstance(err, Exception)
+                else LLMRuntimeError.wrap(err, f"the {self.name} batch failed")
+            )
             for item in group:
                 if not item.future.done():
-                    item.future.set_exception(err)
+                    item.future.set_exception(error)
         for item in group:  # a handler that forgot one must not hang its caller
             if not item.future.done():
-                item.future.set_exception(RuntimeError(f"{self.name} request was not handled"))
-
-
-class ModeGate:
-    """Shared access per mode; a different mode waits until the holders leave.
-
-    ``switch(mode)`` is called (under the gate) when the mode changes. A caller
-    that asks for the current mode while another mode is waiting queues behind
-    it, so neither kind of call starves the other.
-    """
-
-    def __init__(self, switch: Callable[[Hashable], None], initial: Hashable = ()) -> None:
-        self._switch = switch
-        self._mode: Hashable = initial
-        self._holders = 0
-        self._waiting: collections.Counter[Hashable] = collections.Counter()
-        self._cond = threading.Condition()
-
-    @property
-    def mode(self) -> Hashable:
-        return self._mode
-
-    def _others_waiting(self, mode: Hashable) -> bool:
-        return any(count for other, count in self._waiting.items() if other != mode)
-
-    @contextlib.contextmanager
-    def hold(self, mode: Hashable) -> Iterator[None]:
-        with self._cond:
-            if not (self._holders == 0 or (mode == self._mode and not self._others_waiting(mode))):
-                self._waiting[mode] += 1
-                try:
-                    while not (
-                        self._holders == 0
-                        or (mode == self._mode and not self._others_waiting(mode))
-                    ):
-                        self._cond.wait()
-                finally:
-                    self._waiting[mode] -= 1
-                    if not self._waiting[mode]:
-                        del self._waiting[mode]
-            if mode != self._mode:
-                self._switch(mode)
-                self._mode = mode
-            self._holders += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._holders -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Sole access (adapter loading/unloading); the mode is left as it is."""
-        token = object()
-        with self._cond:
-            self._waiting[token] += 1
-            try:
-                while self._holders:
-                    self._cond.wait()
-            finally:
-                del self._waiting[token]
-            self._holders += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._holders -= 1
-                self._mode = object()  # the adapters changed: switch again on next use
-                self._cond.notify_all()
+                item.future.set_exception(
+                    LLMRuntimeError(f"the {self.name} batch handler did not answer this request")
+                )

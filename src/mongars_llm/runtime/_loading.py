@@ -1,4 +1,11 @@
-"""Loading a checkpoint once: device, dtype, 4-bit quantisation, LLM2Vec layouts.
+"""Loading a checkpoint once: what to load, device, dtype, 4-bit quantisation, threads.
+
+:func:`resolve_checkpoint` decides *what* loads for ``from_pretrained``: the
+adapter arguments (:func:`adapter_specs`), a provisioned local copy of a Hub
+model, and LLM2Vec layouts (an MNTP adapter folder naming its base model, and
+``llm2vec_config.json`` defaults), all in one place. :func:`plan_load` decides
+*how* (device, dtype, quantisation), :func:`load_causal_lm` loads the model
+and tokenizer, :func:`use_cpu_threads` sets torch's CPU threads.
 
 Precision follows DESIGN §3: NF4/FP4 4-bit (bitsandbytes, all four ``bnb_4bit_*``
 settings) when CUDA is present and enabled; otherwise bf16 on CPUs with native
@@ -13,27 +20,32 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..errors import LLMRuntimeError
+from ..errors import InvalidInputError, LLMRuntimeError, ModelLoadError
 from ..logging import log_event
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = [
+    "AdapterSpec",
+    "Checkpoint",
     "LoadPlan",
     "QuantizationFallbackWarning",
+    "adapter_specs",
     "choose_cpu_threads",
     "cpu_supports_bf16",
     "detect_llm2vec_layout",
     "load_causal_lm",
     "plan_load",
+    "resolve_checkpoint",
+    "use_cpu_threads",
 ]
 
 logger = logging.getLogger("mongars_llm.runtime")
@@ -114,9 +126,9 @@ def _parse_dtype(value: Any) -> torch.dtype | None:
     try:
         return _DTYPES[str(value).lower().removeprefix("torch.")]
     except KeyError:
-        raise LLMRuntimeError(
+        raise InvalidInputError(
             f"unknown dtype {value!r}; use one of auto, float32, bfloat16, float16",
-            code="invalid_input",
+            param="dtype",
         ) from None
 
 
@@ -138,16 +150,14 @@ def _resolve_device(device: str | None, settings: Settings) -> str:
     device = str(device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise LLMRuntimeError(
+            raise ModelLoadError(
                 f"device {device!r} was asked for but CUDA is not available; "
-                "use device='cpu' or unset MONGARS_MODEL__DEVICE",
-                code="load_failed",
+                "use device='cpu' or unset MONGARS_MODEL__DEVICE"
             )
         index = torch.device(device).index
         if index is not None and index >= torch.cuda.device_count():
-            raise LLMRuntimeError(
-                f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))",
-                code="load_failed",
+            raise ModelLoadError(
+                f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))"
             )
     return device
 
@@ -199,13 +209,12 @@ def plan_load(
     if not on_cuda:
         if explicitly_asked:
             if model_settings.strict_quantization:
-                raise LLMRuntimeError(
+                raise ModelLoadError(
                     f"4-bit quantisation was requested but the model loads on "
                     f"{resolved_device!r} (no CUDA device), and strict quantisation "
                     "(MONGARS_MODEL__STRICT_QUANTIZATION=true) refuses to load unquantised "
                     "weights. Load on a CUDA device, or set quantize_4bit=False "
-                    "(MONGARS_MODEL__QUANTIZE_4BIT=false) to load unquantised.",
-                    code="load_failed",
+                    "(MONGARS_MODEL__QUANTIZE_4BIT=false) to load unquantised."
                 )
             message = (
                 f"4-bit quantisation was requested but the model loads on {resolved_device!r} "
@@ -228,7 +237,7 @@ def plan_load(
             "(or set MONGARS_MODEL__QUANTIZE_4BIT=false)"
         )
         if model_settings.strict_quantization or explicitly_asked:
-            raise LLMRuntimeError(message, code="load_failed") from err
+            raise ModelLoadError(message) from err
         warnings.warn(message + "; loading unquantised", QuantizationFallbackWarning, stacklevel=3)
         return plan
 
@@ -246,13 +255,53 @@ def plan_load(
     return plan
 
 
+def use_cpu_threads(plan: LoadPlan, settings: Settings) -> None:
+    """On a CPU plan, set torch's thread count (:func:`choose_cpu_threads`); noted in the plan."""
+    if plan.device.startswith("cuda"):
+        return
+    threads, why = choose_cpu_threads(settings.model.cpu_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    plan.notes.append(f"cpu threads: {why}")
+
+
+class AdapterSpec(NamedTuple):
+    """One adapter to load: its name, its peft folder (or Hub id) and its ``use``."""
+
+    name: str
+    path: str
+    use: str = "all"
+
+
+def adapter_specs(adapters: Any) -> list[AdapterSpec]:
+    """``{name: path}``, ``[(name, path[, use])]``, or objects with ``name``/``path``
+    (and ``use``) attributes, such as a provisioned role's adapters."""
+    if not adapters:
+        return []
+    if isinstance(adapters, Mapping):
+        return [AdapterSpec(str(name), str(path)) for name, path in adapters.items()]
+    specs = []
+    for item in adapters:
+        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            name, path = item[0], item[1]
+            use = item[2] if len(item) == 3 else "all"
+        elif hasattr(item, "name") and hasattr(item, "path"):
+            name, path, use = item.name, item.path, getattr(item, "use", "all")
+        else:
+            raise InvalidInputError(
+                f"adapter {item!r:.80} must be (name, path) or (name, path, use)",
+                param="adapters",
+            )
+        specs.append(AdapterSpec(str(name), str(path), str(use)))
+    return specs
+
+
 @dataclass
 class Llm2VecLayout:
     """A published LLM2Vec directory: a LoRA adapter (MNTP) naming its base model."""
 
     base: str
     adapter_dir: Path
-    config: dict[str, Any]
 
 
 def _adapter_base(adapter_dir: Path) -> str | None:
@@ -270,8 +319,7 @@ def detect_llm2vec_layout(path: str | Path) -> Llm2VecLayout | None:
     """An adapter directory (``adapter_config.json``) is loaded as base + adapter.
 
     The base is the adapter's ``base_model_name_or_path`` (resolved relative to
-    the adapter directory first); ``llm2vec_config.json`` supplies the pooling
-    mode and maximum length when present.
+    the adapter directory first).
     """
     adapter_dir = Path(path)
     if not adapter_dir.is_dir():
@@ -279,16 +327,102 @@ def detect_llm2vec_layout(path: str | Path) -> Llm2VecLayout | None:
     base = _adapter_base(adapter_dir)
     if base is None:
         return None
-    config_path = adapter_dir / "llm2vec_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    return Llm2VecLayout(base=base, adapter_dir=adapter_dir, config=config)
+    return Llm2VecLayout(base=base, adapter_dir=adapter_dir)
 
 
 def read_llm2vec_config(path: str | Path) -> dict[str, Any]:
+    """``llm2vec_config.json`` of an adapter folder (``pooling_mode``, ``max_length``), or {}."""
     config_path = Path(path) / "llm2vec_config.json"
     if config_path.is_file():
         return dict(json.loads(config_path.read_text(encoding="utf-8")))
     return {}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one ``from_pretrained`` call loads, once LLM2Vec layouts are unfolded."""
+
+    #: folder or Hub id of the causal LM's weights (a provisioned copy when there is one)
+    source: str
+    revision: str | None
+    #: where the tokenizer comes from when not ``source`` (an LLM2Vec adapter folder)
+    tokenizer_source: str | None
+    #: the model id that LLM2Vec's prompt formats key on (the published base model's)
+    prompt_model_id: str
+    adapters: tuple[AdapterSpec, ...]
+    #: embedding defaults: the call's, else ``llm2vec_config.json``'s, else the library's
+    pooling: str
+    max_length: int | None
+    bidirectional: bool
+    #: True for a published LLM2Vec layout (an MNTP adapter folder naming its base)
+    llm2vec: bool = False
+
+
+def resolve_checkpoint(
+    path_or_repo: str | Path,
+    *,
+    settings: Settings,
+    adapters: Any = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    bidirectional: bool | None = None,
+) -> Checkpoint:
+    """Decide what to load for ``path_or_repo``, before anything heavy is read.
+
+    A Hub id that ``provision`` installed loads from that copy. A directory
+    holding a LoRA adapter (``adapter_config.json``), such as a published
+    LLM2Vec MNTP repo, loads as its base model plus that adapter (named
+    ``"mntp"``, ``use="embed"``), with the adapter folder's tokenizer when it
+    has one; ``bidirectional=None`` then means on. ``llm2vec_config.json`` of
+    every ``use="embed"`` adapter supplies ``pooling`` and ``max_length`` when
+    they are ``None``.
+    """
+    from .._sources import check_model_source
+    from ..provisioning._local_copy import provisioned_copy
+
+    source = check_model_source(path_or_repo, error=ModelLoadError)  # a missing folder
+    specs = adapter_specs(adapters)
+    prompt_model_id = source
+    # weights `provision` installed are loaded from there, not fetched again
+    local_copy = provisioned_copy(
+        source, revision=revision, settings=settings, trust_remote_code=trust_remote_code
+    )
+    if local_copy is not None:
+        source, revision = str(local_copy.path), None
+    layout = detect_llm2vec_layout(source)
+    tokenizer_source = None
+    if layout is not None:
+        specs.insert(0, AdapterSpec("mntp", str(layout.adapter_dir), "embed"))
+        if (layout.adapter_dir / "tokenizer_config.json").is_file():
+            tokenizer_source = str(layout.adapter_dir)
+        config_path = layout.adapter_dir / "config.json"
+        name = None
+        if config_path.is_file():
+            name = json.loads(config_path.read_text(encoding="utf-8")).get("_name_or_path")
+        prompt_model_id = str(name or layout.base)
+        source = layout.base
+        base_copy = provisioned_copy(source, settings=settings)
+        if base_copy is not None:
+            source = str(base_copy.path)
+        if bidirectional is None:
+            bidirectional = True
+    llm2vec_config: dict[str, Any] = {}
+    for spec in specs:
+        if spec.use == "embed" and Path(spec.path).is_dir():
+            llm2vec_config.update(read_llm2vec_config(spec.path))
+    return Checkpoint(
+        source=source,
+        revision=revision,
+        tokenizer_source=tokenizer_source,
+        prompt_model_id=prompt_model_id,
+        adapters=tuple(specs),
+        pooling=pooling or llm2vec_config.get("pooling_mode") or "mean",
+        max_length=max_length or llm2vec_config.get("max_length"),
+        bidirectional=bool(bidirectional),
+        llm2vec=layout is not None,
+    )
 
 
 def load_causal_lm(
@@ -328,11 +462,10 @@ def load_causal_lm(
     except LLMRuntimeError:
         raise
     except Exception as err:
-        raise LLMRuntimeError(
+        raise ModelLoadError(
             f"could not load the model from {source!r}: {err}. Check that the path is a "
             "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer) "
-            "or a Hub repo id you can access",
-            code="load_failed",
+            "or a Hub repo id you can access"
         ) from err
     if plan.quantization_config is None:
         model.to(plan.device)  # type: ignore[arg-type]

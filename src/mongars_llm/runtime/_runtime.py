@@ -1,36 +1,49 @@
 """``UnifiedLLMRuntime``: one copy of the weights for chat and LLM2Vec embeddings.
 
-This module imports neither torch nor transformers at import time; they load
-with the model (``from_pretrained``), so ``import mongars_llm.runtime`` is cheap.
+The class is a thin typed facade. It owns the loaded model, tokenizer and
+adapter stack (:mod:`._adapters`) and hands each call to the component that
+does the work:
+
+- loading: :mod:`._loading` decides what loads (adapters, provisioned copies,
+  LLM2Vec layouts) and how (device, dtype, 4-bit);
+- ``generate``/``stream``/``agenerate``/``astream``/``count_tokens``: the
+  :class:`~._generator.Generator`, from typed :class:`~._params.SamplingParams`;
+- ``embed``/``aembed``: the :class:`~._embedder.Embedder`, from typed
+  :class:`~._embedder.EmbedOptions`, over the LLM2Vec core (:mod:`._llm2vec`);
+- ``from_role``/``shared``/``ashared``/``reset_shared``: the application layer
+  (:mod:`mongars_llm._compose`), which reads the manifest and provisions.
+
+Failures are :class:`~mongars_llm.errors.LLMRuntimeError` subclasses with a
+stable ``code``. This module imports neither torch nor transformers at import
+time; they load with the model, so ``import mongars_llm.runtime`` is cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 import threading
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import LLMRuntimeError
+from ..errors import InvalidInputError, ModelLoadError, RuntimeClosedError
 from ..logging import log_event
-from ._batching import MicroBatcher, Pending
+from ._embedder import EmbedDefaults, Embedder, EmbedOptions
+from ._generator import Generator
+from ._llm2vec import Pooling
+from ._params import RoleDefaults, SamplingParams
 from ._types import AsyncGenerationStream, Generation, GenerationStream
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import numpy as np
 
     from ..manager import ModelManager
     from ..settings import Settings
-    from ._adapters import AdapterStack
-    from ._embedding import EncodedText
-    from ._generation import RowState, SamplingKey
 
 __all__ = ["AdapterSpecLike", "UnifiedLLMRuntime"]
 
@@ -39,78 +52,18 @@ logger = logging.getLogger("mongars_llm.runtime")
 AdapterSpecLike = (
     Mapping[str, "str | Path"] | Iterable[tuple[str, "str | Path"] | tuple[str, "str | Path", str]]
 )
-Pooling = Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"]
-
-
-def _adapter_triples(adapters: Any) -> list[tuple[str, str, str]]:
-    """``{name: path}`` or ``[(name, path[, use])]`` (or objects with those attributes)."""
-    if not adapters:
-        return []
-    if isinstance(adapters, Mapping):
-        return [(str(name), str(path), "all") for name, path in adapters.items()]
-    out = []
-    for item in adapters:
-        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
-            name, path = item[0], item[1]
-            use = item[2] if len(item) == 3 else "all"
-        elif hasattr(item, "name") and hasattr(item, "path"):
-            name, path, use = item.name, item.path, getattr(item, "use", "all")
-        else:
-            raise LLMRuntimeError(
-                f"adapter {item!r:.80} must be (name, path) or (name, path, use)",
-                code="invalid_input",
-            )
-        out.append((str(name), str(path), str(use)))
-    return out
-
-
-@dataclass
-class _EmbedRequest(Pending):
-    items: list[tuple[str, str]]
-    truncate: bool
-    pooling: str
-    bidirectional: bool
-    normalize: bool
-    mode: tuple[str, ...]
-    batch_size: int
-    batch_invariant: bool
-    encoded: list[EncodedText] | None = None  # tokenised by the worker
-
-    def size(self) -> int:
-        return len(self.items)
-
-    def key(self) -> Hashable:
-        return (
-            self.pooling,
-            self.bidirectional,
-            self.normalize,
-            self.mode,
-            self.batch_size,
-            self.batch_invariant,
-        )
-
-
-@dataclass
-class _GenerateRequest(Pending):
-    row: RowState
-    sampling: SamplingKey
-
-    def key(self) -> Hashable:
-        return self.sampling
 
 
 class UnifiedLLMRuntime:
     """One decoder-only checkpoint, loaded once, serving ``generate`` and ``embed``.
 
-    Build it with :meth:`from_pretrained` (a private instance) or
-    :meth:`shared` (the process-wide one). Embeddings run the causal LM's own
-    decoder (``rt.model.model``) — the same parameter storage as generation —
-    with LLM2Vec pooling and per-call causal/bidirectional attention. LoRA
-    adapters are stacked on that one model and chosen per call.
+    Build it with :meth:`from_pretrained` (a private instance), :meth:`from_role`
+    (a manifest role, provisioned) or :meth:`shared` (the process-wide one).
+    Embeddings run the causal LM's own decoder (``rt.model.model``) — the same
+    parameter storage as generation — with LLM2Vec pooling and per-call
+    causal/bidirectional attention. LoRA adapters are stacked on that one model
+    and chosen per call.
     """
-
-    _shared: UnifiedLLMRuntime | None = None
-    _shared_lock = threading.Lock()
 
     def __init__(
         self,
@@ -132,12 +85,12 @@ class UnifiedLLMRuntime:
         prompt_model_id: str | None = None,
     ) -> None:
         from ._adapters import AdapterStack
-        from ._embedding import POOLING_MODES
+        from ._llm2vec import POOLING_MODES
 
         if pooling not in POOLING_MODES:
-            raise LLMRuntimeError(
+            raise InvalidInputError(
                 f"unknown pooling {pooling!r}; use one of {', '.join(POOLING_MODES)}",
-                code="invalid_input",
+                param="pooling",
             )
         self._model = model
         self._tokenizer = tokenizer
@@ -166,15 +119,36 @@ class UnifiedLLMRuntime:
             limit = min(limit, int(positions))
         self.max_length = min(max_length, limit) if max_length else limit
         self._adapters: AdapterStack = AdapterStack(model)
-        wait_s = settings.model.batch_wait_ms / 1000.0
-        self._embedder: MicroBatcher[_EmbedRequest] = MicroBatcher(
-            "embed", self._run_embed_batch, max_size=settings.model.max_batch_size, wait_s=wait_s
+        self._embedder = Embedder(
+            model=model,
+            tokenizer=tokenizer,
+            tokenizer_lock=self._tokenizer_lock,
+            adapters=self._adapters,
+            settings=settings,
+            max_length=self.max_length,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            prompt_model_id=self._prompt_model_id,
+            defaults=EmbedDefaults(
+                pooling=pooling,
+                bidirectional=bidirectional,
+                normalize=normalize,
+                batch_invariant=batch_invariant,
+                instruction=instruction,
+            ),
         )
-        self._generator: MicroBatcher[_GenerateRequest] = MicroBatcher(
-            "generate",
-            self._run_generate_batch,
-            max_size=settings.model.max_batch_size,
-            wait_s=wait_s,
+        self._generator = Generator(
+            model=model,
+            tokenizer=tokenizer,
+            tokenizer_lock=self._tokenizer_lock,
+            adapters=self._adapters,
+            settings=settings,
+            max_length=self.max_length,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            roles=self._role_defaults,
         )
         self._closed = False
 
@@ -207,85 +181,37 @@ class UnifiedLLMRuntime:
         ``adapters`` with ``use="embed"``. ``llm2vec_config.json`` supplies the
         pooling mode and maximum length when ``pooling``/``max_length`` are
         ``None``; ``bidirectional=None`` means "on for an LLM2Vec layout".
+        ``manager`` supplies the roles that ``generate(..., role=...)`` names.
         """
         from ..settings import get_settings
 
         settings = settings if settings is not None else get_settings()
         started = time.perf_counter()
         try:
-            from ._loading import (
-                detect_llm2vec_layout,
-                load_causal_lm,
-                plan_load,
-                read_llm2vec_config,
-            )
+            from ._loading import load_causal_lm, plan_load, resolve_checkpoint, use_cpu_threads
         except ImportError as err:  # pragma: no cover - torch is a core dependency
-            raise LLMRuntimeError(f"the runtime needs torch: {err}", code="load_failed") from err
+            raise ModelLoadError(f"the runtime needs torch: {err}") from err
 
-        from .._sources import check_model_source
-
-        source = check_model_source(  # a missing folder is not a Hub id
-            path_or_repo, error=lambda message: LLMRuntimeError(message, code="load_failed")
+        checkpoint = resolve_checkpoint(
+            path_or_repo,
+            settings=settings,
+            adapters=adapters,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            pooling=pooling,
+            max_length=max_length,
+            bidirectional=bidirectional,
         )
-        triples = _adapter_triples(adapters)
-        prompt_model_id = source
-        from ..provisioning._local_copy import provisioned_copy
-
-        # weights `provision` installed are loaded from there, not fetched again
-        local_copy = provisioned_copy(
-            source, revision=revision, settings=settings, trust_remote_code=trust_remote_code
-        )
-        if local_copy is not None:
-            source, revision = str(local_copy.path), None
-        layout = detect_llm2vec_layout(source)
-        tokenizer_source = None
-        llm2vec_config: dict[str, Any] = {}
-        if layout is not None:
-            triples.insert(0, ("mntp", str(layout.adapter_dir), "embed"))
-            llm2vec_config.update(layout.config)
-            tokenizer_dir = layout.adapter_dir
-            if (tokenizer_dir / "tokenizer_config.json").is_file():
-                tokenizer_source = str(tokenizer_dir)
-            config_path = tokenizer_dir / "config.json"
-            if config_path.is_file():
-                import json
-
-                prompt_model_id = str(
-                    json.loads(config_path.read_text(encoding="utf-8")).get("_name_or_path")
-                    or layout.base
-                )
-            else:
-                prompt_model_id = layout.base
-            source = layout.base
-            base_copy = provisioned_copy(source, settings=settings)
-            if base_copy is not None:
-                source = str(base_copy.path)
-            if bidirectional is None:
-                bidirectional = True
-        for _, adapter_path, use in triples:
-            if use == "embed" and Path(adapter_path).is_dir():
-                llm2vec_config.update(read_llm2vec_config(adapter_path))
-        pooling = pooling or llm2vec_config.get("pooling_mode") or "mean"
-        max_length = max_length or llm2vec_config.get("max_length")
-
         plan = plan_load(device=device, dtype=dtype, quantize_4bit=quantize_4bit, settings=settings)
-        if not plan.device.startswith("cuda"):
-            import torch
-
-            from ._loading import choose_cpu_threads
-
-            threads, why = choose_cpu_threads(settings.model.cpu_threads)
-            if threads is not None:
-                torch.set_num_threads(threads)
-            plan.notes.append(f"cpu threads: {why}")
+        use_cpu_threads(plan, settings)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         model, tokenizer = load_causal_lm(
-            source,
+            checkpoint.source,
             plan,
             trust_remote_code=trust_remote_code,
-            revision=revision,
+            revision=checkpoint.revision,
             token=token,
-            tokenizer_source=tokenizer_source,
+            tokenizer_source=checkpoint.tokenizer_source,
         )
         runtime = cls(
             model=model,
@@ -296,81 +222,32 @@ class UnifiedLLMRuntime:
             quantization=plan.quantization,
             settings=settings,
             manager=manager,
-            pooling=pooling,
-            bidirectional=bool(bidirectional),
+            pooling=checkpoint.pooling,
+            bidirectional=checkpoint.bidirectional,
             normalize=normalize,
-            max_length=max_length,
+            max_length=checkpoint.max_length,
             batch_invariant=batch_invariant,
             instruction=instruction,
-            prompt_model_id=prompt_model_id,
+            prompt_model_id=checkpoint.prompt_model_id,
         )
-        for name, adapter_path, use in triples:
+        for name, adapter_path, use in checkpoint.adapters:
             runtime.load_adapter(name, adapter_path, use=use)
-        parameters = sum(p.numel() for p in model.parameters())
         log_event(
             logger,
             "llm_runtime_load",
             model=str(path_or_repo),
-            path=source if source != str(path_or_repo) else None,  # a provisioned copy
+            path=checkpoint.source if checkpoint.source != str(path_or_repo) else None,
             device=plan.device,
             dtype=str(plan.dtype).removeprefix("torch."),
             quantization=plan.quantization,
-            parameters=parameters,
+            parameters=sum(p.numel() for p in model.parameters()),
             adapters=",".join(runtime.adapter_names) or None,
-            pooling=pooling,
-            bidirectional=bool(bidirectional),
+            pooling=checkpoint.pooling,
+            bidirectional=checkpoint.bidirectional,
             notes="; ".join(plan.notes) or None,
             seconds=round(time.perf_counter() - started, 3),
         )
         return runtime
-
-    @classmethod
-    def shared(cls, settings: Settings | None = None) -> UnifiedLLMRuntime:
-        """The process-wide runtime, created once (thread-safe).
-
-        It loads ``settings.unified_model_dir`` when set, else the active
-        profile's role ``general`` (or its first role), provisioned first, with
-        that role's adapters and embedding options. A failed load raises
-        ``LLMRuntimeError(code="load_failed")`` and is retried on the next call.
-        """
-        runtime = cls._shared
-        if runtime is not None:
-            return runtime
-        with cls._shared_lock:
-            if cls._shared is None:
-                try:
-                    cls._shared = cls._build_shared(settings)
-                except LLMRuntimeError:
-                    raise
-                except Exception as err:
-                    raise LLMRuntimeError(
-                        f"could not load the shared runtime: {err}", code="load_failed"
-                    ) from err
-            return cls._shared
-
-    @classmethod
-    async def ashared(cls, settings: Settings | None = None) -> UnifiedLLMRuntime:
-        """:meth:`shared` without blocking the event loop (loading runs in a thread)."""
-        if cls._shared is not None:
-            return cls._shared
-        return await asyncio.to_thread(cls.shared, settings)
-
-    @classmethod
-    def reset_shared(cls) -> None:
-        """Close and forget the process-wide runtime (for tests and reloads)."""
-        with cls._shared_lock:
-            runtime, cls._shared = cls._shared, None
-        if runtime is not None:
-            runtime.close()
-
-    @classmethod
-    def _build_shared(cls, settings: Settings | None) -> UnifiedLLMRuntime:
-        from ..settings import get_settings
-
-        settings = settings if settings is not None else get_settings()
-        if settings.unified_model_dir is not None:
-            return cls.from_pretrained(settings.unified_model_dir, settings=settings)
-        return cls.from_role(settings=settings)
 
     @classmethod
     def from_role(
@@ -386,52 +263,45 @@ class UnifiedLLMRuntime:
         """Provision a manifest role (default ``general``, else the profile's first
         role) and load it with its adapters and embedding options; sampling
         defaults then come from that role. An unknown role is a ``ConfigError``
-        listing the known ones."""
-        from ..manager import ModelManager
-        from ..provisioning import provision
+        listing the known ones. (See :func:`mongars_llm._compose.runtime_for_role`.)"""
+        from .._compose import runtime_for_role
 
-        manager = manager if manager is not None else ModelManager(settings=settings)
-        settings = manager.settings
-        names = manager.role_names
-        if not names:
-            raise LLMRuntimeError(
-                f"profile {manager.profile_name!r} has no roles to load", code="load_failed"
-            )
-        if role is None:
-            role = "general" if "general" in names else names[0]
-        report = provision([role], manager=manager, show_progress=show_progress)
-        entry = report[role]
-        if entry.ok and not entry.path:  # e.g. an Ollama model on a daemon we cannot read
-            raise LLMRuntimeError(
-                f"role {role!r} ({entry.provider} {entry.model}) has no local copy to load "
-                f"({entry.verified or entry.action}); for Ollama, set OLLAMA_MODELS to the "
-                "daemon's model store on this machine and provision again",
-                code="load_failed",
-            )
-        if not entry.ok or not entry.path:
-            raise LLMRuntimeError(
-                f"role {role!r} ({entry.model}) could not be provisioned: "
-                f"{entry.error or entry.action}; run `mongars-llm provision --roles {role}`",
-                code="load_failed",
-            )
-        resolved = manager.role(role)
-        embedding = dict(getattr(resolved, "embedding", {}) or {})
-        adapters = [(a.name, a.path, a.use) for a in getattr(entry, "adapters", ())]
-        return cls.from_pretrained(
-            entry.path,
+        return runtime_for_role(
+            role,
             settings=settings,
             manager=manager,
             device=device,
             quantize_4bit=quantize_4bit,
-            adapters=adapters,
-            pooling=embedding.get("pooling") or "mean",
-            bidirectional=bool(embedding.get("bidirectional", False)),
-            max_length=embedding.get("max_length"),
-            normalize=bool(embedding.get("normalize", True)),
-            instruction=embedding.get("instruction"),
-            trust_remote_code=bool(getattr(resolved.entry, "trust_remote_code", False)),
-            revision=entry.revision if entry.provider == "huggingface" else None,
+            show_progress=show_progress,
+            runtime_cls=cls,
         )
+
+    @classmethod
+    def shared(cls, settings: Settings | None = None) -> UnifiedLLMRuntime:
+        """The process-wide runtime, created once (thread-safe).
+
+        It loads ``settings.unified_model_dir`` when set, else the active
+        profile's role ``general`` (or its first role), provisioned first, with
+        that role's adapters and embedding options. A failed load raises
+        ``ModelLoadError`` (code ``load_failed``) and is retried on the next call.
+        """
+        from .._compose import shared_runtime
+
+        return shared_runtime(settings, runtime_cls=cls)
+
+    @classmethod
+    async def ashared(cls, settings: Settings | None = None) -> UnifiedLLMRuntime:
+        """:meth:`shared` without blocking the event loop (loading runs in a thread)."""
+        from .._compose import ashared_runtime
+
+        return await ashared_runtime(settings, runtime_cls=cls)
+
+    @classmethod
+    def reset_shared(cls) -> None:
+        """Close and forget the process-wide runtime (for tests and reloads)."""
+        from .._compose import reset_shared_runtime
+
+        reset_shared_runtime()
 
     # --------------------------------------------------------------- properties
     @property
@@ -485,163 +355,39 @@ class UnifiedLLMRuntime:
         self._adapters.unload(name)
 
     # ---------------------------------------------------------------- utilities
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran; every call then raises ``RuntimeClosedError``."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
-            raise LLMRuntimeError("this runtime is closed", code="closed")
+            raise RuntimeClosedError("this runtime is closed; build or fetch a new one")
 
     def count_tokens(self, text_or_messages: Any) -> int:
         """Tokens the model reads for a prompt string or chat messages."""
-        from ._generation import messages_to_prompt_ids
+        return self._generator.count_tokens(text_or_messages)
 
-        with self._tokenizer_lock:
-            if isinstance(text_or_messages, str):
-                return len(self._tokenizer(text_or_messages, add_special_tokens=True)["input_ids"])
-            return len(messages_to_prompt_ids(self._tokenizer, text_or_messages))
+    def _role_defaults(self, role: str) -> RoleDefaults:
+        """The defaults of a role a call names, read from the manifest by the
+        application layer (through :attr:`manager`)."""
+        from .._compose import role_defaults
 
-    def _role_defaults(self, role: str | None) -> tuple[dict[str, Any], tuple[str, ...] | None]:
-        if role is None:
-            return {}, None
-        if self.manager is None:
-            from ..manager import ModelManager
-
-            self.manager = ModelManager(settings=self.settings)
-        resolved = self.manager.role(role)
-        parameters = dict(getattr(resolved, "parameters", {}) or {})
-        entry = getattr(resolved, "entry", None)
-        names = [a.name for a in getattr(entry, "adapters", ()) or ()]
-        loaded = tuple(n for n in names if n in self._adapters.names)
-        return parameters, (loaded if names else None)
+        return role_defaults(self, role)
 
     # --------------------------------------------------------------- generation
-    def _prepare_generation(
+    def _submit(
         self,
         prompt_or_messages: Any,
-        *,
-        role: str | None,
-        max_new_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        stop: str | Sequence[str] | None,
-        adapter: str | Sequence[str] | None,
-        seed: int | None,
-        repetition_penalty: float | None,
-        stream: GenerationStream | None,
-    ) -> _GenerateRequest:
-        from ._generation import RowState, SamplingKey, messages_to_prompt_ids
-
+        options: Mapping[str, Any],
+        stream: GenerationStream | None = None,
+    ) -> Future[Generation]:
+        """Queue one generation from ``role`` + sampling keyword arguments (an unknown
+        name is a ``TypeError``, as for :meth:`generate`)."""
+        role = options.get("role")
+        params = SamplingParams.from_kwargs({k: v for k, v in options.items() if k != "role"})
         self._check_open()
-        defaults, role_adapters = self._role_defaults(role)
-
-        def pick(value: Any, name: str) -> Any:
-            return value if value is not None else defaults.get(name)
-
-        bound = self.settings.model.max_new_tokens
-        wanted = pick(max_new_tokens, "max_new_tokens")
-        if wanted is None:
-            wanted = bound
-        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
-            raise LLMRuntimeError(
-                f"max_new_tokens must be a positive integer, got {wanted!r}", code="invalid_input"
-            )
-        wanted = min(wanted, bound)
-        temperature = pick(temperature, "temperature")
-        top_p = pick(top_p, "top_p")
-        top_k = pick(top_k, "top_k")
-        seed = pick(seed, "seed")
-        repetition_penalty = pick(repetition_penalty, "repetition_penalty")
-        if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
-            raise LLMRuntimeError(
-                f"temperature must be >= 0, got {temperature!r}", code="invalid_input"
-            )
-        if top_p is not None and not (0 < top_p <= 1):
-            raise LLMRuntimeError(f"top_p must be in (0, 1], got {top_p!r}", code="invalid_input")
-        if top_k is not None and top_k < 0:
-            raise LLMRuntimeError(f"top_k must be >= 0, got {top_k!r}", code="invalid_input")
-        stops = pick(stop, "stop") or ()
-        stops = (stops,) if isinstance(stops, str) else tuple(stops)
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise LLMRuntimeError("stop strings must be non-empty strings", code="invalid_input")
-        if temperature is not None:
-            do_sample = temperature > 0
-        else:
-            do_sample = bool(getattr(self._model.generation_config, "do_sample", False))
-        if adapter is None and role_adapters is not None:
-            mode = role_adapters
-        else:
-            mode = self._adapters.resolve(adapter, "generate")
-        with self._tokenizer_lock:
-            prompt_ids = messages_to_prompt_ids(self._tokenizer, prompt_or_messages)
-        if len(prompt_ids) > self.max_length:
-            raise LLMRuntimeError(
-                f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
-                f"{self.max_length} (MONGARS_MODEL__MAX_INPUT_TOKENS / the model's context); "
-                "shorten it",
-                code="input_too_long",
-            )
-        row = RowState(prompt_ids=prompt_ids, max_new_tokens=wanted, stop=stops, stream=stream)
-        key = SamplingKey(
-            mode=mode,
-            do_sample=do_sample,
-            temperature=float(temperature) if do_sample and temperature is not None else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("llm_generate prompt=%r", prompt_or_messages)
-        return _GenerateRequest(row=row, sampling=key)
-
-    def _run_generate_batch(self, requests: list[_GenerateRequest]) -> None:
-        import torch
-
-        from ._generation import run_generation
-
-        key = requests[0].sampling
-        step = self.settings.model.max_batch_size
-        for start in range(0, len(requests), step):
-            chunk = requests[start : start + step]
-            started = time.perf_counter()
-            try:
-                with self._adapters.active(key.mode), torch.inference_mode():
-                    results = run_generation(
-                        self._model,
-                        self._tokenizer,
-                        [r.row for r in chunk],
-                        key,
-                        device=self.device,
-                        lock=self._tokenizer_lock,
-                    )
-            except Exception as err:
-                error = _as_runtime_error(err, "generation failed", "generation_failed")
-                for request in chunk:
-                    if request.row.stream is not None:
-                        request.row.stream._finish(None, error)
-                    request.future.set_exception(error)
-                continue
-            seconds = time.perf_counter() - started
-            for request, result in zip(chunk, results, strict=True):
-                if request.row.stream is not None:
-                    request.row.stream._finish(result)
-                request.future.set_result(result)
-            log_event(
-                logger,
-                "llm_generate",
-                batch_size=len(chunk),
-                prompt_tokens=sum(r.usage.prompt_tokens for r in results),
-                completion_tokens=sum(r.usage.completion_tokens for r in results),
-                adapters=",".join(key.mode) or None,
-                sampling=key.do_sample,
-                device=self.device,
-                dtype=str(self.dtype).removeprefix("torch."),
-                quantization=self.quantization,
-                seconds=round(seconds, 4),
-            )
-
-    def _submit_generate(self, prompt_or_messages: Any, **kwargs: Any) -> Future[Any]:
-        request = self._prepare_generation(prompt_or_messages, stream=None, **_gen_kwargs(kwargs))
-        return self._generator.submit(request)
+        return self._generator.submit(prompt_or_messages, params, role=role, stream=stream)
 
     def generate(
         self,
@@ -662,10 +408,9 @@ class UnifiedLLMRuntime:
         Arguments override the role's defaults (``role=``); ``temperature=0`` is
         greedy and deterministic; ``max_new_tokens`` is clamped to
         ``settings.model.max_new_tokens``. The text never contains the prompt.
+        A bad value raises ``InvalidInputError`` naming the argument.
         """
-        future = self._submit_generate(
-            prompt_or_messages,
-            role=role,
+        params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -675,28 +420,29 @@ class UnifiedLLMRuntime:
             seed=seed,
             repetition_penalty=repetition_penalty,
         )
+        self._check_open()
+        future = self._generator.submit(prompt_or_messages, params, role=role)
         return cast(Generation, future.result())
 
     def generate_batch(self, prompts: Sequence[Any], **kwargs: Any) -> list[Generation]:
         """:meth:`generate` for many prompts at once (batched on the model), in order."""
         if isinstance(prompts, str) or not prompts:
-            raise LLMRuntimeError(
+            raise InvalidInputError(
                 "generate_batch needs a non-empty list of prompts or message lists",
-                code="invalid_input",
+                param="prompts",
             )
-        futures = [self._submit_generate(p, **kwargs) for p in prompts]
+        futures = [self._submit(p, kwargs) for p in prompts]
         return [cast(Generation, f.result()) for f in futures]
 
     def stream(self, prompt_or_messages: Any, **kwargs: Any) -> GenerationStream:
         """Like :meth:`generate` but returns a :class:`GenerationStream` of text deltas."""
         stream = GenerationStream()
-        request = self._prepare_generation(prompt_or_messages, stream=stream, **_gen_kwargs(kwargs))
-        self._generator.submit(request)
+        self._submit(prompt_or_messages, kwargs, stream)
         return stream
 
     async def agenerate(self, prompt_or_messages: Any, **kwargs: Any) -> Generation:
         """:meth:`generate` without blocking the event loop (micro-batched with others)."""
-        future = self._submit_generate(prompt_or_messages, **kwargs)
+        future = self._submit(prompt_or_messages, kwargs)
         return cast(Generation, await asyncio.wrap_future(future))
 
     def astream(self, prompt_or_messages: Any, **kwargs: Any) -> AsyncGenerationStream:
@@ -708,200 +454,6 @@ class UnifiedLLMRuntime:
         return async_stream
 
     # --------------------------------------------------------------- embeddings
-    def _prepare_embed(
-        self,
-        texts: Any,
-        *,
-        instruction: str | None,
-        normalize: bool | None,
-        pooling: str | None,
-        batch_size: int | None,
-        adapter: str | Sequence[str] | None,
-        bidirectional: bool | None,
-        truncate: bool,
-        batch_invariant: bool | None,
-    ) -> _EmbedRequest:
-        from ._embedding import POOLING_MODES, normalise_inputs
-
-        self._check_open()
-        pooling = pooling or self.pooling
-        if pooling not in POOLING_MODES:
-            raise LLMRuntimeError(
-                f"unknown pooling {pooling!r}; use one of {', '.join(POOLING_MODES)}",
-                code="invalid_input",
-            )
-        if batch_size is not None and batch_size < 1:
-            raise LLMRuntimeError(
-                f"batch_size must be >= 1, got {batch_size!r}", code="invalid_input"
-            )
-        items = normalise_inputs(
-            texts, instruction if instruction is not None else self.instruction
-        )
-        mode = self._adapters.resolve(adapter, "embed")
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("llm_embed texts=%r", items)
-        return _EmbedRequest(
-            items=items,
-            truncate=truncate,
-            pooling=pooling,
-            bidirectional=self.bidirectional if bidirectional is None else bool(bidirectional),
-            normalize=self.normalize if normalize is None else bool(normalize),
-            mode=mode,
-            batch_size=min(batch_size or self.settings.model.max_batch_size, 4096),
-            batch_invariant=self.batch_invariant if batch_invariant is None else batch_invariant,
-        )
-
-    def _run_embed_batch(self, requests: list[_EmbedRequest]) -> None:
-        import numpy as np
-        import torch
-
-        from ._embedding import (
-            collate,
-            collate_packed,
-            encode_inputs,
-            plan_chunks,
-            plan_packed,
-            pool,
-            run_decoder,
-            run_packed,
-        )
-
-        # Tokenise here, on the worker, so callers (and the event loop) only queue.
-        ready = []
-        for request in requests:
-            try:
-                with self._tokenizer_lock:
-                    request.encoded = encode_inputs(
-                        self._tokenizer,
-                        request.items,
-                        pooling=request.pooling,
-                        max_length=self.max_length,
-                        truncate=request.truncate,
-                        model_type=str(getattr(self._config, "model_type", "")),
-                        model_id=self._prompt_model_id,
-                    )
-            except Exception as err:
-                request.future.set_exception(err)
-                continue
-            ready.append(request)
-        if not ready:
-            return
-        requests = ready
-        first = requests[0]
-        encoded = [e for r in requests for e in (r.encoded or [])]
-        lengths = [len(e) for e in encoded]
-        pack_tokens = self._pack_tokens(first, lengths)
-        if pack_tokens:
-            plan = plan_packed(
-                lengths,
-                batch_size=first.batch_size,
-                max_batch_tokens=self.settings.model.max_batch_tokens,
-                row_tokens=pack_tokens,
-            )
-            if all(len(row) == 1 for rows in plan for row in rows):
-                pack_tokens = 0  # nothing shares a row: the same batches, padded
-        else:
-            chunks = plan_chunks(
-                lengths,
-                batch_size=first.batch_size,
-                max_batch_tokens=self.settings.model.max_batch_tokens,
-                batch_invariant=first.batch_invariant,
-            )
-            plan = [[[i] for i in chunk] for chunk in chunks]
-        started = time.perf_counter()
-        out = np.empty((len(encoded), self.hidden_size), dtype=np.float32)
-        padding_side = getattr(self._tokenizer, "padding_side", "right") or "right"
-        eager = self._config._attn_implementation == "eager"
-        pad_id = self._tokenizer.pad_token_id
-        padded = 0
-        try:
-            with self._adapters.active(first.mode), torch.inference_mode():
-                decoder = self.decoder
-                for rows in plan:
-                    texts = [i for row in rows for i in row]
-                    if pack_tokens:
-                        packed = collate_packed(
-                            [[encoded[i] for i in row] for row in rows],
-                            pad_id=pad_id,
-                            bidirectional=first.bidirectional,
-                            float_mask_dtype=self.dtype if eager else None,
-                            device=self.device,
-                        )
-                        padded += packed.padded_tokens
-                        hidden = run_packed(decoder, packed)
-                        attention, pooled, ids = packed.valid, packed.pooled, packed.text_ids
-                    else:
-                        ids, attention, pooled = collate(
-                            [encoded[i] for i in texts],
-                            pad_id=pad_id,
-                            padding_side=padding_side,
-                            device=self.device,
-                        )
-                        padded += ids.numel()
-                        hidden = run_decoder(
-                            decoder, ids, attention, bidirectional=first.bidirectional
-                        )
-                    vectors = pool(
-                        hidden,
-                        attention,
-                        pooled,
-                        ids,
-                        mode=first.pooling,
-                        bos_token_id=self._tokenizer.bos_token_id,
-                    )
-                    if first.normalize:
-                        vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-                    out[texts] = vectors.cpu().numpy()
-        except Exception as err:
-            error = _as_runtime_error(err, "embedding failed", "embedding_failed")
-            for request in requests:
-                request.future.set_exception(error)
-            return
-        if not np.isfinite(out).all():
-            error = LLMRuntimeError(
-                "embedding produced non-finite values (NaN/inf); try dtype='float32'",
-                code="embedding_failed",
-            )
-            for request in requests:
-                request.future.set_exception(error)
-            return
-        offset = 0
-        for request in requests:
-            n = len(request.items)
-            request.future.set_result(out[offset : offset + n].copy())
-            offset += n
-        log_event(
-            logger,
-            "llm_embed",
-            requests=len(requests),
-            batch_size=len(encoded),
-            forward_batches=len(plan),
-            packed=bool(pack_tokens),
-            tokens=sum(lengths),
-            padded_tokens=padded,
-            pooling=first.pooling,
-            bidirectional=first.bidirectional,
-            adapters=",".join(first.mode) or None,
-            device=self.device,
-            dtype=str(self.dtype).removeprefix("torch."),
-            quantization=self.quantization,
-            seconds=round(time.perf_counter() - started, 4),
-        )
-
-    def _pack_tokens(self, request: _EmbedRequest, lengths: list[int]) -> int:
-        """Row size for packing this batch, or 0 to pad each text to the longest."""
-        rows = min(self.settings.model.embed_pack_tokens, self.settings.model.max_batch_tokens)
-        if not rows or request.batch_invariant or request.batch_size < 2 or len(lengths) < 2:
-            return 0
-        if self._config._attn_implementation not in ("sdpa", "eager"):
-            return 0  # flash/flex attention take no 4-D mask
-        window = getattr(self._config, "sliding_window", None)
-        if window and getattr(self._config, "use_sliding_window", True):
-            if max(lengths) > window:
-                return 0  # a custom mask would drop the window for this long text
-            rows = min(rows, window)
-        return rows
-
     def embed(
         self,
         texts: str | Sequence[str] | Sequence[Sequence[str]],
@@ -920,25 +472,14 @@ class UnifiedLLMRuntime:
 
         ``texts`` is a string, a list of strings, or a list of
         ``[instruction, text]`` pairs (LLM2Vec style); ``instruction`` applies
-        to plain strings. Instruction tokens are read but not pooled.
-        ``truncate=False`` raises ``input_too_long`` instead of cutting at
+        to plain strings. Instruction tokens are read but not pooled (llm2vec's
+        rule: the last N tokens are pooled, N being the text's own token count).
+        ``truncate=False`` raises ``InputTooLongError`` instead of cutting at
         ``max_length``. ``show_progress=True`` draws a progress bar on stderr
-        (texts are then embedded in chunks of ``PROGRESS_CHUNK`` texts).
+        (texts are then embedded in chunks of ``PROGRESS_CHUNK`` texts). See
+        :class:`~._embedder.Embedder`.
         """
-        options: dict[str, Any] = {
-            "instruction": instruction,
-            "normalize": normalize,
-            "pooling": pooling,
-            "batch_size": batch_size,
-            "adapter": adapter,
-            "bidirectional": bidirectional,
-            "truncate": truncate,
-            "batch_invariant": batch_invariant,
-        }
-        if show_progress and not isinstance(texts, str):
-            return self._embed_with_progress(list(texts), options)
-        request = self._prepare_embed(
-            texts,
+        options = EmbedOptions(
             instruction=instruction,
             normalize=normalize,
             pooling=pooling,
@@ -948,30 +489,37 @@ class UnifiedLLMRuntime:
             truncate=truncate,
             batch_invariant=batch_invariant,
         )
-        return cast("np.ndarray", self._embedder.submit(request).result())
+        if show_progress and not isinstance(texts, str):
+            return self._embed_with_progress(list(texts), options)
+        self._check_open()
+        request = self._embedder.prepare(texts, options)
+        return self._embedder.submit(request).result()
 
     #: texts per chunk when :meth:`embed` shows progress (one bar update per chunk)
     PROGRESS_CHUNK = 64
 
-    def _embed_with_progress(self, texts: list[Any], options: dict[str, Any]) -> np.ndarray:
+    def _embed_with_progress(self, texts: list[Any], options: EmbedOptions) -> np.ndarray:
         import numpy as np
         from tqdm.auto import tqdm
 
+        kwargs = options.as_kwargs()
         if not texts:  # the usual "texts is empty" error
-            return self.embed(texts, **options)
-        chunk = max(self.PROGRESS_CHUNK, options.get("batch_size") or 0)
+            return self.embed(texts, **kwargs)
+        chunk = max(self.PROGRESS_CHUNK, options.batch_size or 0)
         parts = []
         with tqdm(total=len(texts), desc="Embedding", unit="text", file=sys.stderr) as bar:
             for start in range(0, len(texts), chunk):
                 part = texts[start : start + chunk]
-                parts.append(self.embed(part, **options))
+                parts.append(self.embed(part, **kwargs))
                 bar.update(len(part))
         return np.concatenate(parts, axis=0)
 
     async def aembed(self, texts: Any, **kwargs: Any) -> np.ndarray:
         """:meth:`embed` without blocking the event loop (micro-batched with others)."""
-        request = self._prepare_embed(texts, **_embed_kwargs(kwargs))
-        return cast("np.ndarray", await asyncio.wrap_future(self._embedder.submit(request)))
+        options = EmbedOptions.from_kwargs(kwargs)
+        self._check_open()
+        request = self._embedder.prepare(texts, options)
+        return await asyncio.wrap_future(self._embedder.submit(request))
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
@@ -981,57 +529,9 @@ class UnifiedLLMRuntime:
         self._closed = True
         self._embedder.close()
         self._generator.close()
-        if type(self)._shared is self:
-            type(self)._shared = None
 
     def __enter__(self) -> UnifiedLLMRuntime:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_GEN_KEYS = {
-    "role": None,
-    "max_new_tokens": None,
-    "temperature": None,
-    "top_p": None,
-    "top_k": None,
-    "stop": None,
-    "adapter": None,
-    "seed": None,
-    "repetition_penalty": None,
-}
-_EMBED_KEYS = {
-    "instruction": None,
-    "normalize": None,
-    "pooling": None,
-    "batch_size": None,
-    "adapter": None,
-    "bidirectional": None,
-    "truncate": True,
-    "batch_invariant": None,
-}
-
-
-def _as_runtime_error(err: Exception, what: str, code: str) -> LLMRuntimeError:
-    """``err`` itself if it is an :class:`LLMRuntimeError`, else one wrapping it."""
-    if isinstance(err, LLMRuntimeError):
-        return err
-    error = LLMRuntimeError(f"{what}: {err}", code=code)
-    error.__cause__ = err
-    return error
-
-
-def _gen_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(kwargs) - set(_GEN_KEYS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    return {**_GEN_KEYS, **kwargs}
-
-
-def _embed_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(kwargs) - set(_EMBED_KEYS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    return {**_EMBED_KEYS, **kwargs}

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import InvalidInputError
+
 __all__ = ["AsyncGenerationStream", "Generation", "GenerationStream", "Usage"]
 
 FinishReason = Literal["stop", "length"]
@@ -94,9 +96,19 @@ class GenerationStream:
 
     @property
     def result(self) -> Generation:
-        """The final generation; available once the stream is exhausted."""
+        """The final generation, once the stream is finished (:attr:`done`).
+
+        Asked for earlier, it raises :class:`~mongars_llm.errors.InvalidInputError`
+        (a ``ValueError``, code ``invalid_input``): a call at the wrong time, like
+        ``asyncio.Future.result()`` before the future is done. It does not wait,
+        so that an event loop reading it is never blocked.
+        """
         if not self._done.is_set():
-            raise RuntimeError("the stream is not finished yet; iterate it to the end first")
+            raise InvalidInputError(
+                "the stream is not finished yet: iterate it to the end (or wait until "
+                "stream.done) before reading stream.result",
+                param="result",
+            )
         if self._error is not None:
             raise self._error
         assert self._result is not None

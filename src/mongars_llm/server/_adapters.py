@@ -25,9 +25,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..logging import log_event
+
+if TYPE_CHECKING:
+    from ._runtime_api import RuntimeAPI
 
 __all__ = ["RegistryWatcher", "runtime_adapter_name"]
 
@@ -53,7 +56,7 @@ class RegistryWatcher:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: RuntimeAPI,
         registry_path: Any,
         *,
         poll_s: float = 5.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._extras import require
 from .._version import __version__
@@ -23,6 +23,9 @@ from ._limits import LimitsMiddleware  # noqa: E402
 from ._openai import build_openai_router  # noqa: E402
 from ._state import EmbedFn, ServerState  # noqa: E402
 from .protocol import HealthResponse, ReadyResponse  # noqa: E402
+
+if TYPE_CHECKING:
+    from ._runtime_api import RuntimeAPI
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -43,7 +46,7 @@ Errors are `{"error": {"message", "type", "param", "code"}}`.
 
 def create_app(
     settings: Settings | None = None,
-    runtime: Any | None = None,
+    runtime: RuntimeAPI | None = None,
     manager: Any | None = None,
     *,
     embeddings_only: bool | None = None,
@@ -131,7 +134,7 @@ def _health_router() -> APIRouter:
         if runtime is not None:
             return ReadyResponse(
                 status="ready",
-                model=getattr(runtime, "model_id", None),
+                model=runtime.model_id,
                 embeddings_only=state.embeddings_only,
                 adapters=state.adapter_names(),
             )

@@ -20,7 +20,9 @@ from ._limits import AdmissionController
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..manifest import ResolvedRole
     from ._adapters import RegistryWatcher
+    from ._runtime_api import RuntimeAPI
 
 __all__ = ["BASE_ADAPTER", "EmbedFn", "ServerState"]
 
@@ -41,7 +43,7 @@ class ServerState:
         settings: Settings,
         config: ServerConfig,
         *,
-        runtime: Any | None,
+        runtime: RuntimeAPI | None,
         manager: Any | None,
         embeddings_only: bool,
         embed_fn: EmbedFn | None,
@@ -111,7 +113,7 @@ class ServerState:
         log_event(
             logger,
             "server_ready",
-            model=getattr(runtime, "model_id", None),
+            model=runtime.model_id,
             seconds=round(time.perf_counter() - started, 3),
         )
         self.start_watcher()
@@ -121,7 +123,7 @@ class ServerState:
             self._load_thread.join(timeout)
         return self.runtime is not None
 
-    def require_runtime(self) -> Any:
+    def require_runtime(self) -> RuntimeAPI:
         """The runtime, or a 503 saying it is still loading / failed to load."""
         if self.runtime is not None:
             return self.runtime
@@ -164,7 +166,7 @@ class ServerState:
     def adapter_names(self) -> list[str]:
         """Adapters selectable by requests: the runtime's plus the watcher's aliases."""
         runtime = self.runtime
-        names = list(getattr(runtime, "adapter_names", ()) or ()) if runtime is not None else []
+        names = list(runtime.adapter_names) if runtime is not None else []
         if self.watcher is not None:
             names.extend(alias for alias in self.watcher.aliases if alias not in names)
         if names:
@@ -178,11 +180,12 @@ class ServerState:
 
         The adapter is ``None`` for the runtime's defaults, a runtime adapter
         name, or ``()`` for ``role:base`` (no adapter). Unknown names are a 404
-        listing what is available; an adapter given both ways with different
-        names is a 422.
+        listing what is available (a 503 while the model loads: the checkpoint id
+        is not known before); an adapter given both ways with different names is
+        a 422.
         """
         runtime = self.runtime
-        model_id = getattr(runtime, "model_id", None) if runtime is not None else None
+        model_id = runtime.model_id if runtime is not None else None
         roles = self.role_names()
         base, suffix = model, None
         if model not in roles and model != model_id and ":" in model:
@@ -192,6 +195,8 @@ class ServerState:
         elif model_id is not None and base == model_id:
             role = None
         else:
+            if runtime is None and self.load_error is None:
+                self.require_runtime()  # the 503 "still loading"
             available = ", ".join(roles) or "(none)"
             raise APIError(
                 404,
@@ -218,7 +223,7 @@ class ServerState:
     def resolve_adapter(self, name: str) -> str:
         resolved = self.watcher.resolve(name) if self.watcher is not None else name
         runtime = self.runtime
-        known = list(getattr(runtime, "adapter_names", ()) or ()) if runtime is not None else []
+        known = list(runtime.adapter_names) if runtime is not None else []
         if runtime is not None and resolved not in known:
             raise APIError(
                 404,
@@ -228,7 +233,8 @@ class ServerState:
             )
         return resolved
 
-    def role_entry(self, role: str | None) -> Any | None:
+    def role_entry(self, role: str | None) -> ResolvedRole | None:
+        """The resolved manifest entry of ``role`` (``None`` for the bare checkpoint)."""
         if role is None:
             return None
         try:

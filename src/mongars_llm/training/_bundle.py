@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
 from .._version import __version__
@@ -37,6 +37,10 @@ from ..provisioning._local_copy import ProvisionedCopy
 from ..registry import AdapterRegistry, RegistryEntry, digest_tree
 from ._config import BundleConfig, load_bundle_config
 from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
+
+if TYPE_CHECKING:
+    from ._distributed import Distributed
+    from ._trainer import Precision
 
 __all__ = ["BundleResult", "build_bundle"]
 
@@ -81,6 +85,30 @@ class BundleResult:
                 else None
             ),
         }
+
+
+@dataclass(frozen=True)
+class _RunContext:
+    """What every stage of one build shares, settled before the run folder is claimed."""
+
+    config: BundleConfig
+    run_name: str
+    run_dir: Path
+    started_at: str
+    tokenizer: Any
+    #: the tokenizer had no pad token: EOS stands in (recorded in run_metadata.json)
+    pad_added: bool
+    #: ``None`` for a dry run
+    precision: Precision | None = None
+    #: ``None`` for a single process
+    dist: Distributed | None = None
+    #: the provisioned copy of a Hub base model, when ``provision`` installed one
+    base_copy: ProvisionedCopy | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run folder (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
 
 
 def build_bundle(
@@ -150,19 +178,18 @@ def build_bundle(
     with claim:
         if main:
             _refuse_finished(run_dir)  # again: another build may have finished meanwhile
-        return _build_claimed(
-            config,
-            dist=dist,
-            precision=precision,
-            tokenizer=tokenizer,
-            pad_added=pad_added,
+        run = _RunContext(
+            config=config,
             run_name=run_name,
             run_dir=run_dir,
             started_at=started_at,
-            train_rows=train_rows,
-            eval_rows=eval_rows,
+            tokenizer=tokenizer,
+            pad_added=pad_added,
+            precision=precision,
+            dist=dist,
             base_copy=base_copy,
         )
+        return _build_claimed(run, train_rows=train_rows, eval_rows=eval_rows)
 
 
 def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedCopy | None]:
@@ -186,19 +213,12 @@ def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedC
 
 
 def _build_claimed(
-    config: BundleConfig,
+    run: _RunContext,
     *,
-    dist: Any,
-    precision: Any,
-    tokenizer: Any,
-    pad_added: bool,
-    run_name: str,
-    run_dir: Path,
-    started_at: str,
     train_rows: Iterable[tuple[int, Any]],
     eval_rows: Iterable[tuple[int, Any]] | None,
-    base_copy: ProvisionedCopy | None = None,
 ) -> BundleResult:
+    config, run_dir, tokenizer = run.config, run.run_dir, run.tokenizer
     train_summary, train_examples = load_examples(
         train_rows,
         source=str(config.dataset_path or config.dataset_id),
@@ -206,7 +226,7 @@ def _build_claimed(
         max_seq_len=config.max_seq_len,
         skip_invalid=config.skip_invalid,
         overlong=config.overlong,
-        summary_path=run_dir / "dataset_summary.json" if dist is None or dist.is_main else None,
+        summary_path=run_dir / "dataset_summary.json" if run.is_main else None,
     )
     eval_summary: DatasetSummary | None = None
     eval_examples: list[EncodedExample] = []
@@ -218,9 +238,7 @@ def _build_claimed(
             max_seq_len=config.max_seq_len,
             skip_invalid=config.skip_invalid,
             overlong=config.overlong,
-            summary_path=(
-                run_dir / "eval_dataset_summary.json" if dist is None or dist.is_main else None
-            ),
+            summary_path=run_dir / "eval_dataset_summary.json" if run.is_main else None,
         )
     elif config.eval_fraction > 0 and len(train_examples) >= 2:
         train_examples, eval_examples = _hold_out(train_examples, config.eval_fraction, config.seed)
@@ -248,48 +266,33 @@ def _build_claimed(
             "the run would learn nothing. Add data or raise max_seq_len",
             [],
         )
-    assert precision is not None
     return _train_and_package(
-        config,
-        dist=dist,
-        precision=precision,
-        tokenizer=tokenizer,
-        pad_added=pad_added,
-        run_name=run_name,
-        run_dir=run_dir,
-        started_at=started_at,
+        run,
         train_summary=train_summary,
         eval_summary=eval_summary,
         train_examples=train_examples,
         eval_examples=eval_examples,
-        base_copy=base_copy,
     )
 
 
 def _train_and_package(
-    config: BundleConfig,
+    run: _RunContext,
     *,
-    dist: Any,
-    precision: Any,
-    tokenizer: Any,
-    pad_added: bool,
-    run_name: str,
-    run_dir: Path,
-    started_at: str,
     train_summary: DatasetSummary,
     eval_summary: DatasetSummary | None,
     train_examples: list[EncodedExample],
     eval_examples: list[EncodedExample],
-    base_copy: ProvisionedCopy | None = None,
 ) -> BundleResult:
     import peft
 
     from ..export import export_wrapper
     from ._trainer import build_peft_model, load_base_model, seed_everything, train
 
+    config, run_name, run_dir, tokenizer = run.config, run.run_name, run.run_dir, run.tokenizer
+    dist, precision, base_copy, main = run.dist, run.precision, run.base_copy, run.is_main
+    assert precision is not None  # set for every build but a dry run
     seed_everything(config.seed)
     t0 = time.perf_counter()
-    main = dist is None or dist.is_main
     with _hub_progress(config.progress and main):
         base = load_base_model(config, precision, source=base_copy.path if base_copy else None)
     base_commit = (
@@ -411,14 +414,14 @@ def _train_and_package(
     run_metadata = {
         "schema_version": RUN_METADATA_VERSION,
         "run_name": run_name,
-        "started_at": started_at,
+        "started_at": run.started_at,
         "finished_at": _now(),
         "config": config.model_dump(mode="json"),
         "base_model": {"id": config.base_model, "revision": base_commit},
         "seed": config.seed,
         "precision": precision.as_dict(),
         "distributed": dist.as_dict() if dist is not None else None,
-        "tokenizer": {"pad_token_added_as_eos": pad_added, "pad_token": tokenizer.pad_token},
+        "tokenizer": {"pad_token_added_as_eos": run.pad_added, "pad_token": tokenizer.pad_token},
         "lora": compatibility,
         "versions": _versions(),
         "metrics": metrics,

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..registry import is_safe_adapter_name
@@ -100,7 +100,9 @@ class BundleConfig(BaseModel):
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(10, ge=1)
     resume: bool | Path = Field(
-        False, description="True: newest checkpoint of the run; or a checkpoint directory."
+        False,
+        description="True: newest checkpoint of the run; or a checkpoint directory, or a "
+        "step (10, step-10) of the run's checkpoints.",
     )
     dry_run: bool = Field(False, description="Validate the data, write the summary, stop.")
     progress: bool = Field(True, description="Progress bar on stderr (the CLI: when a terminal).")
@@ -117,6 +119,16 @@ class BundleConfig(BaseModel):
         gt=0,
         description="Seconds a process waits in a collective for the others before failing.",
     )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _step_number_is_a_checkpoint(cls, value: Any) -> Any:
+        # `resume: 10` in a config file names step 10, not True (nor an error)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Path(str(value))
+        if isinstance(value, str) and value.isdigit():
+            return Path(value)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> BundleConfig:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -470,21 +471,67 @@ def save_checkpoint(
     return target
 
 
+def _step_number(name: str) -> int | None:
+    """``step-00000010``, ``step-10`` and ``10`` all name step 10."""
+    match = re.fullmatch(r"(?:step-)?(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoints_in(folder: Path) -> dict[int, Path]:
+    """The finished checkpoints of a ``checkpoints/`` folder by step, oldest first."""
+    found: dict[int, Path] = {}
+    if folder.is_dir():
+        for path in folder.glob("step-*"):
+            step = _step_number(path.name)
+            if step is not None and (path / "trainer_state.json").is_file():
+                found[step] = path
+    return dict(sorted(found.items()))
+
+
 def find_checkpoint(run_dir: Path, resume: bool | Path) -> Path | None:
+    """The checkpoint a run continues from: ``None`` (no resume), the run's newest
+    (``True``), or the one named.
+
+    A checkpoint folder is taken as it is. Otherwise the last part names a step
+    however it is padded (``step-10``, ``10``, ``step-00000010``): looked up in the
+    folder the path names (``runs/qa/checkpoints/step-10``), or, for a bare name,
+    in this run's ``checkpoints/``.
+    """
     if resume is False:
         return None
+    checkpoints = run_dir / "checkpoints"
     if resume is True:
-        found = sorted((run_dir / "checkpoints").glob("step-*"))
+        found = _checkpoints_in(checkpoints)
         if not found:
             raise BundleError(
-                f"resume requested but {run_dir / 'checkpoints'} holds no checkpoint; start "
-                "without --resume"
+                f"resume requested but {checkpoints} holds no checkpoint; start without --resume"
             )
-        return found[-1]
+        return found[max(found)]
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise BundleError(f"{path} is not a training checkpoint (no trainer_state.json)")
-    return path
+    if (path / "trainer_state.json").is_file():
+        return path
+    bare = len(path.parts) == 1  # a step of this run
+    folder = checkpoints if bare else path.parent
+    found = _checkpoints_in(folder)
+    step = _step_number(path.name)
+    if step is not None and step in found:
+        return found[step]
+    if (path / "checkpoints").is_dir():  # a run folder given for one of its checkpoints
+        folder, bare = path / "checkpoints", False
+        found = _checkpoints_in(folder)
+    if not folder.is_dir():
+        hint = f"there is no folder {folder}"
+    elif found:
+        names = ", ".join(p.name for p in found.values())
+        hint = f"{folder} holds {names}: pass one of them"
+        if bare:
+            hint += f", or its step (--resume {max(found)}), or --resume alone for the newest"
+    else:
+        hint = f"{folder} holds no checkpoint"
+        if bare:
+            hint += " (a bare step names a checkpoint of this run; for another run's, pass "
+            hint += "its folder: <run_dir>/checkpoints/step-N)"
+    raise BundleError(f"{path} is not a training checkpoint (no trainer_state.json); {hint}")
 
 
 def load_checkpoint(

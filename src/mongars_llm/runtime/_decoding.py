@@ -1,8 +1,9 @@
-"""Generation on the shared model: prompts, batched ``generate``, streaming, stop strings.
+"""Decoding on the shared model (torch): prompt ids, one batched ``generate``, stops.
 
-One ``model.generate`` call serves a micro-batch of compatible requests (same
-adapters and sampling settings); each row keeps its own ``max_new_tokens`` and
-stop strings. A per-row monitor, plugged in as a ``StoppingCriteria``, runs
+The request path (defaults, validation, batching) is :mod:`._generator`; this
+module is what runs on its worker. One ``model.generate`` call serves a
+micro-batch of compatible requests (same adapters and sampling settings); each
+row keeps its own ``max_new_tokens`` and stop strings. A per-row monitor, plugged in as a ``StoppingCriteria``, runs
 after every decoding step: it decodes the row's new tokens, pushes the new text
 to the row's stream (holding back a possible partial stop string or an
 incomplete UTF-8 character), and finishes the row on EOS, a stop string or its
@@ -20,10 +21,10 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from ..errors import LLMRuntimeError
+from ..errors import InvalidInputError
 from ._types import Generation, GenerationStream, Usage
 
-__all__ = ["RowMonitor", "SamplingKey", "messages_to_prompt_ids", "run_generation"]
+__all__ = ["RowMonitor", "RowState", "SamplingKey", "messages_to_prompt_ids", "run_generation"]
 
 
 def _as_message(message: Any, index: int) -> dict[str, Any]:
@@ -34,13 +35,13 @@ def _as_message(message: Any, index: int) -> dict[str, Any]:
     elif hasattr(message, "role") and hasattr(message, "content"):
         data = {"role": message.role, "content": message.content}
     else:
-        raise LLMRuntimeError(
+        raise InvalidInputError(
             f"messages[{index}] must be a mapping with 'role' and 'content', got {message!r:.80}",
-            code="invalid_input",
+            param="messages",
         )
     if not isinstance(data.get("role"), str) or not isinstance(data.get("content"), str):
-        raise LLMRuntimeError(
-            f"messages[{index}] needs a string 'role' and a string 'content'", code="invalid_input"
+        raise InvalidInputError(
+            f"messages[{index}] needs a string 'role' and a string 'content'", param="messages"
         )
     return data
 
@@ -49,19 +50,19 @@ def messages_to_prompt_ids(tokenizer: Any, prompt_or_messages: Any) -> list[int]
     """A plain prompt is tokenised as is; chat messages go through the chat template."""
     if isinstance(prompt_or_messages, str):
         if not prompt_or_messages.strip():
-            raise LLMRuntimeError("the prompt is empty", code="invalid_input")
+            raise InvalidInputError("the prompt is empty", param="prompt")
         return list(tokenizer(prompt_or_messages, add_special_tokens=True)["input_ids"])
     if not isinstance(prompt_or_messages, Sequence) or not prompt_or_messages:
-        raise LLMRuntimeError(
+        raise InvalidInputError(
             "pass a prompt string or a non-empty list of chat messages "
             "([{'role': 'user', 'content': '...'}])",
-            code="invalid_input",
+            param="prompt_or_messages",
         )
     messages = [_as_message(m, i) for i, m in enumerate(prompt_or_messages)]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise LLMRuntimeError(
+        raise InvalidInputError(
             "this tokenizer has no chat template; pass a prompt string instead of messages",
-            code="invalid_input",
+            param="messages",
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -69,7 +70,7 @@ def messages_to_prompt_ids(tokenizer: Any, prompt_or_messages: Any) -> list[int]
 
 @dataclass(frozen=True)
 class SamplingKey:
-    """Settings shared by every row of one ``generate`` call."""
+    """Settings shared by every row of one ``generate`` call (the micro-batching key)."""
 
     mode: tuple[str, ...]
     do_sample: bool

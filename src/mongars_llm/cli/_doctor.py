@@ -1,4 +1,4 @@
-"""``mongars-llm doctor``: what this machine can run, and what we recommend.
+"""``mongars-llm doctor``'s report: what this machine can run, and what we recommend.
 
 Everything here is read, never changed. Versions come from package metadata so
 that a broken install is reported rather than crashing the report.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings, get_settings
+from ..settings import Settings, get_settings
 
 __all__ = ["cpu_bf16_flags", "diagnose"]
 
@@ -94,7 +94,7 @@ def _cpu_threads(settings: Settings) -> dict[str, Any]:
     try:
         import torch
 
-        from .runtime._loading import choose_cpu_threads, usable_cpus
+        from ..runtime._loading import choose_cpu_threads, usable_cpus
     except Exception as err:  # a broken torch install is a finding, not a crash
         return {"runtime": None, "torch_default": None, "why": f"torch failed to import: {err}"}
     threads, why = choose_cpu_threads(settings.model.cpu_threads)
@@ -160,8 +160,8 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
 
 def _active_profile(settings: Settings) -> dict[str, Any]:
     """The profile ``serve``, ``chat`` and ``provision`` use with no ``--profile``."""
-    from .errors import MongarsError
-    from .manager import ModelManager
+    from ..errors import MongarsError
+    from ..manager import ModelManager
 
     try:
         manager = ModelManager(settings=settings)

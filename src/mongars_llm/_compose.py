@@ -1,0 +1,183 @@
+"""Application wiring: a runtime for a manifest role, and the process-wide runtime.
+
+The runtime (:mod:`mongars_llm.runtime`) loads a checkpoint it is given and
+knows nothing of manifests, profiles or provisioning. This module sits above
+it, the manifest (:class:`~mongars_llm.manager.ModelManager`) and
+provisioning, and composes them:
+
+- :func:`runtime_for_role` provisions a role (default ``general``, else the
+  profile's first) and loads it with its adapters and embedding options;
+- :func:`role_defaults` gives a runtime the sampling defaults and adapters of a
+  role that a ``generate(..., role=...)`` call names;
+- :func:`shared_runtime` / :func:`ashared_runtime` / :func:`reset_shared_runtime`
+  hold the one runtime of the process (``settings.unified_model_dir`` when set,
+  else the default role), created once under a lock.
+
+``UnifiedLLMRuntime.from_role``, ``.shared``, ``.ashared`` and ``.reset_shared``
+are the public doors to these functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING
+
+from .errors import LLMRuntimeError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .manager import ModelManager
+    from .runtime import UnifiedLLMRuntime
+    from .runtime._params import RoleDefaults
+    from .settings import Settings
+
+__all__ = [
+    "ashared_runtime",
+    "reset_shared_runtime",
+    "role_defaults",
+    "runtime_for_role",
+    "shared_runtime",
+]
+
+
+def _runtime_class(runtime_cls: type[UnifiedLLMRuntime] | None) -> type[UnifiedLLMRuntime]:
+    if runtime_cls is not None:
+        return runtime_cls
+    from .runtime import UnifiedLLMRuntime
+
+    return UnifiedLLMRuntime
+
+
+# ------------------------------------------------------------------------- roles
+def runtime_for_role(
+    role: str | None = None,
+    *,
+    settings: Settings | None = None,
+    manager: ModelManager | None = None,
+    device: str | None = None,
+    quantize_4bit: bool | None = None,
+    show_progress: bool = True,
+    runtime_cls: type[UnifiedLLMRuntime] | None = None,
+) -> UnifiedLLMRuntime:
+    """Provision manifest role ``role`` and load it with its adapters and embedding
+    options; the runtime keeps ``manager`` to read its roles' sampling defaults.
+
+    ``role=None`` is ``general`` when the profile has it, else its first role.
+    An unknown role is an :class:`~mongars_llm.errors.UnknownRoleError`; a role
+    that cannot be provisioned is a :class:`~mongars_llm.errors.ModelLoadError`.
+    """
+    from .manager import ModelManager
+    from .provisioning import provision
+
+    manager = manager if manager is not None else ModelManager(settings=settings)
+    names = manager.role_names
+    if not names:
+        raise ModelLoadError(f"profile {manager.profile_name!r} has no roles to load")
+    if role is None:
+        role = "general" if "general" in names else names[0]
+    report = provision([role], manager=manager, show_progress=show_progress)
+    entry = report[role]
+    if entry.ok and not entry.path:  # e.g. an Ollama model on a daemon we cannot read
+        raise ModelLoadError(
+            f"role {role!r} ({entry.provider} {entry.model}) has no local copy to load "
+            f"({entry.verified or entry.action}); for Ollama, set OLLAMA_MODELS to the "
+            "daemon's model store on this machine and provision again"
+        )
+    if not entry.ok or not entry.path:
+        raise ModelLoadError(
+            f"role {role!r} ({entry.model}) could not be provisioned: "
+            f"{entry.error or entry.action}; run `mongars-llm provision --roles {role}`"
+        )
+    resolved = manager.role(role)
+    embedding = dict(resolved.embedding or {})
+    return _runtime_class(runtime_cls).from_pretrained(
+        entry.path,
+        settings=manager.settings,
+        manager=manager,
+        device=device,
+        quantize_4bit=quantize_4bit,
+        adapters=[(a.name, a.path, a.use) for a in entry.adapters],
+        pooling=embedding.get("pooling") or "mean",
+        bidirectional=bool(embedding.get("bidirectional", False)),
+        max_length=embedding.get("max_length"),
+        normalize=bool(embedding.get("normalize", True)),
+        instruction=embedding.get("instruction"),
+        trust_remote_code=bool(resolved.entry.trust_remote_code),
+        revision=entry.revision if entry.provider == "huggingface" else None,
+    )
+
+
+def role_defaults(runtime: UnifiedLLMRuntime, role: str) -> RoleDefaults:
+    """The sampling defaults and adapters of ``role``, read through ``runtime.manager``
+    (a manager on ``runtime.settings`` is built on first use)."""
+    from .runtime._params import RoleDefaults
+
+    manager = runtime.manager
+    if manager is None:
+        from .manager import ModelManager
+
+        manager = runtime.manager = ModelManager(settings=runtime.settings)
+    resolved = manager.role(role)
+    names = tuple(adapter.name for adapter in resolved.entry.adapters)
+    return RoleDefaults(parameters=dict(resolved.parameters or {}), adapters=names or None)
+
+
+# ---------------------------------------------------------------- the singleton
+_shared: UnifiedLLMRuntime | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_runtime(
+    settings: Settings | None = None, *, runtime_cls: type[UnifiedLLMRuntime] | None = None
+) -> UnifiedLLMRuntime:
+    """The process-wide runtime, created once (thread-safe); a closed one is replaced.
+
+    It loads ``settings.unified_model_dir`` when set, else the active profile's
+    default role (:func:`runtime_for_role`). A failed load raises
+    :class:`~mongars_llm.errors.ModelLoadError` (or the runtime's own
+    :class:`~mongars_llm.errors.LLMRuntimeError`) and is retried on the next call.
+    """
+    global _shared
+    runtime = _shared
+    if runtime is not None and not runtime.closed:
+        return runtime
+    with _shared_lock:
+        if _shared is None or _shared.closed:
+            _shared = None
+            try:
+                _shared = _build_shared(settings, _runtime_class(runtime_cls))
+            except LLMRuntimeError:
+                raise
+            except Exception as err:
+                raise ModelLoadError(f"could not load the shared runtime: {err}") from err
+        return _shared
+
+
+async def ashared_runtime(
+    settings: Settings | None = None, *, runtime_cls: type[UnifiedLLMRuntime] | None = None
+) -> UnifiedLLMRuntime:
+    """:func:`shared_runtime` without blocking the event loop (loading runs in a thread)."""
+    runtime = _shared
+    if runtime is not None and not runtime.closed:
+        return runtime
+    return await asyncio.to_thread(shared_runtime, settings, runtime_cls=runtime_cls)
+
+
+def reset_shared_runtime() -> None:
+    """Close and forget the process-wide runtime (for tests and reloads)."""
+    global _shared
+    with _shared_lock:
+        runtime, _shared = _shared, None
+    if runtime is not None:
+        runtime.close()
+
+
+def _build_shared(
+    settings: Settings | None, runtime_cls: type[UnifiedLLMRuntime]
+) -> UnifiedLLMRuntime:
+    from .settings import get_settings
+
+    settings = settings if settings is not None else get_settings()
+    if settings.unified_model_dir is not None:
+        return runtime_cls.from_pretrained(settings.unified_model_dir, settings=settings)
+    return runtime_for_role(settings=settings, runtime_cls=runtime_cls)

@@ -1,0 +1,214 @@
+"""The generation path: from validated parameters to a :class:`Generation`.
+
+:class:`Generator` owns everything between ``rt.generate(...)`` and the model:
+it fills the arguments a call left unset from its role's defaults
+(:class:`~._params.RoleDefaults`), clamps ``max_new_tokens`` to
+``settings.model.max_new_tokens``, picks the adapters, tokenises the prompt and
+checks its length, and queues the request on its micro-batcher. Requests with
+the same adapters and sampling settings (:class:`~._decoding.SamplingKey`) are
+run together as one ``model.generate`` call (:func:`~._decoding.run_generation`),
+which logs one ``llm_generate`` event per micro-batch. Torch is imported only
+when a prompt is tokenised or a batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import GenerationError, InputTooLongError
+from ..logging import log_event
+from ._batching import BatchStats, MicroBatcher, Pending
+from ._params import RoleResolver, SamplingParams
+from ._types import Generation, GenerationStream
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+    from ._adapters import AdapterStack
+    from ._decoding import RowState, SamplingKey
+
+__all__ = ["Generator"]
+
+logger = logging.getLogger("mongars_llm.runtime")
+
+
+@dataclass
+class _GenerateRequest(Pending):
+    row: RowState
+    sampling: SamplingKey
+
+    def key(self) -> Hashable:
+        return self.sampling
+
+
+class Generator:
+    """Generation on one loaded model: validation, role defaults, micro-batching.
+
+    ``roles`` looks up a role's defaults when a call names one; it is only
+    called then, so a runtime without a manifest never needs one.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        tokenizer_lock: threading.RLock,
+        adapters: AdapterStack,
+        settings: Settings,
+        max_length: int,
+        device: str,
+        dtype: Any,
+        quantization: str | None,
+        roles: RoleResolver,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._tokenizer_lock = tokenizer_lock
+        self._adapters = adapters
+        self._max_new_tokens = settings.model.max_new_tokens
+        self._max_length = max_length
+        self._device = device
+        self._dtype = dtype
+        self._quantization = quantization
+        self._roles = roles
+        self._batcher: MicroBatcher[_GenerateRequest] = MicroBatcher(
+            "generate",
+            self._run_batch,
+            max_size=settings.model.max_batch_size,
+            wait_s=settings.model.batch_wait_ms / 1000.0,
+        )
+
+    @property
+    def stats(self) -> BatchStats:
+        return self._batcher.stats
+
+    def close(self) -> None:
+        """Stop the worker; queued requests fail with ``RuntimeClosedError``."""
+        self._batcher.close()
+
+    def count_tokens(self, prompt_or_messages: Any) -> int:
+        """Tokens the model reads for a prompt string or chat messages."""
+        from ._decoding import messages_to_prompt_ids
+
+        with self._tokenizer_lock:
+            if isinstance(prompt_or_messages, str):
+                ids = self._tokenizer(prompt_or_messages, add_special_tokens=True)["input_ids"]
+                return len(ids)
+            return len(messages_to_prompt_ids(self._tokenizer, prompt_or_messages))
+
+    def submit(
+        self,
+        prompt_or_messages: Any,
+        params: SamplingParams,
+        *,
+        role: str | None = None,
+        stream: GenerationStream | None = None,
+    ) -> Future[Generation]:
+        """Queue one generation; the future (and ``stream``) get its result or error."""
+        request = self._prepare(prompt_or_messages, params, role=role, stream=stream)
+        return self._batcher.submit(request)
+
+    # ------------------------------------------------------------------ request
+    def _prepare(
+        self,
+        prompt_or_messages: Any,
+        params: SamplingParams,
+        *,
+        role: str | None,
+        stream: GenerationStream | None,
+    ) -> _GenerateRequest:
+        from ._decoding import RowState, SamplingKey, messages_to_prompt_ids
+
+        mode: tuple[str, ...] | None = None
+        if role is not None:
+            defaults = self._roles(role)
+            params = params.with_defaults(defaults.parameters)
+            if params.adapter is None and defaults.adapters is not None:
+                loaded = self._adapters.names
+                mode = tuple(name for name in defaults.adapters if name in loaded)
+        if mode is None:
+            mode = self._adapters.resolve(params.adapter, "generate")
+        bound = self._max_new_tokens
+        max_new_tokens = min(params.max_new_tokens or bound, bound)
+        if params.temperature is not None:
+            do_sample = params.temperature > 0
+        else:
+            do_sample = bool(getattr(self._model.generation_config, "do_sample", False))
+        with self._tokenizer_lock:
+            prompt_ids = messages_to_prompt_ids(self._tokenizer, prompt_or_messages)
+        if len(prompt_ids) > self._max_length:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
+                f"{self._max_length} (MONGARS_MODEL__MAX_INPUT_TOKENS / the model's context); "
+                "shorten it",
+                param="prompt_or_messages",
+            )
+        row = RowState(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            stop=tuple(params.stop or ()),
+            stream=stream,
+        )
+        key = SamplingKey(
+            mode=mode,
+            do_sample=do_sample,
+            temperature=params.temperature if do_sample else None,
+            top_p=params.top_p if do_sample else None,
+            top_k=params.top_k if do_sample else None,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("llm_generate prompt=%r", prompt_or_messages)
+        return _GenerateRequest(row=row, sampling=key)
+
+    # -------------------------------------------------------------------- batch
+    def _run_batch(self, requests: list[_GenerateRequest]) -> None:
+        """One ``model.generate`` call for a micro-batch (the batcher caps its size)."""
+        import torch
+
+        from ._decoding import run_generation
+
+        key = requests[0].sampling
+        started = time.perf_counter()
+        try:
+            with self._adapters.active(key.mode), torch.inference_mode():
+                results = run_generation(
+                    self._model,
+                    self._tokenizer,
+                    [r.row for r in requests],
+                    key,
+                    device=self._device,
+                    lock=self._tokenizer_lock,
+                )
+        except Exception as err:
+            error = GenerationError.wrap(err, "generation failed")
+            for request in requests:
+                if request.row.stream is not None:
+                    request.row.stream._finish(None, error)
+                request.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - started
+        for request, result in zip(requests, results, strict=True):
+            if request.row.stream is not None:
+                request.row.stream._finish(result)
+            request.future.set_result(result)
+        log_event(
+            logger,
+            "llm_generate",
+            batch_size=len(requests),
+            prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+            completion_tokens=sum(r.usage.completion_tokens for r in results),
+            adapters=",".join(key.mode) or None,
+            sampling=key.do_sample,
+            device=self._device,
+            dtype=str(self._dtype).removeprefix("torch."),
+            quantization=self._quantization,
+            seconds=round(seconds, 4),
+        )

@@ -1,0 +1,144 @@
+"""What the HTTP server needs from a runtime: :class:`RuntimeAPI`, a :class:`typing.Protocol`.
+
+The server layer is typed against this protocol, not against
+:class:`~mongars_llm.runtime.UnifiedLLMRuntime`, so that it names exactly the
+members it relies on (and imports no torch). The real runtime satisfies it
+structurally: mypy checks that at the bottom of this module, and a test checks
+it at run time. :class:`GenerateOptions` and :class:`EmbedOptions` are the
+keyword arguments the routes pass to ``agenerate``/``astream`` and ``aembed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..manifest.models import Pooling
+    from ..runtime import Generation
+
+__all__ = ["EmbedOptions", "GenerateOptions", "Prompt", "RuntimeAPI", "TextStream"]
+
+#: a raw text prompt, or chat messages (``[{"role": ..., "content": ...}]``)
+Prompt = str | list[dict[str, str]]
+
+
+class GenerateOptions(TypedDict):
+    """The sampling keywords of one chat or text completion (``None``: the role's default)."""
+
+    role: str | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    stop: list[str] | None
+    #: a runtime adapter name; ``()`` selects no adapter at all (``role:base``)
+    adapter: str | tuple[()] | None
+    seed: int | None
+
+
+class EmbedOptions(TypedDict, total=False):
+    """The keywords of one embeddings call; absent ones take the runtime's defaults."""
+
+    instruction: str | None
+    pooling: Pooling
+    normalize: bool
+    bidirectional: bool
+    adapter: str | tuple[()] | None
+    truncate: bool
+
+
+class TextStream(Protocol):
+    """An async iterator of text deltas whose ``result`` is the final generation
+    (read once the iteration ended; a failed generation raises from the iteration)."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    @property
+    def result(self) -> Generation: ...
+
+
+@runtime_checkable
+class RuntimeAPI(Protocol):
+    """The runtime as the server uses it: generation, streaming, embeddings, token
+    counts, the tokenizer (token-id prompts) and the adapters the registry swaps."""
+
+    @property
+    def model_id(self) -> str:
+        """The loaded checkpoint (the model card's ``root``)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer: ``len()`` and ``decode(ids, skip_special_tokens=)``."""
+        ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def instruction(self) -> str | None:
+        """The default LLM2Vec instruction of embeddings calls."""
+        ...
+
+    @property
+    def adapter_names(self) -> Sequence[str]: ...
+
+    def count_tokens(self, text: str, /) -> int: ...
+
+    async def agenerate(
+        self,
+        prompt: Prompt,
+        /,
+        *,
+        role: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        adapter: str | Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Generation: ...
+
+    def astream(
+        self,
+        prompt: Prompt,
+        /,
+        *,
+        role: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        adapter: str | Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> TextStream: ...
+
+    async def aembed(
+        self,
+        texts: list[str],
+        /,
+        *,
+        instruction: str | None = None,
+        normalize: bool | None = None,
+        pooling: Pooling | None = None,
+        adapter: str | Sequence[str] | None = None,
+        bidirectional: bool | None = None,
+        truncate: bool = True,
+    ) -> np.ndarray: ...
+
+    def load_adapter(self, name: str, path: str | Path, /, *, use: str = "all") -> None: ...
+
+    def unload_adapter(self, name: str, /) -> None: ...
+
+
+if TYPE_CHECKING:
+    from ..runtime import UnifiedLLMRuntime
+
+    def _runtime_satisfies_the_protocol(runtime: UnifiedLLMRuntime) -> RuntimeAPI:
+        return runtime  # mypy fails here when the runtime drifts from RuntimeAPI

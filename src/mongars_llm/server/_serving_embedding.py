@@ -1,0 +1,141 @@
+"""``POST /v1/embeddings``: LLM2Vec vectors from the shared weights.
+
+The role's manifest entry supplies the embedding options it sets explicitly
+(pooling, normalize, bidirectional, instruction; the request's
+``instruction`` wins). Inputs are embedded without truncation, so an input
+too long for the model is a 413, never a vector of a cut text. A runtime
+failure is an error, never a fallback: there is no sensible fake vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi.responses import JSONResponse
+
+from ..logging import log_event
+from ._errors import APIError
+from ._runtime_api import EmbedOptions, RuntimeAPI
+from ._state import ServerState
+from ._validation import Item, check_chars, check_dimensions, check_token_ids, embedding_inputs
+from .protocol import EmbeddingRequest
+
+if TYPE_CHECKING:
+    from ..manifest import ResolvedRole
+
+__all__ = ["create_embeddings"]
+
+logger = logging.getLogger("mongars_llm.server")
+
+
+async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONResponse:
+    """The vectors of ``body.input`` in order, as floats or base64 float32."""
+    items = embedding_inputs(body, state)
+    if body.instruction is not None:
+        check_chars(body.instruction, "instruction", state)
+    role, adapter = state.resolve_model(body.model, body.adapter)
+    runtime = state.require_runtime()
+    check_token_ids(items, runtime, "input")
+    check_dimensions(body.dimensions, runtime)
+    options = _embedding_options(state.role_entry(role), body.instruction)
+    instruction = options.get("instruction", runtime.instruction)
+    texts, token_count = await asyncio.to_thread(
+        _texts_and_tokens,
+        runtime,
+        items,
+        instruction if isinstance(instruction, str) else None,
+        state.settings.model.max_input_tokens,
+    )
+    options["adapter"] = adapter
+    options["truncate"] = False
+    started = time.perf_counter()
+    if state.embed_fn is not None:
+        vectors = await state.embed_fn(texts, **options)
+    else:
+        vectors = await runtime.aembed(texts, **options)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if body.dimensions is not None:
+        vectors = vectors[:, : body.dimensions]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.encoding_format == "base64":
+            value: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = vector.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    log_event(
+        logger,
+        "server_embeddings",
+        logging.DEBUG,
+        inputs=len(texts),
+        tokens=token_count,
+        seconds=round(time.perf_counter() - started, 4),
+    )
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": {"prompt_tokens": token_count, "total_tokens": token_count},
+        }
+    )
+
+
+def _embedding_options(resolved: ResolvedRole | None, instruction: str | None) -> EmbedOptions:
+    """The role's embedding options that its manifest entry sets explicitly (the
+    runtime's own defaults apply to the rest); the request's instruction wins."""
+    options = EmbedOptions()
+    if resolved is not None:
+        configured = resolved.entry.embedding
+        chosen = configured.model_fields_set
+        if "pooling" in chosen:
+            options["pooling"] = configured.pooling
+        if "normalize" in chosen:
+            options["normalize"] = configured.normalize
+        if "bidirectional" in chosen:
+            options["bidirectional"] = configured.bidirectional
+        if "instruction" in chosen:
+            options["instruction"] = configured.instruction
+    if instruction is not None:
+        options["instruction"] = instruction
+    return options
+
+
+def _texts_and_tokens(
+    runtime: RuntimeAPI, items: list[Item], instruction: str | None, max_tokens: int
+) -> tuple[list[str], int]:
+    """The texts to embed and their token count, after checking the instruction.
+
+    The instruction is tokenised once for the request (not once per input) and
+    refused (413) when it alone fills the model's input window, before any input
+    is tokenised; the runtime checks each ``instruction + input`` exactly.
+    """
+    if instruction and instruction.strip():
+        special = int(runtime.count_tokens(""))
+        count = int(runtime.count_tokens(instruction.strip())) - special
+        if count >= max_tokens:
+            raise APIError(
+                413,
+                f"the instruction has {count} tokens, which leaves no room for the input "
+                f"within the limit of {max_tokens} tokens (MONGARS_MODEL__MAX_INPUT_TOKENS); "
+                "shorten it",
+                code="input_too_long",
+                param="instruction",
+            )
+    texts: list[str] = []
+    tokens = 0
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            tokens += int(runtime.count_tokens(item))
+        else:
+            texts.append(runtime.tokenizer.decode(item, skip_special_tokens=True))
+            tokens += len(item)
+    return texts, tokens
