@@ -211,3 +211,30 @@ def test_registry_adapter_by_name(settings, tmp_path: Path, tiny_model_dir: Path
     assert found.ok, found.error
     assert found.adapters[0].path == str(registry.adapter_path(registered))
     assert found.adapters[0].version == registered.version
+
+
+def test_a_registry_embedding_adapter_keeps_its_use(
+    settings, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from mongars_llm.registry import AdapterRegistry
+
+    source = tmp_path / "run" / "adapter"
+    source.mkdir(parents=True)
+    for name, data in ADAPTER_FILES.items():
+        (source / name).write_bytes(data)
+    registry = AdapterRegistry(settings.llm_adapter_registry_path)
+    compatibility = {"base_model": str(tiny_model_dir)}
+    embed = registry.register(source, name="retriever", compatibility=compatibility, use="embed")
+    chat = registry.register(source, name="support-bot", compatibility=compatibility)
+    adapters = [
+        {"name": "retriever", "version": embed.version},  # no `use`: the registry's (embed)
+        {"name": "support-bot", "version": chat.version},  # a chat LoRA: all
+    ]
+    manifest = write_manifest(tmp_path / "cfg", _role(tiny_model_dir, adapters))
+    found = provision(manifest=manifest, profile="t", settings=settings)["general"]
+    assert found.ok, found.error
+    assert [a.use for a in found.adapters] == ["embed", "all"]
+    adapters[0]["use"] = "all"  # the manifest's own `use` wins
+    manifest = write_manifest(tmp_path / "cfg2", _role(tiny_model_dir, adapters))
+    found = provision(manifest=manifest, profile="t", settings=settings, force=True)["general"]
+    assert [a.use for a in found.adapters] == ["all", "all"]

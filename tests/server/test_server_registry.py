@@ -149,3 +149,51 @@ def test_candidates_wait_for_promotion_and_promoted_versions_go_live(
         ids = {card["id"] for card in http.get("/v1/models").json()["data"]}
         assert f"embedding:support-v{bad.version}" not in ids
         np.testing.assert_allclose(_embedding(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
+
+
+def _chat(http: httpx.Client, model: str) -> str:
+    response = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "which adapter answers?"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_a_promoted_embedding_adapter_goes_live_for_embeddings_only(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    manifest_path: Path,
+    manager: Any,
+    private_runtime: Any,
+    serve: Callable[..., AbstractContextManager[Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mongars_llm.server import ServerConfig, create_app
+
+    settings = make_settings(tmp_path, tiny_model_dir, manifest_path)
+    registry = AdapterRegistry(settings.llm_adapter_registry_path)
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "embed", seed=3)
+    registry.register(
+        adapter,
+        name="support",
+        compatibility=lora_compatibility(tiny_model_dir),
+        use="embed",
+        objective="contrastive",
+    )
+    app = create_app(settings, private_runtime, manager, config=ServerConfig(registry_poll_s=0.1))
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        _wait_for(http, lambda ids: "embedding:support-v1" in ids)
+        base_vector, base_reply = _embedding(http, "embedding:base"), _chat(http, "general:base")
+        assert not np.allclose(_embedding(http, "embedding:support-v1"), base_vector)
+        assert _chat(http, "general:support-v1") != base_reply  # the adapter does change chat
+        _promote(registry, "1", capsys)
+        _wait_for(http, lambda ids: "embedding:promoted" in ids)
+        live = _embedding(http, "embedding")
+        assert not np.allclose(live, base_vector)  # embeddings use the live adapter
+        assert _chat(http, "general") == base_reply  # chat never sees an embedding adapter

@@ -80,3 +80,55 @@ def colours_file(tmp_path: Path) -> Path:
 def colours_file_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The colours set once per session (for module-scoped fixtures; never write to it)."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "colours.jsonl", colour_rows())
+
+
+# keywords that are single tokens of the tiny tokenizer: an adapter can learn to pool them
+KEYWORDS = [
+    "dog",
+    "fox",
+    "cat",
+    "map",
+    "text",
+    "model",
+    "train",
+    "server",
+    "chat",
+    "brown",
+    "capital",
+    "four",
+    "two",
+    "next",
+    "over",
+    "fine",
+    "mean",
+    "plus",
+    "down",
+    "low",
+]
+
+
+def pair_rows(n_train: int = 96, n_eval: int = 32, seed: int = 0) -> tuple[list, list]:
+    """Synthetic retrieval pairs: ``find a b`` -> ``the passage on b a is here.`` with a
+    hard negative sharing one keyword; the eval pairs use keyword pairs never trained on."""
+    import random
+
+    rng = random.Random(seed)
+    combos = [(a, b) for a in KEYWORDS for b in KEYWORDS if a < b]
+    rng.shuffle(combos)
+
+    def row(a: str, b: str) -> dict[str, str]:
+        c = rng.choice([k for k in KEYWORDS if k not in (a, b)])
+        return {
+            "query": f"find {a} {b}",
+            "positive": f"the passage on {b} {a} is here.",
+            "negative": f"the passage on {a} {c} is here.",
+        }
+
+    rows = [row(*c) for c in combos[: n_train + n_eval]]
+    return rows[:n_train], rows[n_train:]
+
+
+@pytest.fixture(scope="session")
+def make_pairs():
+    """``make_pairs(n_train, n_eval)``: see :func:`pair_rows`."""
+    return pair_rows

@@ -1,4 +1,4 @@
-"""``mongars-llm bundle build|export-wrapper``: LoRA training bundles (DESIGN §4, §5)."""
+"""``mongars-llm bundle build|export-wrapper|eval``: LoRA training bundles (DESIGN §4, §5)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
+from ._bundle_eval import add_eval_parser
 from ._output import examples, print_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -38,8 +39,13 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-steps", "max_steps", int, "optimizer steps; overrides --epochs"),
     ("--batch-size", "batch_size", int, "records per micro-batch (4)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (1)"),
-    ("--learning-rate", "learning_rate", float, "peak learning rate (2e-4)"),
-    ("--lr-scheduler", "lr_scheduler", str, "linear | cosine | constant | constant_with_warmup"),
+    ("--learning-rate", "learning_rate", float, "peak learning rate (2e-4; 3e-4 for embeddings)"),
+    (
+        "--lr-scheduler",
+        "lr_scheduler",
+        str,
+        "linear | cosine | constant | constant_with_warmup (linear; constant for embeddings)",
+    ),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps (0)"),
     ("--lora-r", "lora_r", int, "LoRA rank (8)"),
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha (16)"),
@@ -52,6 +58,16 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--save-steps", "save_steps", int, "checkpoint every N steps (for --resume)"),
     ("--eval-steps", "eval_steps", int, "also evaluate every N steps"),
     (
+        "--objective",
+        "objective",
+        str,
+        "sft (chat LoRA, the default) | contrastive (query/positive pairs) | simcse (texts): "
+        "the last two train an embedding adapter (use=embed)",
+    ),
+    ("--pooling", "pooling", str, "embedding objectives: mean | weighted_mean | ... (mean)"),
+    ("--instruction", "instruction", str, "contrastive: instruction for queries without one"),
+    ("--temperature", "temperature", float, "embedding objectives: InfoNCE temperature (0.05)"),
+    (
         "--num-processes",
         "num_processes",
         int,
@@ -59,6 +75,9 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
         "batch size x N x grad accum (1). Under accelerate launch, leave it out",
     ),
 ]
+
+
+_RETRIEVAL_KEYS = ("mrr@10", "recall@1", "recall@10", "ndcg@10")
 
 
 def _target_modules(value: str) -> list[str]:
@@ -71,7 +90,7 @@ def _build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _VALUE_FLAGS}
     if args.target_modules:
         overrides["target_modules"] = [m for group in args.target_modules for m in group]
-    for flag in ("dry_run", "skip_invalid", "qlora"):
+    for flag in ("dry_run", "skip_invalid", "qlora", "bidirectional", "gradient_checkpointing"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.no_register:
@@ -111,16 +130,29 @@ def _build(args: argparse.Namespace) -> int:
         print_json({"ok": True, **result.to_dict()})
         return EXIT_OK
     summary = result.dataset_summary
+    if summary.format in ("pairs", "texts"):  # the embedding objectives: rows, not tokens
+        sizes = f"{result.metrics.get('train_examples')} training row(s)"
+        if result.metrics.get("eval_examples"):
+            sizes += f", {result.metrics['eval_examples']} eval row(s)"
+    else:
+        sizes = f"{summary.trainable_tokens} trainable token(s)"
     print(
         f"dataset: {summary.rows_valid} valid record(s), {summary.rows_skipped} skipped, "
         f"{summary.lines_blank} blank line(s), duplicate ratio {summary.duplicate_ratio:.1%}, "
-        f"{summary.trainable_tokens} trainable token(s)"
+        + sizes
     )
     print(f"summary: {result.run_dir / 'dataset_summary.json'}")
     if result.config.dry_run:
         print("dry run: stopped after the dataset checks")
         return EXIT_OK
     metrics = result.metrics
+    base, trained = metrics.get("retrieval_base"), metrics.get("retrieval")
+    if base and trained:
+        print(
+            f"retrieval on {trained['queries']} held-out quer(ies): "
+            + ", ".join(f"{k} {base[k]:.3f} -> {trained[k]:.3f}" for k in _RETRIEVAL_KEYS)
+            + f" (base -> adapter) after {metrics['steps']} step(s)"
+        )
     if metrics.get("eval_loss") is not None:
         print(
             f"eval loss {metrics['eval_loss_initial']:.4f} -> {metrics['eval_loss']:.4f} "
@@ -200,6 +232,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "folder, or a step of this run's (10, step-10)",
     )
     build.add_argument("--qlora", action="store_true", help="4-bit base (CUDA + bitsandbytes)")
+    build.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="embedding objectives: bidirectional attention (as the role's embedding setting)",
+    )
+    build.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="embedding objectives: recompute activations in backward (less memory)",
+    )
     build.add_argument("--dry-run", action="store_true", help="check the data, write the summary")
     build.add_argument(
         "--skip-invalid", action="store_true", help="drop invalid records instead of failing"
@@ -228,3 +270,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--merge", action="store_true", help="also write a merged fp16 snapshot")
     export.add_argument("--json", action="store_true", help="print one JSON document")
     export.set_defaults(handler=_export)
+
+    add_eval_parser(commands)

@@ -72,6 +72,8 @@ DEFAULT_WRAPPER_CONFIG: dict[str, Any] = {
         "merged_dir": None,
         "merged_dtype": "float16",
         "use_merged": False,
+        # "all": the adapter serves generate and embed; "embed": embed only (chat on the base)
+        "adapter_use": "all",
     },
 }
 
@@ -146,6 +148,11 @@ def export_wrapper(
     _replace_tree(adapter_dir, out / layout["adapter_dir"])
     _replace_tree(tokenizer_dir, out / layout["tokenizer_dir"])
     merged = out / "merged"
+    if merge and layout.get("adapter_use") == "embed":
+        raise BundleError(
+            f"{run_dir} holds an embedding adapter (use 'embed'): merging it into the weights "
+            "would change chat too; export it without --merge"
+        )
     if merge:
         _write_merged(config, adapter_dir, tokenizer_dir, merged)
         layout.update(merged_dir="merged", merged_dtype="float16", use_merged=True)

@@ -21,6 +21,7 @@ folder is on ``sys.path`` or this module was loaded from a path.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -189,7 +190,11 @@ class Wrapper:
             kwargs["top_p"] = top_p if top_p is not None else gen.get("top_p", 1.0)
         else:  # plain greedy: no sampling knobs inherited from generation_config.json
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with self._lock, torch.no_grad():
+        # an embedding adapter (layout.adapter_use "embed") is for embed() only: chat runs
+        # on the base weights, as in the runtime
+        embed_only = self.config.get("layout", {}).get("adapter_use") == "embed"
+        disable = getattr(self.model, "disable_adapter", None) if embed_only else None
+        with self._lock, torch.no_grad(), disable() if disable else contextlib.nullcontext():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
             )

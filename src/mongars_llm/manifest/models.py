@@ -221,8 +221,11 @@ class AdapterSpec(_Strict):
         pattern=r"^[0-9a-fA-F]{64}$",
         description="SHA-256 of the archive or file; required for http(s) sources.",
     )
-    use: Literal["all", "generate", "embed"] = Field(
-        "all", description="Which calls activate the adapter: `all`, `generate` or `embed`."
+    use: Literal["all", "generate", "embed"] | None = Field(
+        None,
+        description="Which calls activate the adapter: `all`, `generate` or `embed`; "
+        "unset: the registry entry's `use` for a registry adapter (`embed` for one trained "
+        "with an embedding objective), else `all`.",
     )
 
     @model_validator(mode="after")

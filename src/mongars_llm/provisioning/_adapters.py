@@ -155,15 +155,22 @@ def _adapter_root(request: ProvisionRequest, spec: AdapterSpec) -> Path:
 
 
 def _record(
-    spec: AdapterSpec, path: Path, sha256: str | None, version: str | None
+    spec: AdapterSpec,
+    path: Path,
+    sha256: str | None,
+    version: str | None,
+    *,
+    registered_use: str | None = None,
 ) -> AdapterRecord:
+    """What provisioning installed; ``use`` is the manifest's, else the registry
+    entry's (an embedding adapter stays out of chat), else ``all``."""
     return AdapterRecord(
         name=spec.name,
         path=str(path),
         sha256=sha256,
         version=version,
         source=spec.source,
-        use=spec.use,
+        use=spec.use or registered_use or "all",
     )
 
 
@@ -232,7 +239,7 @@ def _registry_adapter(spec: AdapterSpec, request: ProvisionRequest) -> AdapterRe
     _check_peft_dir(path)
     digest = _digest_of_map(dict(entry.sha256)) if entry.sha256 else tree_sha256(path)
     _check_digest(spec, digest, what=f"registry adapter {path}")
-    return _record(spec, path, digest, entry.version)
+    return _record(spec, path, digest, entry.version, registered_use=entry.use)
 
 
 def _dir_adapter(spec: AdapterSpec, path: Path) -> AdapterRecord:

@@ -94,6 +94,13 @@ class RegistryEntry(_Model):
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
     sha256: dict[str, str] = Field(default_factory=dict)
+    #: which calls the adapter is for: ``embed`` for an embedding adapter (load it with
+    #: ``use="embed"`` so chat never sees it), ``all`` for a chat LoRA
+    use: Literal["all", "generate", "embed"] = "all"
+    #: the training objective (``sft``, ``contrastive``, ``simcse``); ``None`` when unknown
+    objective: str | None = None
+    #: how an embedding adapter embeds (pooling, bidirectional, max_length, instruction)
+    embedding: dict[str, Any] | None = None
 
     @property
     def base_model(self) -> str:

@@ -158,8 +158,14 @@ class AdapterRegistry:
         dataset: Mapping[str, Any] | None = None,
         sha256: Mapping[str, str] | None = None,
         status: Status = "candidate",
+        use: str = "all",
+        objective: str | None = None,
+        embedding: Mapping[str, Any] | None = None,
     ) -> RegistryEntry:
         """Add a new immutable version for the adapter in ``adapter_dir``.
+
+        ``use`` says which calls the adapter is for (``"embed"`` for an embedding
+        adapter, recorded with its ``objective`` and ``embedding`` settings).
 
         ``version`` defaults to one more than the highest numeric version. An
         existing version is never overwritten (:class:`RegistryError`). The new
@@ -204,6 +210,9 @@ class AdapterRegistry:
                     metrics=dict(metrics or {}),
                     dataset=dict(dataset or {}),
                     sha256=digests,
+                    use=use,
+                    objective=objective,
+                    embedding=dict(embedding) if embedding is not None else None,
                 )
             except ValidationError as err:
                 raise RegistryError(f"invalid registry entry: {err}") from err

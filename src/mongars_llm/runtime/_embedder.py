@@ -55,9 +55,8 @@ from ._llm2vec import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..settings import Settings
-    from ._adapters import AdapterStack
     from ._llm2vec import EncodedText, SpanRule
+    from ._types import LoadedModel
 
 __all__ = [
     "EMBED_OPTION_NAMES",
@@ -183,36 +182,24 @@ class Embedder:
 
     def __init__(
         self,
+        loaded: LoadedModel,
         *,
-        model: Any,
-        tokenizer: Any,
-        tokenizer_lock: threading.RLock,
-        adapters: AdapterStack,
-        settings: Settings,
-        max_length: int,
-        device: str,
-        dtype: Any,
-        quantization: str | None,
         prompt_model_id: str,
         defaults: EmbedDefaults,
         doc_max_length: int | None = None,
         span: SpanRule = "count",
     ) -> None:
-        self._model = model
-        self._tokenizer = tokenizer
-        self._tokenizer_lock = tokenizer_lock
-        self._adapters = adapters
-        self._settings = settings
-        self._config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._tokenizer_lock = loaded.tokenizer_lock
+        self._adapters = loaded.adapters
+        self._settings = settings = loaded.settings
+        self._config = loaded.config
         self._model_type = str(getattr(self._config, "model_type", "") or "")
-        self.max_length = max_length
-        self._device = device
-        self._dtype = dtype
-        self._quantization = quantization
+        self.max_length = loaded.max_length
+        self._device = loaded.device
+        self._dtype = loaded.dtype
+        self._quantization = loaded.quantization
         self._prompt_model_id = prompt_model_id
         self.defaults = defaults
         self._doc_max_length = doc_max_length

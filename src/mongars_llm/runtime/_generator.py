@@ -14,7 +14,6 @@ when a prompt is tokenised or a batch runs.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Hashable
 from concurrent.futures import Future
@@ -25,11 +24,9 @@ from ..errors import GenerationError, InputTooLongError
 from ..logging import log_event
 from ._batching import BatchStats, MicroBatcher, Pending
 from ._params import RoleResolver, SamplingParams
-from ._types import Generation, GenerationStream
+from ._types import Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
-    from ..settings import Settings
-    from ._adapters import AdapterStack
     from ._decoding import RowState, SamplingKey
 
 __all__ = ["Generator"]
@@ -53,30 +50,18 @@ class Generator:
     called then, so a runtime without a manifest never needs one.
     """
 
-    def __init__(
-        self,
-        *,
-        model: Any,
-        tokenizer: Any,
-        tokenizer_lock: threading.RLock,
-        adapters: AdapterStack,
-        settings: Settings,
-        max_length: int,
-        device: str,
-        dtype: Any,
-        quantization: str | None,
-        roles: RoleResolver,
-    ) -> None:
-        self._model = model
-        self._tokenizer = tokenizer
-        self._tokenizer_lock = tokenizer_lock
-        self._adapters = adapters
-        self._max_new_tokens = settings.model.max_new_tokens
-        self._max_length = max_length
-        self._device = device
-        self._dtype = dtype
-        self._quantization = quantization
+    def __init__(self, loaded: LoadedModel, *, roles: RoleResolver) -> None:
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._tokenizer_lock = loaded.tokenizer_lock
+        self._adapters = loaded.adapters
+        self._max_new_tokens = loaded.settings.model.max_new_tokens
+        self._max_length = loaded.max_length
+        self._device = loaded.device
+        self._dtype = loaded.dtype
+        self._quantization = loaded.quantization
         self._roles = roles
+        settings = loaded.settings
         self._batcher: MicroBatcher[_GenerateRequest] = MicroBatcher(
             "generate",
             self._run_batch,

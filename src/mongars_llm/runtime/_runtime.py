@@ -35,7 +35,7 @@ from ._embedder import EmbedDefaults, Embedder, EmbedOptions
 from ._generator import Generator
 from ._llm2vec import Pooling
 from ._params import RoleDefaults, SamplingParams
-from ._types import AsyncGenerationStream, Generation, GenerationStream
+from ._types import AsyncGenerationStream, Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -119,16 +119,20 @@ class UnifiedLLMRuntime:
             limit = min(limit, int(positions))
         self.max_length = min(max_length, limit) if max_length else limit
         self._adapters: AdapterStack = AdapterStack(model)
-        self._embedder = Embedder(
+        loaded = LoadedModel(
             model=model,
             tokenizer=tokenizer,
             tokenizer_lock=self._tokenizer_lock,
             adapters=self._adapters,
             settings=settings,
+            config=config,
             max_length=self.max_length,
             device=device,
             dtype=dtype,
             quantization=quantization,
+        )
+        self._embedder = Embedder(
+            loaded,
             prompt_model_id=self._prompt_model_id,
             defaults=EmbedDefaults(
                 pooling=pooling,
@@ -138,18 +142,7 @@ class UnifiedLLMRuntime:
                 instruction=instruction,
             ),
         )
-        self._generator = Generator(
-            model=model,
-            tokenizer=tokenizer,
-            tokenizer_lock=self._tokenizer_lock,
-            adapters=self._adapters,
-            settings=settings,
-            max_length=self.max_length,
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            roles=self._role_defaults,
-        )
+        self._generator = Generator(loaded, roles=self._role_defaults)
         self._closed = False
 
     # ------------------------------------------------------------------ loading

@@ -1,4 +1,5 @@
-"""Result types of the runtime (standard library only, cheap to import)."""
+"""Types of the runtime (standard library only, cheap to import): the loaded model
+its components share, and the results of calls."""
 
 from __future__ import annotations
 
@@ -7,13 +8,40 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidInputError
 
-__all__ = ["AsyncGenerationStream", "Generation", "GenerationStream", "Usage"]
+if TYPE_CHECKING:
+    from ..settings import Settings
+    from ._adapters import AdapterStack
+
+__all__ = ["AsyncGenerationStream", "Generation", "GenerationStream", "LoadedModel", "Usage"]
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The one loaded model, as the :class:`~._generator.Generator` and the
+    :class:`~._embedder.Embedder` share it: the weights, their tokenizer (used
+    under ``tokenizer_lock``), the adapter stack, the text config, the input
+    token limit and how the weights were loaded."""
+
+    model: Any
+    tokenizer: Any
+    tokenizer_lock: threading.RLock
+    adapters: AdapterStack
+    settings: Settings
+    config: Any
+    max_length: int
+    device: str
+    dtype: Any
+    quantization: str | None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)

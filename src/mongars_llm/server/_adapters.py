@@ -3,8 +3,10 @@
 A :class:`RegistryWatcher` polls the registry manifest (one small JSON read)
 and, when its ``revision`` moved, makes the runtime match it without a restart:
 
-* the **promoted** version is loaded with ``use="all"``: requests that name no
-  adapter get it (``mongars-llm adapters promote VERSION`` puts a version live);
+* the **promoted** version is loaded with ``use="all"`` (``use="embed"`` for an
+  adapter trained with an embedding objective, so chat never sees it): requests
+  that name no adapter get it (``mongars-llm adapters promote VERSION`` puts a
+  version live);
 * the **newest** version (``latest``, usually a fresh ``candidate``) is loaded
   with ``use="explicit"``: only requests that name it use it (``role:latest``,
   ``role:<name>-v<version>``), so a newly trained adapter never changes the
@@ -38,6 +40,11 @@ logger = logging.getLogger("mongars_llm.server")
 
 #: runtime ``use`` of the live (promoted) version and of a version loaded for explicit use
 LIVE_USE, EXPLICIT_USE = "all", "explicit"
+
+
+def _live_use(entry: Any) -> str:
+    """The runtime ``use`` of a promoted version: its own ``embed`` stays out of chat."""
+    return "embed" if getattr(entry, "use", "all") == "embed" else LIVE_USE
 
 
 def runtime_adapter_name(name: str, version: str) -> str:
@@ -120,7 +127,7 @@ class RegistryWatcher:
             if newest is not None:
                 wanted[newest.version] = (newest, EXPLICIT_USE)
             if live is not None:
-                wanted[live.version] = (live, LIVE_USE)
+                wanted[live.version] = (live, _live_use(live))
             loaded_any = False
             for entry, use in wanted.values():
                 loaded_any |= self._load(entry, use)
@@ -177,7 +184,7 @@ class RegistryWatcher:
             name=entry.name,
             runtime_name=name,
             status=entry.status,
-            default=use == LIVE_USE,
+            default=use != EXPLICIT_USE,
             base_model=entry.base_model,
         )
         return True
@@ -193,7 +200,9 @@ class RegistryWatcher:
 
     def _publish(self, live: Any | None, newest: Any | None) -> None:
         """Recompute what requests can name from what is loaded now."""
-        live_version = next((v for v, (_, use) in self._loaded.items() if use == LIVE_USE), None)
+        live_version = next(
+            (v for v, (_, use) in self._loaded.items() if use != EXPLICIT_USE), None
+        )
         aliases: dict[str, str] = {}
         if newest is not None and newest.version in self._loaded:
             name = self._loaded[newest.version][0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from ..runtime._params import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
 from ._errors import APIError
 from ._runtime_api import RuntimeAPI
 from ._state import ServerState
@@ -38,10 +39,6 @@ __all__ = [
 
 #: the most stop sequences a request may give (OpenAI's limit)
 MAX_STOP = 4
-#: the smallest temperature that still samples: below it the logits overflow (0 is greedy)
-MIN_TEMPERATURE = 1e-5
-#: the seeds torch's generator takes
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 #: one prompt or embeddings input: a text or a list of token ids
 Item = str | list[int]

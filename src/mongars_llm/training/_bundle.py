@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
 from .._version import __version__
-from ..errors import BundleError, DatasetError
+from ..errors import BundleError, ConfigError, DatasetError
 from ..logging import log_event
 from ..provisioning._local_copy import ProvisionedCopy
 from ..registry import AdapterRegistry, RegistryEntry, digest_tree
 from ._config import BundleConfig, load_bundle_config
 from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
+from ._pairs import EMBEDDING_OBJECTIVES, PairExample, load_pairs
 
 if TYPE_CHECKING:
     from ._distributed import Distributed
@@ -138,6 +139,12 @@ def build_bundle(
         from ._trainer import Precision, resolve_precision
 
         precision = resolve_precision(config)
+        if config.objective != "sft" and env_world_size() > 1:
+            raise ConfigError(
+                f"objective {config.objective!r} trains in one process for now (in-batch "
+                "negatives would need the batch gathered across processes); run it without "
+                "accelerate launch / torchrun"
+            )
         if config.num_processes > 1 and env_world_size() == 1:
             # N workers run this function under WORLD_SIZE=N; they must agree on the folder
             return launch_local(config.model_copy(update={"run_name": run_name}))
@@ -219,6 +226,8 @@ def _build_claimed(
     eval_rows: Iterable[tuple[int, Any]] | None,
 ) -> BundleResult:
     config, run_dir, tokenizer = run.config, run.run_dir, run.tokenizer
+    if config.objective in EMBEDDING_OBJECTIVES:
+        return _build_embedding_claimed(run, train_rows=train_rows, eval_rows=eval_rows)
     train_summary, train_examples = load_examples(
         train_rows,
         source=str(config.dataset_path or config.dataset_id),
@@ -275,18 +284,80 @@ def _build_claimed(
     )
 
 
+def _build_embedding_claimed(
+    run: _RunContext,
+    *,
+    train_rows: Iterable[tuple[int, Any]],
+    eval_rows: Iterable[tuple[int, Any]] | None,
+) -> BundleResult:
+    """:func:`_build_claimed` for the embedding objectives (pairs or texts, not chat)."""
+    config, run_dir, tokenizer = run.config, run.run_dir, run.tokenizer
+    common: dict[str, Any] = {
+        "objective": config.objective,
+        "tokenizer": tokenizer,
+        "max_seq_len": config.max_seq_len,
+        "instruction": config.instruction,
+        "skip_invalid": config.skip_invalid,
+    }
+    train_summary, train_examples = load_pairs(
+        train_rows,
+        source=str(config.dataset_path or config.dataset_id),
+        summary_path=run_dir / "dataset_summary.json",
+        **common,
+    )
+    eval_summary: DatasetSummary | None = None
+    eval_examples: list[PairExample] = []
+    if eval_rows is not None:  # retrieval pairs, whatever the objective (simcse too)
+        eval_summary, eval_examples = load_pairs(
+            eval_rows,
+            source=str(config.eval_dataset_path or config.eval_dataset_id),
+            summary_path=run_dir / "eval_dataset_summary.json",
+            **{**common, "objective": "contrastive"},
+        )
+    elif (
+        config.objective == "contrastive" and config.eval_fraction > 0 and len(train_examples) >= 4
+    ):
+        # simcse texts hold no pairs to retrieve: its metrics need an eval set of pairs
+        train_examples, eval_examples = _hold_out(train_examples, config.eval_fraction, config.seed)
+    log_event(
+        logger,
+        "bundle_dataset",
+        objective=config.objective,
+        rows=train_summary.rows_valid,
+        invalid=train_summary.rows_invalid,
+        duplicates=train_summary.duplicates,
+        train=len(train_examples),
+        eval=len(eval_examples),
+    )
+    if config.dry_run:
+        return BundleResult(
+            run_dir=run_dir,
+            config=config,
+            dataset_summary=train_summary,
+            eval_dataset_summary=eval_summary,
+            metrics={"train_examples": len(train_examples), "eval_examples": len(eval_examples)},
+        )
+    return _train_and_package(
+        run,
+        train_summary=train_summary,
+        eval_summary=eval_summary,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+    )
+
+
 def _train_and_package(
     run: _RunContext,
     *,
     train_summary: DatasetSummary,
     eval_summary: DatasetSummary | None,
-    train_examples: list[EncodedExample],
-    eval_examples: list[EncodedExample],
+    train_examples: list[Any],
+    eval_examples: list[Any],
 ) -> BundleResult:
     import peft
 
     from ..export import export_wrapper
-    from ._trainer import build_peft_model, load_base_model, seed_everything, train
+    from ._trainer import TrainOutcome, build_peft_model, load_base_model, seed_everything, train
 
     config, run_name, run_dir, tokenizer = run.config, run.run_name, run.run_dir, run.tokenizer
     dist, precision, base_copy, main = run.dist, run.precision, run.base_copy, run.is_main
@@ -317,17 +388,42 @@ def _train_and_package(
         "learning_rate": config.learning_rate,
         "base_model": config.base_model,
     }
-    outcome = train(
-        model,
-        config=config,
-        precision=precision,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        pad_id=tokenizer.pad_token_id,
-        run_dir=run_dir,
-        fingerprint=fingerprint,
-        dist=dist,
-    )
+    embedding = config.objective in EMBEDDING_OBJECTIVES
+    outcome: TrainOutcome
+    spec = None
+    if embedding:
+        from ._contrastive import EmbeddingSpec, train_embeddings
+
+        spec = EmbeddingSpec.of(config, base)
+        fingerprint.update(
+            objective=config.objective,
+            temperature=config.temperature,
+            pooling=config.pooling,
+            bidirectional=config.bidirectional,
+        )
+        outcome = train_embeddings(
+            model,
+            tokenizer=tokenizer,
+            config=config,
+            precision=precision,
+            spec=spec,
+            train_examples=train_examples,
+            eval_examples=eval_examples,
+            run_dir=run_dir,
+            fingerprint=fingerprint,
+        )
+    else:
+        outcome = train(
+            model,
+            config=config,
+            precision=precision,
+            train_examples=train_examples,
+            eval_examples=eval_examples,
+            pad_id=tokenizer.pad_token_id,
+            run_dir=run_dir,
+            fingerprint=fingerprint,
+            dist=dist,
+        )
     metrics = {
         **outcome.metrics,
         "trainable_params": trainable_params,
@@ -352,6 +448,20 @@ def _train_and_package(
         model.save_pretrained(str(adapter_dir), state_dict=outcome.state_dict)
     else:
         model.save_pretrained(str(adapter_dir))
+    embedding_info: dict[str, Any] | None = None
+    if spec is not None:
+        embedding_info = {
+            "objective": config.objective,
+            **spec.as_dict(),
+            "instruction": config.instruction,
+            "normalize": True,
+            "temperature": config.temperature,
+        }
+        # what the runtime reads from a use="embed" adapter folder (pooling, max_length)
+        atomic_write_json(
+            adapter_dir / "llm2vec_config.json",
+            {"pooling_mode": spec.pooling, "max_length": spec.max_length, **embedding_info},
+        )
     tokenizer.save_pretrained(str(tokenizer_dir))
     lora_config = model.peft_config["default"]
     target_modules = sorted(lora_config.target_modules or [])
@@ -359,7 +469,7 @@ def _train_and_package(
 
     atomic_write_json(
         run_dir / "wrapper_config.json",
-        _wrapper_config(config, tokenizer, base_commit, precision, run_name),
+        _wrapper_config(config, tokenizer, base_commit, precision, run_name, embedding_info),
     )
     wrapper_dir = export_wrapper(run_dir)
 
@@ -378,17 +488,17 @@ def _train_and_package(
         "wrapper": digest_tree(wrapper_dir),
         "dataset_summary.json": sha256_file(run_dir / "dataset_summary.json"),
     }
-    registry_metrics = {
-        k: metrics.get(k)
-        for k in (
-            "eval_loss",
-            "eval_perplexity",
-            "eval_loss_initial",
-            "train_loss",
-            "steps",
-            "tokens_seen",
-        )
-    }
+    registry_keys: tuple[str, ...] = (
+        "eval_loss",
+        "eval_perplexity",
+        "eval_loss_initial",
+        "train_loss",
+        "steps",
+        "tokens_seen",
+    )
+    if embedding:
+        registry_keys = ("train_loss", "steps", "rows_seen", "retrieval_base", "retrieval")
+    registry_metrics = {k: metrics.get(k) for k in registry_keys}
     dataset_stats = {
         "source": train_summary.source,
         "format": train_summary.format,
@@ -410,6 +520,9 @@ def _train_and_package(
             metrics=registry_metrics,
             dataset=dataset_stats,
             sha256=digests["adapter"],
+            use="embed" if embedding else "all",
+            objective=config.objective,
+            embedding=embedding_info,
         )
     run_metadata = {
         "schema_version": RUN_METADATA_VERSION,
@@ -424,6 +537,9 @@ def _train_and_package(
         "tokenizer": {"pad_token_added_as_eos": run.pad_added, "pad_token": tokenizer.pad_token},
         "lora": compatibility,
         "versions": _versions(),
+        "objective": config.objective,
+        "use": "embed" if embedding else "all",
+        "embedding": embedding_info,
         "metrics": metrics,
         "dataset": dataset_stats,
         "resumed_from": outcome.resumed_from,
@@ -532,9 +648,7 @@ def _rows(
     return hub_rows(dataset)
 
 
-def _hold_out(
-    examples: list[EncodedExample], fraction: float, seed: int
-) -> tuple[list[EncodedExample], list[EncodedExample]]:
+def _hold_out(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))
@@ -544,19 +658,30 @@ def _hold_out(
     return train, evals
 
 
-def _examples_digest(examples: list[EncodedExample]) -> str:
+def _examples_digest(examples: list[Any]) -> str:
     import hashlib
 
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.input_ids, example.labels]).encode())
+        if isinstance(example, PairExample):
+            row = [example.instruction, example.query, example.positive, example.negative]
+        else:
+            row = [example.input_ids, example.labels]
+        digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 
 
 def _wrapper_config(
-    config: BundleConfig, tokenizer: Any, base_commit: str | None, precision: Any, run_name: str
+    config: BundleConfig,
+    tokenizer: Any,
+    base_commit: str | None,
+    precision: Any,
+    run_name: str,
+    embedding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The run's part of the wrapper's ``config.json``; an embedding adapter records how
+    it embeds and ``layout.adapter_use = "embed"`` (the wrapper's chat runs without it)."""
+    out = {
         "base_model": {
             "id": config.base_model,
             "revision": base_commit,
@@ -575,6 +700,17 @@ def _wrapper_config(
         "embedding": {"max_length": config.max_seq_len},
         "adapter": {"name": config.adapter_name or run_name},
     }
+    if embedding is not None:
+        out["embedding"] = {
+            "max_length": embedding["max_length"],
+            "pooling": embedding["pooling"],
+            "bidirectional": embedding["bidirectional"],
+            "normalize": True,
+            # for the queries only: a plain-string embed call (documents) gets none
+            "query_instruction": embedding["instruction"],
+        }
+        out["layout"] = {"adapter_use": "embed"}
+    return out
 
 
 def _versions() -> dict[str, str | None]:

@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-RecordFormat = Literal["prompt_completion", "chat"]
+#: chat formats, and the embedding objectives' (``pairs``: contrastive, ``texts``: simcse)
+RecordFormat = Literal["prompt_completion", "chat", "pairs", "texts"]
 Overlong = Literal["error", "truncate"]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_LISTED_PROBLEMS = 50
