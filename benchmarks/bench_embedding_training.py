@@ -21,7 +21,11 @@ in one process, on the same weights in fp32 on the CPU:
 * both adapters evaluated the same way: loaded into one ``UnifiedLLMRuntime``
   with ``use="embed"``; training throughput in pairs/s (training steps only, no
   loading or evaluation) and the ratio product / plain;
-* chat: greedy output with the embedding adapters loaded equals the output before.
+* chat: greedy output with the embedding adapters loaded equals the output before;
+* with ``--mntp-steps N`` (LLM2Vec's recipe), all with bidirectional attention:
+  the base model, (c) ``contrastive`` alone (the control), (d) ``objective="mntp"``
+  on the training texts for N steps, and (e) ``contrastive`` stacked on it
+  (``base_adapter``, ``--steps`` steps), all on the held-out pairs.
 
 Targets (issue 12): product MRR@10 >= base + 0.25 and >= plain; throughput ratio >= 1.0.
 The machine is shared: compare within one run, not across runs.
@@ -130,6 +134,8 @@ def product_run(
     steps: int,
     batch_size: int,
     seed: int,
+    objective: str = "contrastive",
+    **knobs: Any,
 ) -> dict[str, Any] | None:
     from mongars_llm.training import BundleConfig, build_bundle
 
@@ -140,12 +146,12 @@ def product_run(
 
     started = time.perf_counter()
     result = build_bundle(
-        objective="contrastive",
+        objective=objective,
         dataset_path=train,
         eval_dataset_path=heldout,
         base_model=str(model_dir),
         output_dir=work / "runs",
-        registry_path=work / "registry",
+        registry_path=knobs.pop("registry_path", work / "registry"),
         run_name=f"bench-{int(time.time())}",
         max_steps=steps,
         batch_size=batch_size,
@@ -153,6 +159,7 @@ def product_run(
         precision="fp32",
         device="cpu",
         progress=False,
+        **knobs,
     )
     wall = time.perf_counter() - started
     metrics = result.metrics
@@ -167,8 +174,53 @@ def product_run(
         "wall_seconds": round(wall, 2),
         "pairs_per_second": round(pairs / seconds, 3),
         "retrieval_reported": metrics.get("retrieval"),
+        "mntp_reported": {"base": metrics.get("mntp_base"), "adapter": metrics.get("mntp")},
+        "registry": str(result.config.registry_path),
         "threads": torch.get_num_threads(),
     }
+
+
+def llm2vec_runs(
+    runtime: Any,
+    model_dir: Path,
+    train: list[dict],
+    heldout: list[dict],
+    heldout_path: Path,
+    work: Path,
+    *,
+    mntp_steps: int,
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Base, contrastive alone, MNTP, and contrastive stacked on MNTP (all bidirectional)."""
+    out: dict[str, Any] = {}
+    base = evaluate(runtime, heldout, adapter=[], pooling="mean", bidirectional=True)
+    out["base_bidirectional"] = {k: round(base[k], 4) for k in KEYS}
+    log(f"base bidirectional: {out['base_bidirectional']}")
+    texts = sorted({r[k] for r in train for k in ("query", "positive", "negative")})
+    texts_path = work / "data" / "texts.jsonl"
+    texts_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pairs_path = work / "data" / "train.jsonl"
+    stages = (
+        # the control: the same contrastive run, bidirectional, without MNTP under it
+        ("bidirectional", pairs_path, {"bidirectional": True, "steps": steps}),
+        ("mntp", texts_path, {"objective": "mntp", "steps": mntp_steps, "adapter_name": "mntp"}),
+        ("stacked", pairs_path, {"base_adapter": "mntp", "steps": steps}),
+    )
+    for label, data, knobs in stages:
+        if label == "stacked":
+            knobs["registry_path"] = Path(out["mntp"]["registry"])
+        run = product_run(
+            model_dir, data, heldout_path, work, batch_size=batch_size, seed=seed, **knobs
+        )
+        assert run is not None
+        runtime.load_adapter(label, run["adapter_dir"], use="embed")
+        found = evaluate(runtime, heldout, adapter=[label], pooling="mean", bidirectional=True)
+        run.update({k: round(found[k], 4) for k in KEYS})
+        out[label] = run
+        log(f"{label}: {run}")
+    return out
 
 
 def main() -> None:
@@ -181,6 +233,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps")
     parser.add_argument("--threads", type=int, help="torch threads (default: the runtime's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mntp-steps", type=int, default=0, help="also run MNTP, then contrastive on top (0: off)"
+    )
+    parser.add_argument(
+        "--only-llm2vec", action="store_true", help="with --mntp-steps: skip (a) and (b)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     steps = args.steps or (20 if args.quick else 100)
@@ -213,43 +271,60 @@ def main() -> None:
     report["base_best"] = {"pooling": best, **report["base"][best]}
     log(f"base: {report['base']}")
 
-    report["plain"] = plain = plain_loop(
-        model_dir,
-        train,
-        steps=steps,
-        batch_size=args.batch_size,
-        out=work / "plain",
-        seed=args.seed,
-    )
-    runtime.load_adapter("plain", plain["adapter_dir"], use="embed")
-    plain_eval = evaluate(runtime, heldout, adapter=["plain"], pooling="mean")
-    plain.update({k: round(plain_eval[k], 4) for k in KEYS})
-    log(f"plain: {plain}")
+    plain: dict[str, Any] | None = None
+    product: dict[str, Any] | None = None
+    if not args.only_llm2vec:
+        report["plain"] = plain = plain_loop(
+            model_dir,
+            train,
+            steps=steps,
+            batch_size=args.batch_size,
+            out=work / "plain",
+            seed=args.seed,
+        )
+        runtime.load_adapter("plain", plain["adapter_dir"], use="embed")
+        plain_eval = evaluate(runtime, heldout, adapter=["plain"], pooling="mean")
+        plain.update({k: round(plain_eval[k], 4) for k in KEYS})
+        log(f"plain: {plain}")
 
-    product = product_run(
-        model_dir,
-        train_path,
-        heldout_path,
-        work,
-        steps=steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    report["product"] = product
-    if product is not None:
-        runtime.load_adapter("product", product["adapter_dir"], use="embed")
-        product_eval = evaluate(
+        product = product_run(
+            model_dir,
+            train_path,
+            heldout_path,
+            work,
+            steps=steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        report["product"] = product
+        if product is not None:
+            runtime.load_adapter("product", product["adapter_dir"], use="embed")
+            product_eval = evaluate(
+                runtime,
+                heldout,
+                adapter=["product"],
+                pooling=product["pooling"],
+                bidirectional=product["bidirectional"],
+            )
+            product.update({k: round(product_eval[k], 4) for k in KEYS})
+            product["throughput_ratio"] = round(
+                product["pairs_per_second"] / plain["pairs_per_second"], 3
+            )
+            log(f"product: {product}")
+
+    if args.mntp_steps:
+        report["llm2vec"] = llm2vec_runs(
             runtime,
+            model_dir,
+            train,
             heldout,
-            adapter=["product"],
-            pooling=product["pooling"],
-            bidirectional=product["bidirectional"],
+            heldout_path,
+            work,
+            mntp_steps=args.mntp_steps,
+            steps=steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
-        product.update({k: round(product_eval[k], 4) for k in KEYS})
-        product["throughput_ratio"] = round(
-            product["pairs_per_second"] / plain["pairs_per_second"], 3
-        )
-        log(f"product: {product}")
 
     chat_after = runtime.generate(CHAT, max_new_tokens=32, temperature=0).text
     report["chat_unchanged"] = chat_after == chat_before
@@ -269,21 +344,36 @@ def main() -> None:
         print(
             f"  base {pooling:<13} {r['mrr@10']:.3f}   {r['recall@1']:.3f}     {r['ndcg@10']:.3f}"
         )
-    rows = [("plain loop", plain)] + ([("product", product)] if product else [])
+    rows = [(label, r) for label, r in (("plain loop", plain), ("product", product)) if r]
     for label, r in rows:
         print(
             f"  {label:<18} {r['mrr@10']:.3f}   {r['recall@1']:.3f}     {r['ndcg@10']:.3f}"
             f"    {r['pairs_per_second']:.2f}"
         )
-    if product is None:
+    if args.only_llm2vec:
+        print("  plain loop and product: skipped (--only-llm2vec)")
+    elif product is None:
         print("  product            skipped: build_bundle has no objective='contrastive' here")
-    else:
+    elif plain is not None:
         gain = product["mrr@10"] - b["mrr@10"]
         print(
             f"product - best base ({b['pooling']}): {gain:+.3f} MRR@10 (target >= +0.25); "
             f"product - plain: {product['mrr@10'] - plain['mrr@10']:+.3f} (target >= 0); "
             f"throughput product/plain {product['throughput_ratio']:.2f}x (target >= 1.0x)"
         )
+    llm2vec = report.get("llm2vec")
+    if llm2vec:
+        print(
+            f"LLM2Vec recipe, bidirectional attention, mean pooling ({args.mntp_steps} MNTP steps):"
+        )
+        for label, key in (
+            ("base bidirectional", "base_bidirectional"),
+            ("contrastive", "bidirectional"),
+            ("mntp", "mntp"),
+            ("mntp + contrastive", "stacked"),
+        ):
+            r = llm2vec[key]
+            print(f"  {label:<18} {r['mrr@10']:.3f}   {r['recall@1']:.3f}     {r['ndcg@10']:.3f}")
     print(
         f"chat greedy output unchanged with the embed adapters loaded: {report['chat_unchanged']}"
     )

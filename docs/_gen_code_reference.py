@@ -31,8 +31,10 @@ EVENT_NOTES = {
     "provision": "one per role; WARNING when it failed",
     "llm_generate": "one per micro-batch",
     "llm_embed": "one per micro-batch",
-    "bundle_train_step": "every `logging_steps` optimizer steps",
-    "bundle_eval": "with the evaluation metrics (`eval_loss`, `eval_perplexity`, ...)",
+    "bundle_train_step": "every `logging_steps` optimizer steps, with the step's counts: "
+    "`label_tokens` (sft), `rows` (embedding objectives), `masked_tokens` (mntp)",
+    "bundle_eval": "with the evaluation metrics (`eval_loss`, `eval_perplexity`; `mrr@10`, ...; "
+    "`mntp_loss`, `mntp_accuracy`)",
 }
 
 

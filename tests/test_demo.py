@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_d
     assert report["ok"] is True and report["model"] == "smollm2" and report["note"] is None
     assert report["models_dir"] == str(real_models_dir.resolve())
     steps = {step["name"]: step["detail"] for step in report["steps"]}
-    assert len(steps) == 9, list(steps)
+    assert len(steps) == 10, list(steps)
 
     provision = steps["provision (GGUF -> transformers, once)"]
     assert provision["general"] == provision["embedding"] == "exists"
@@ -74,6 +75,16 @@ def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_d
     wrapper = steps["the wrapper answers the same"]
     assert wrapper["wrapper reply"] == adapter["tuned reply"]
 
+    # a minute of contrastive training: held-out questions find their article far more often
+    search = steps["embedding adapter: retrieval gain"]
+    base, tuned = search["held-out base"], search["held-out adapter"]
+    assert tuned["mrr@10"] >= base["mrr@10"] + 0.2, search
+    assert tuned["recall@1"] > base["recall@1"], search
+    assert search["adapter ranks its article first"] is True
+    assert search["base ranks first"] != search["adapter ranks first"]
+    assert search["chat unchanged with the adapter loaded"] is True
+    assert search["registered_version"] == "2"  # after the chat bundle's "1"
+
     http = steps["HTTP: OpenAI-compatible app"]
     assert http["chat_status"] == 200 and "Paris" in http["chat_reply"]
     assert http["embeddings_status"] == 200 and http["embedding_dims"] == 576
@@ -89,9 +100,15 @@ def test_demo_falls_back_to_the_tiny_model_without_the_wheel(tmp_path: Path) -> 
     first_line = out.splitlines()[0]
     assert "SmolLM2 is not installed" in first_line and INSTALL_HINT in first_line
     assert "all steps passed" in out, out
-    assert out.count("[ok ]") == 10 and "[FAIL]" not in out
+    assert out.count("[ok ]") == 11 and "[FAIL]" not in out
     assert "provision (local provider)" in out and "embedding_shape: [3, 64]" in out
     assert "same as the runtime's tuned reply: true" in out
+    # the embedding adapter trains and serves; random weights need not retrieve better
+    assert "embedding adapter: retrieval gain" in out
+    assert "pairs: 60 training, 20 held-out" in out
+    assert re.search(r'held-out adapter: \{"mrr@10": [\d.]+, "recall@1": [\d.]+\}', out)
+    assert "chat unchanged with the adapter loaded: true" in out
+    assert (tmp_path / "runs" / "demo-search" / "adapter" / "llm2vec_config.json").is_file()
     assert "chat_status: 200" in out
     assert (tmp_path / "runs" / "demo" / "wrapper" / "config.json").is_file()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -63,7 +64,7 @@ def example_model(request: pytest.FixtureRequest) -> tuple[int, dict[str, str]]:
 def test_every_example_is_listed_in_the_readme() -> None:
     readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
     scripts = sorted(p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py"))
-    assert len(scripts) == 5
+    assert len(scripts) == 6
     missing = [name for name in [*scripts, "quickstart.ipynb"] if name not in readme]
     assert not missing, f"examples/README.md does not describe {missing}"
 
@@ -166,6 +167,56 @@ def test_async_and_jupyter_example(tmp_path: Path) -> None:
     assert "sync embed inside the loop: shape=(2, 64)" in out
 
 
+@pytest.mark.slow
+@pytest.mark.train
+def test_embedding_adapter_example(
+    tmp_path: Path, example_model: tuple[int, dict[str, str]]
+) -> None:
+    dims, env = example_model
+    out = run_example("06_embedding_adapter.py", tmp_path, env=env)
+    assert "dry run support_pairs.jsonl: format=pairs rows=60 invalid=0 duplicates=0" in out
+    assert "trained 5 steps on 60 pairs" in out
+    assert "held-out: 20 questions, 20 articles" in out
+    metrics = {
+        key: (float(base), float(tuned))
+        for key, base, tuned in re.findall(r"(\S+) +base ([\d.]+) -> adapter ([\d.]+)", out)
+    }
+    assert sorted(metrics) == ["mrr@10", "ndcg@10", "recall@1", "recall@10"]
+    assert re.search(
+        r"registry entry: version=1 name=support-search use=embed objective=contrastive", out
+    )
+    firsts = dict(re.findall(r"runtime, (base|adapter): (\d+)/20 questions", out))
+    assert sorted(firsts) == ["adapter", "base"]
+    assert "chat unchanged by the embedding adapter: True" in out
+    assert (tmp_path / "runs" / "support-search" / "adapter" / "llm2vec_config.json").is_file()
+    if dims != 64:  # SmolLM2 learns to find the articles of products it never saw
+        base, tuned = metrics["mrr@10"]
+        assert tuned >= base + 0.2, out
+        assert int(firsts["adapter"]) > int(firsts["base"])
+
+
+def test_support_pairs_are_the_generators_output() -> None:
+    """The pair files (the example's and the demo's copies) are what the generator writes."""
+    spec = importlib.util.spec_from_file_location(
+        "make_support_pairs", EXAMPLES / "data" / "make_support_pairs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train, held_out = module.pairs()
+    assert (len(train), len(held_out)) == (60, 20)
+    package_data = EXAMPLES.parent / "src" / "mongars_llm" / "_data"
+    for folder in (EXAMPLES / "data", package_data):
+        for name, rows in (("support_pairs.jsonl", train), ("support_pairs_eval.jsonl", held_out)):
+            lines = (folder / name).read_text(encoding="utf-8").splitlines()
+            assert [json.loads(line) for line in lines] == rows, f"rewrite {folder / name}"
+    # the held-out products are never seen in training
+    trained = json.dumps(train)
+    held_out_products = [name for name, short in module.PRODUCTS[-module.HELD_OUT :]]
+    assert all(name in json.dumps(held_out) for name in held_out_products)
+    assert not any(name.split()[0] in trained for name in held_out_products)
+
+
 def _notebook_tools() -> tuple[object, object, object]:
     missing = [m for m in ("nbclient", "nbformat", "ipykernel") if not importlib.util.find_spec(m)]
     if missing:
@@ -225,11 +276,17 @@ def test_quickstart_notebook_runs_top_to_bottom(
     assert re.search(r"registry: 1 notebook candidate", text)
     assert "the adapter changes the reply: True" in text  # plain chat is not the adapter's
     assert f"embeddings: 2 x {dims}" in text
+    retrieval = dict(re.findall(r"held-out (mrr@10|recall@1): base ([\d.]+) -> adapter", text))
+    assert sorted(retrieval) == ["mrr@10", "recall@1"]
+    assert "chat unchanged: True" in text  # the embedding adapter serves embed calls only
     if dims != 64:  # SmolLM2: a right answer, and the adapter taught the made-up fact
         assert "model: SmolLM2-135M-Instruct" in text
         assert re.search(r"generate: '[^']*Paris[^']*' stop", text)
         assert re.search(r"with the adapter: '[^']*Tessa Quorn", text)
         assert re.search(r"base model: +'(?![^']*Tessa Quorn)", text)
+        gain = re.search(r"held-out mrr@10: base ([\d.]+) -> adapter ([\d.]+)", text)
+        assert gain and float(gain.group(2)) >= float(gain.group(1)) + 0.2, text
+        assert "adapter ranks first: 'Status light of the Quorix" in text
     assert text.rstrip().endswith("QUICKSTART COMPLETE")
     assert (tmp_path / "work" / "runs" / "notebook" / "adapter").is_dir()
 

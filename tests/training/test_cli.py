@@ -312,3 +312,34 @@ def test_an_adapter_name_that_is_not_a_plain_name_is_a_config_error(
         assert main(_dry_run_argv(path, tiny_base, tmp_path, "--adapter-name", name)) == 2
         assert f"adapter_name {name!r} must be letters, digits" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_llm2vec_recipe_from_the_command_line(
+    tmp_path: Path, tiny_base: Path, make_pairs, capsys
+) -> None:
+    """MNTP, then contrastive on top of it (chunked), as a user types it: each summary
+    says what the run gained on its held-out data."""
+    train, evals = make_pairs(n_train=48, n_eval=16)
+    texts, pairs, heldout = tmp_path / "t.jsonl", tmp_path / "p.jsonl", tmp_path / "e.jsonl"
+    texts.write_text("".join(json.dumps({"text": r["positive"]}) + "\n" for r in train))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in train))
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in evals))
+    common = ["--base-model", str(tiny_base), "--registry-path", str(tmp_path / "reg")]
+    common += ["--max-seq-len", "64", "--learning-rate", "3e-3"]
+    assert main(["bundle", "build", "--objective", "mntp", "--dataset-path", str(texts),
+                 "--mask-probability", "0.3", "--adapter-name", "docs-mntp",
+                 "--max-steps", "6", *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "masked-token loss on 5 held-out text(s): " in out and "(base -> adapter)" in out
+    assert "registered: version 1 (docs-mntp)" in out
+    assert main(["bundle", "build", "--objective", "contrastive", "--base-adapter", "docs-mntp",
+                 "--dataset-path", str(pairs), "--eval-dataset-path", str(heldout),
+                 "--mini-batch-size", "12", "--max-steps", "4", "--json", *common]) == 0  # fmt: skip
+    payload = _json(capsys)
+    entry = payload["registry_entry"]
+    assert entry["embedding"]["bidirectional"] is True  # from the mntp adapter
+    assert entry["embedding"]["stacked_on"]["adapter"] == "docs-mntp 1"
+    assert entry["compatibility"]["r"] == 32
+    assert payload["metrics"]["retrieval"]["queries"] == 16
+    meta = json.loads((Path(payload["run_dir"]) / "run_metadata.json").read_text())
+    assert meta["config"]["mini_batch_size"] == 12

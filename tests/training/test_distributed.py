@@ -329,3 +329,54 @@ def test_fsdp_under_accelerate_launch(
     payload = json.loads(done.stdout.strip().splitlines()[-1])
     assert payload["metrics"]["world_size"] == n
     assert set(_tensors(Path(payload["adapter_dir"])))  # the gathered adapter was written
+
+
+# ------------------------------------------------------------- embedding objectives
+@pytest.mark.parametrize(
+    ("objective", "knobs"),
+    [
+        ("contrastive", {}),
+        ("contrastive", {"mini_batch_size": 5}),  # GradCache over the gathered negatives
+        ("mntp", {}),
+    ],
+    ids=["contrastive", "contrastive-gradcache", "mntp"],
+)
+def test_embedding_objectives_on_two_processes_match_one(
+    objective: str, knobs: dict, bundle_args, tiny_base: Path, make_pairs, tmp_path: Path
+) -> None:
+    """Each rank embeds its half of the global batch; the negatives are those of the
+    whole batch (gathered), so two processes train as one with the global batch. The
+    last global micro-batch of an epoch is short (13 rows: rank 1 gets 5)."""
+    train, evals = make_pairs(n_train=29, n_eval=8)
+    rows = train if objective != "mntp" else [{"text": r["positive"]} for r in train]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text("".join(json.dumps(r) + "\n" for r in evals))
+    common = bundle_args(
+        tiny_base,
+        data,
+        tmp_path,
+        objective=objective,
+        eval_dataset_path=eval_data,
+        eval_fraction=0.0,
+        max_steps=3,
+        learning_rate=3e-3,
+        lora_dropout=0.0,
+        **knobs,
+    )
+    one = build_bundle(**common, run_name="one", batch_size=16, register_adapter=False)
+    two = build_bundle(**common, run_name="two", batch_size=8, num_processes=2)
+    assert two.metrics["world_size"] == 2 and two.metrics["global_batch_size"] == 16
+    assert [h["rows"] for h in two.history] == [h["rows"] for h in one.history] == [16, 13, 16]
+    for mine, ref in zip(two.history, one.history, strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=LOSS_RTOL), (mine, ref)
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=LOSS_RTOL)
+        assert mine.get("masked_tokens") == ref.get("masked_tokens")
+    for name, tensor in _tensors(one.adapter_dir).items():
+        assert (_tensors(two.adapter_dir)[name] - tensor).abs().max() < 1e-4, name
+    assert two.metrics["retrieval"]["mrr@10"] == pytest.approx(
+        one.metrics["retrieval"]["mrr@10"], abs=1e-3
+    )
+    entries = AdapterRegistry(common["registry_path"]).list()
+    assert [e.run_name for e in entries] == ["two"] and entries[0].use == "embed"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mongars_llm.errors import ConfigError, DatasetError
+from mongars_llm.errors import DatasetError
 from mongars_llm.registry import AdapterRegistry
 from mongars_llm.training import build_bundle
 from mongars_llm.training._data import _load_tokenizer
@@ -74,11 +74,6 @@ def test_dry_run_counts_add_up_and_duplicates_are_dropped(
     written = json.loads((result.run_dir / "dataset_summary.json").read_text())
     assert written["rows_valid"] == 3 and written["tokens"]["query"]["count"] == 2
     assert result.adapter_dir is None and not (result.run_dir / "adapter").exists()
-
-
-def test_embedding_objectives_refuse_several_processes() -> None:
-    with pytest.raises(ConfigError, match="one process"):
-        build_bundle(dataset_path="x.jsonl", objective="contrastive", num_processes=2)
 
 
 # ----------------------------------------------------------------------- training

@@ -61,8 +61,24 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
         "--objective",
         "objective",
         str,
-        "sft (chat LoRA, the default) | contrastive (query/positive pairs) | simcse (texts): "
-        "the last two train an embedding adapter (use=embed)",
+        "sft (chat LoRA, the default) | contrastive (query/positive pairs) | simcse (texts) | "
+        "mntp (texts; masked next-token prediction, bidirectional): the last three train an "
+        "embedding adapter (use=embed)",
+    ),
+    (
+        "--base-adapter",
+        "base_adapter",
+        str,
+        "embedding objectives: train on top of this adapter (registered name or folder), "
+        "e.g. contrastive on top of mntp, as LLM2Vec stacks them",
+    ),
+    ("--mask-probability", "mask_probability", float, "mntp: share of tokens predicted (0.2)"),
+    (
+        "--mini-batch-size",
+        "mini_batch_size",
+        int,
+        "contrastive/simcse: embed each batch in chunks of N texts (GradCache): a larger "
+        "batch of negatives in bounded memory",
     ),
     ("--pooling", "pooling", str, "embedding objectives: mean | weighted_mean | ... (mean)"),
     ("--instruction", "instruction", str, "contrastive: instruction for queries without one"),
@@ -152,6 +168,13 @@ def _build(args: argparse.Namespace) -> int:
             f"retrieval on {trained['queries']} held-out quer(ies): "
             + ", ".join(f"{k} {base[k]:.3f} -> {trained[k]:.3f}" for k in _RETRIEVAL_KEYS)
             + f" (base -> adapter) after {metrics['steps']} step(s)"
+        )
+    mntp_base, mntp = metrics.get("mntp_base"), metrics.get("mntp")
+    if mntp_base and mntp:
+        print(
+            f"masked-token loss on {metrics['eval_texts']} held-out text(s): "
+            f"{mntp_base['mntp_loss']:.4f} -> {mntp['mntp_loss']:.4f}, accuracy "
+            f"{mntp_base['mntp_accuracy']:.3f} -> {mntp['mntp_accuracy']:.3f} (base -> adapter)"
         )
     if metrics.get("eval_loss") is not None:
         print(

@@ -224,7 +224,10 @@ def _write_merged(
             f"cannot load the base model {base['id']!r} to merge the adapter: {err}; pass "
             "base_model_id= to point at a reachable copy"
         ) from err
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    from ..runtime._adapters import quiet_peft_deprecations
+
+    with quiet_peft_deprecations():
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.to(torch.float16)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

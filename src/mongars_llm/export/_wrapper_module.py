@@ -141,9 +141,13 @@ class Wrapper:
                 dtype=_dtype(dtype or base.get("dtype", "float32")),
                 trust_remote_code=bool(base.get("trust_remote_code", False)),
             )
-            model = PeftModel.from_pretrained(
-                model, str(folder / layout.get("adapter_dir", "adapter"))
-            )
+            with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
+                warnings.filterwarnings(
+                    "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+                )
+                model = PeftModel.from_pretrained(
+                    model, str(folder / layout.get("adapter_dir", "adapter"))
+                )
         model.to(device)
         model.eval()
         return cls(model, tokenizer, config, device)

@@ -31,13 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
 from .._version import __version__
-from ..errors import BundleError, ConfigError, DatasetError
+from ..errors import BundleError, DatasetError
 from ..logging import log_event
 from ..provisioning._local_copy import ProvisionedCopy
 from ..registry import AdapterRegistry, RegistryEntry, digest_tree
 from ._config import BundleConfig, load_bundle_config
 from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
 from ._pairs import EMBEDDING_OBJECTIVES, PairExample, load_pairs
+from ._stacking import (
+    BaseAdapter,
+    concatenate_adapters,
+    merge_base_adapter,
+    resolve_base_adapter,
+)
 
 if TYPE_CHECKING:
     from ._distributed import Distributed
@@ -105,6 +111,8 @@ class _RunContext:
     dist: Distributed | None = None
     #: the provisioned copy of a Hub base model, when ``provision`` installed one
     base_copy: ProvisionedCopy | None = None
+    #: the adapter this run trains on top of (``config.base_adapter``)
+    base_adapter: BaseAdapter | None = None
 
     @property
     def is_main(self) -> bool:
@@ -127,6 +135,7 @@ def build_bundle(
     config = load_bundle_config(config_or_path, **overrides)
     config.require_dataset()
     config, base_copy = _locate_base_model(config)
+    config, base_adapter = _stack_on(config)
     started_at = _now()
     run_name = config.resolved_run_name()
     run_dir = (config.resolved_output_dir() / run_name).resolve()
@@ -139,12 +148,6 @@ def build_bundle(
         from ._trainer import Precision, resolve_precision
 
         precision = resolve_precision(config)
-        if config.objective != "sft" and env_world_size() > 1:
-            raise ConfigError(
-                f"objective {config.objective!r} trains in one process for now (in-batch "
-                "negatives would need the batch gathered across processes); run it without "
-                "accelerate launch / torchrun"
-            )
         if config.num_processes > 1 and env_world_size() == 1:
             # N workers run this function under WORLD_SIZE=N; they must agree on the folder
             return launch_local(config.model_copy(update={"run_name": run_name}))
@@ -195,6 +198,7 @@ def build_bundle(
             precision=precision,
             dist=dist,
             base_copy=base_copy,
+            base_adapter=base_adapter,
         )
         return _build_claimed(run, train_rows=train_rows, eval_rows=eval_rows)
 
@@ -217,6 +221,22 @@ def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedC
     if copy is not None:
         logger.info("base model %s: using the provisioned copy %s", config.base_model, copy.path)
     return config, copy
+
+
+def _stack_on(config: BundleConfig) -> tuple[BundleConfig, BaseAdapter | None]:
+    """The adapter ``base_adapter`` names, checked; its pooling and attention mode become
+    this run's unless the caller set them (the stack embeds one way)."""
+    if config.base_adapter is None:
+        return config, None
+    adapter = resolve_base_adapter(config.base_adapter, registry_path=config.registry_path)
+    inherited = {
+        key: adapter.embedding[key]
+        for key in ("pooling", "bidirectional")
+        if key in adapter.embedding and key not in config.model_fields_set
+    }
+    if inherited:
+        config = load_bundle_config(config, **inherited)
+    return config, adapter
 
 
 def _build_claimed(
@@ -302,7 +322,7 @@ def _build_embedding_claimed(
     train_summary, train_examples = load_pairs(
         train_rows,
         source=str(config.dataset_path or config.dataset_id),
-        summary_path=run_dir / "dataset_summary.json",
+        summary_path=run_dir / "dataset_summary.json" if run.is_main else None,
         **common,
     )
     eval_summary: DatasetSummary | None = None
@@ -311,7 +331,7 @@ def _build_embedding_claimed(
         eval_summary, eval_examples = load_pairs(
             eval_rows,
             source=str(config.eval_dataset_path or config.eval_dataset_id),
-            summary_path=run_dir / "eval_dataset_summary.json",
+            summary_path=run_dir / "eval_dataset_summary.json" if run.is_main else None,
             **{**common, "objective": "contrastive"},
         )
     elif (
@@ -319,6 +339,10 @@ def _build_embedding_claimed(
     ):
         # simcse texts hold no pairs to retrieve: its metrics need an eval set of pairs
         train_examples, eval_examples = _hold_out(train_examples, config.eval_fraction, config.seed)
+    eval_texts: list[PairExample] = []
+    if config.objective == "mntp" and config.eval_fraction > 0 and len(train_examples) >= 4:
+        # held-out texts for the masked-token loss (retrieval needs an eval file of pairs)
+        train_examples, eval_texts = _hold_out(train_examples, config.eval_fraction, config.seed)
     log_event(
         logger,
         "bundle_dataset",
@@ -328,14 +352,18 @@ def _build_embedding_claimed(
         duplicates=train_summary.duplicates,
         train=len(train_examples),
         eval=len(eval_examples),
+        eval_texts=len(eval_texts),
     )
     if config.dry_run:
+        counts = {"train_examples": len(train_examples), "eval_examples": len(eval_examples)}
+        if config.objective == "mntp":
+            counts["eval_texts"] = len(eval_texts)
         return BundleResult(
             run_dir=run_dir,
             config=config,
             dataset_summary=train_summary,
             eval_dataset_summary=eval_summary,
-            metrics={"train_examples": len(train_examples), "eval_examples": len(eval_examples)},
+            metrics=counts,
         )
     return _train_and_package(
         run,
@@ -343,6 +371,7 @@ def _build_embedding_claimed(
         eval_summary=eval_summary,
         train_examples=train_examples,
         eval_examples=eval_examples,
+        eval_texts=eval_texts,
     )
 
 
@@ -353,6 +382,7 @@ def _train_and_package(
     eval_summary: DatasetSummary | None,
     train_examples: list[Any],
     eval_examples: list[Any],
+    eval_texts: list[PairExample] | None = None,
 ) -> BundleResult:
     import peft
 
@@ -366,6 +396,9 @@ def _train_and_package(
     t0 = time.perf_counter()
     with _hub_progress(config.progress and main):
         base = load_base_model(config, precision, source=base_copy.path if base_copy else None)
+    stacked_on = run.base_adapter
+    if stacked_on is not None:  # trained on top of the merged earlier adapter
+        base = merge_base_adapter(base, stacked_on, base_model=config.base_model)
     base_commit = (
         base_copy.revision
         if base_copy is not None
@@ -400,6 +433,8 @@ def _train_and_package(
             temperature=config.temperature,
             pooling=config.pooling,
             bidirectional=config.bidirectional,
+            mask_probability=config.mask_probability if config.objective == "mntp" else None,
+            base_adapter=stacked_on.sha256 if stacked_on is not None else None,
         )
         outcome = train_embeddings(
             model,
@@ -411,6 +446,8 @@ def _train_and_package(
             eval_examples=eval_examples,
             run_dir=run_dir,
             fingerprint=fingerprint,
+            eval_texts=eval_texts or (),
+            dist=dist,
         )
     else:
         outcome = train(
@@ -448,6 +485,10 @@ def _train_and_package(
         model.save_pretrained(str(adapter_dir), state_dict=outcome.state_dict)
     else:
         model.save_pretrained(str(adapter_dir))
+    lora_shape = {"r": config.lora_r, "lora_alpha": config.lora_alpha}
+    if stacked_on is not None:  # one adapter holding both: the runtime serves it as any other
+        written = concatenate_adapters(stacked_on.path, adapter_dir)
+        lora_shape = {"r": written["r"], "lora_alpha": written["lora_alpha"]}
     embedding_info: dict[str, Any] | None = None
     if spec is not None:
         embedding_info = {
@@ -457,6 +498,14 @@ def _train_and_package(
             "normalize": True,
             "temperature": config.temperature,
         }
+        if config.objective == "mntp":
+            embedding_info["mask_probability"] = config.mask_probability
+        if stacked_on is not None:
+            embedding_info["stacked_on"] = {
+                "adapter": stacked_on.label,
+                "objective": stacked_on.embedding.get("objective"),
+                "sha256": stacked_on.sha256,
+            }
         # what the runtime reads from a use="embed" adapter folder (pooling, max_length)
         atomic_write_json(
             adapter_dir / "llm2vec_config.json",
@@ -477,8 +526,7 @@ def _train_and_package(
         "base_model": config.base_model,
         "base_model_revision": base_commit,
         "peft_version": peft.__version__,
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
+        **lora_shape,
         "target_modules": target_modules,
         "modules_to_save": modules_to_save,
     }
@@ -498,6 +546,8 @@ def _train_and_package(
     )
     if embedding:
         registry_keys = ("train_loss", "steps", "rows_seen", "retrieval_base", "retrieval")
+        if config.objective == "mntp":
+            registry_keys += ("mntp_base", "mntp")
     registry_metrics = {k: metrics.get(k) for k in registry_keys}
     dataset_stats = {
         "source": train_summary.source,

@@ -40,11 +40,13 @@ class BundleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    objective: Literal["sft", "contrastive", "simcse"] = Field(
+    objective: Literal["sft", "contrastive", "simcse", "mntp"] = Field(
         "sft",
         description="sft: chat LoRA on prompt/completion or messages rows; contrastive: an "
         "embedding adapter from query/positive(/negative) pairs (InfoNCE); simcse: an "
-        "embedding adapter from plain texts (two dropout views as positives).",
+        "embedding adapter from plain texts (two dropout views as positives); mntp: masked "
+        "next-token prediction on plain texts with bidirectional attention (LLM2Vec's first "
+        "step).",
     )
 
     # data
@@ -125,12 +127,15 @@ class BundleConfig(BaseModel):
     dry_run: bool = Field(False, description="Validate the data, write the summary, stop.")
     progress: bool = Field(True, description="Progress bar on stderr (the CLI: when a terminal).")
 
-    # embedding objectives (contrastive, simcse): how texts are embedded, in training and serving
+    # embedding objectives (contrastive, simcse, mntp): how texts are embedded, in training and
+    # serving
     pooling: Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"] = Field(
         "mean", description="Embedding pooling (the role's embedding.pooling at serve time)."
     )
     bidirectional: bool = Field(
-        False, description="Embed with bidirectional attention (the role's embedding setting)."
+        False,
+        description="Embed with bidirectional attention (the role's embedding setting; mntp "
+        "trains it and defaults to true).",
     )
     instruction: str | None = Field(
         None,
@@ -148,6 +153,26 @@ class BundleConfig(BaseModel):
         lt=1.0,
         description="simcse: the base model's attention dropout while training (the two views "
         "differ by dropout; LoRA dropout adds to it).",
+    )
+    mask_probability: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="mntp: the share of tokens chosen for prediction (80% masked, 10% random, "
+        "10% kept).",
+    )
+    base_adapter: str | None = Field(
+        None,
+        description="An embedding adapter (registered name, version or folder) to train on top "
+        "of, as LLM2Vec trains its contrastive step on top of MNTP: it is merged into the base "
+        "for training and the result registered as one adapter holding both.",
+    )
+    mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="contrastive/simcse: embed a batch in forward chunks of this many texts "
+        "(GradCache): a batch of negatives larger than memory allows, the same gradient, "
+        "twice the forward compute. None: the whole batch in one forward.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, slower)."
@@ -172,10 +197,12 @@ class BundleConfig(BaseModel):
         # an embedding adapter needs more capacity than a chat LoRA: r=16 on every linear
         # layer, a batch of 16 (in-batch negatives) and a constant rate, unless the caller
         # chose otherwise
-        if isinstance(data, dict) and data.get("objective") in ("contrastive", "simcse"):
+        if isinstance(data, dict) and data.get("objective") in ("contrastive", "simcse", "mntp"):
             for key, value in EMBEDDING_DEFAULTS.items():
                 if data.get(key) is None:
                     data = {**data, key: value}
+            if data["objective"] == "mntp" and data.get("bidirectional") is None:
+                data = {**data, "bidirectional": True}
         return data
 
     @field_validator("resume", mode="before")
@@ -194,10 +221,24 @@ class BundleConfig(BaseModel):
             raise ValueError("give dataset_path or dataset_id, not both")
         if self.eval_dataset_path is not None and self.eval_dataset_id is not None:
             raise ValueError("give eval_dataset_path or eval_dataset_id, not both")
-        if self.objective != "sft" and self.num_processes > 1:
+        if self.mini_batch_size is not None and self.objective not in ("contrastive", "simcse"):
             raise ValueError(
-                f"objective {self.objective!r} trains in one process for now (in-batch "
-                "negatives would need the batch gathered across processes); drop num_processes"
+                "mini_batch_size chunks the in-batch negatives of contrastive and simcse; for "
+                f"{self.objective!r} use a smaller batch_size with grad_accum"
+            )
+        if self.objective == "mntp" and not self.bidirectional:
+            raise ValueError(
+                "objective 'mntp' trains bidirectional attention (a causal model already "
+                "predicts the next token); drop bidirectional: false"
+            )
+        if self.base_adapter is not None and self.objective == "sft":
+            raise ValueError(
+                "base_adapter stacks embedding adapters (objective contrastive, simcse or mntp)"
+            )
+        if self.base_adapter is not None and self.qlora:
+            raise ValueError(
+                "base_adapter is merged into the base weights for training, which a 4-bit "
+                "(QLoRA) base cannot take; train in full precision or drop base_adapter"
             )
         if self.run_name is not None and not re.fullmatch(
             r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name

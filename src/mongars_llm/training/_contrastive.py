@@ -1,4 +1,4 @@
-"""The embedding objectives: a LoRA adapter trained on pooled, L2-normalised vectors.
+"""The embedding objectives: a LoRA adapter trained for what ``embed`` returns.
 
 ``contrastive`` (LLM2Vec's supervised step): InfoNCE of each query against
 every positive of its micro-batch (in-batch negatives) plus every hard
@@ -22,26 +22,31 @@ The vectors are computed by the runtime's LLM2Vec core
 padding, the causal or bidirectional decoder run, pooling, normalisation),
 so an adapter embeds at serve time exactly as it was trained.
 
+``mini_batch_size`` embeds a batch in chunks (:func:`backward_in_chunks`,
+GradCache): the gradient of the whole batch with the activations of one chunk.
+
+``mntp`` (:mod:`._mntp`) runs in the same loop with its own step: masked-token
+cross-entropy, token-weighted over the step's micro-batches.
+
 The loop reuses the chat loop's parts (:mod:`._trainer`): the seeded batch
-plan, AdamW and the learning-rate schedule, checkpoints and ``--resume``, the
-progress bar and ``train_log.jsonl``. One process only: in-batch negatives
-across processes would need the batch gathered (refused in the config).
+plan, AdamW and the learning-rate schedule, and :class:`~._trainer.TrainingRun`
+(checkpoints and ``--resume``, the progress bar, ``train_log.jsonl``, events,
+periodic evaluation). Past one process (DDP) each rank embeds its slice of the
+global micro-batch and the in-batch negatives are gathered from every rank
+(:meth:`~._distributed.Distributed.assemble`), so the negatives, the loss and
+the summed gradient are those of one process with the whole global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BundleError
-from ..logging import log_event
+from ..errors import BundleError, ConfigError
 from ._config import BundleConfig
 from ._pairs import PairExample
 
@@ -49,9 +54,17 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from ._distributed import Distributed
     from ._trainer import Precision, TrainOutcome
 
-__all__ = ["EmbeddingSpec", "encode_texts", "evaluate_retrieval", "info_nce", "train_embeddings"]
+__all__ = [
+    "EmbeddingSpec",
+    "backward_in_chunks",
+    "encode_texts",
+    "evaluate_retrieval",
+    "info_nce",
+    "train_embeddings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,55 +175,128 @@ def _duplicates(keys_rows: Sequence[str], keys_cols: Sequence[str], device: Any)
     return mask.to(device)
 
 
-def contrastive_loss(
-    model: Any,
-    tokenizer: Any,
-    batch: Sequence[PairExample],
-    spec: EmbeddingSpec,
-    config: BundleConfig,
-    *,
-    device: Any,
-) -> torch.Tensor:
-    """The loss of one micro-batch (see the module docstring)."""
+@dataclass(frozen=True)
+class Objective:
+    """What one micro-batch embeds and how its vectors are scored."""
+
+    #: the ``(instruction, text)`` items to embed, in the order ``loss`` reads their vectors
+    items: list[tuple[str, str]]
+    #: the batch row each item comes from (which process embeds it, past one process)
+    rows: list[int]
+    #: the loss as a function of the items' vectors
+    loss: Callable[[torch.Tensor], torch.Tensor]
+
+
+def contrastive_objective(
+    batch: Sequence[PairExample], config: BundleConfig, *, device: Any, weight: float = 1.0
+) -> Objective:
+    """The items one micro-batch embeds, and its loss (times ``weight``) as a function of
+    their vectors (see the module docstring)."""
     n = len(batch)
     if config.objective == "simcse":
-        items = [("", e.query) for e in batch]
-        vectors = encode_texts(model, tokenizer, items + items, spec, device=device)
-        queries, documents = vectors[:n], vectors[n:]
         keys = [e.query.strip() for e in batch]
+
+        def simcse(vectors: torch.Tensor) -> torch.Tensor:
+            return (
+                info_nce(
+                    vectors[:n],
+                    vectors[n:],
+                    temperature=config.temperature,
+                    masked=_duplicates(keys, keys, device),
+                )
+                * weight
+            )
+
+        items = [("", e.query) for e in batch]
+        return Objective(items + items, [*range(n), *range(n)], simcse)
+    with_negative = [i for i, e in enumerate(batch) if e.negative is not None]
+    items = (
+        [(e.instruction, e.query) for e in batch]
+        + [("", e.positive) for e in batch]
+        + [("", batch[i].negative or "") for i in with_negative]
+    )
+    positive_keys = [e.positive.strip() for e in batch]
+    doc_keys = positive_keys + [(batch[i].negative or "").strip() for i in with_negative]
+    query_keys = [f"{e.instruction}\x00{e.query.strip()}" for e in batch]
+
+    def contrastive(vectors: torch.Tensor) -> torch.Tensor:
+        queries, documents = vectors[:n], vectors[n:]
         loss = info_nce(
             queries,
             documents,
             temperature=config.temperature,
-            masked=_duplicates(keys, keys, device),
+            masked=_duplicates(positive_keys, doc_keys, device),
         )
-        return loss
-    negatives = [e.negative for e in batch if e.negative is not None]
-    items = (
-        [(e.instruction, e.query) for e in batch]
-        + [("", e.positive) for e in batch]
-        + [("", text) for text in negatives]
-    )
-    vectors = encode_texts(model, tokenizer, items, spec, device=device)
-    queries, documents = vectors[:n], vectors[n:]
-    positive_keys = [e.positive.strip() for e in batch]
-    doc_keys = positive_keys + [text.strip() for text in negatives]
-    loss = info_nce(
-        queries,
-        documents,
-        temperature=config.temperature,
-        masked=_duplicates(positive_keys, doc_keys, device),
-    )
-    if config.symmetric_loss:
-        query_keys = [f"{e.instruction}\x00{e.query.strip()}" for e in batch]
-        reverse = info_nce(
-            documents[:n],
-            queries,
-            temperature=config.temperature,
-            masked=_duplicates(query_keys, query_keys, device),
-        )
-        loss = (loss + reverse) / 2
-    return loss
+        if config.symmetric_loss:
+            reverse = info_nce(
+                documents[:n],
+                queries,
+                temperature=config.temperature,
+                masked=_duplicates(query_keys, query_keys, device),
+            )
+            loss = (loss + reverse) / 2
+        return loss * weight
+
+    return Objective(items, [*range(n), *range(n), *with_negative], contrastive)
+
+
+def backward_in_chunks(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[str, str]],
+    spec: EmbeddingSpec,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk: int,
+    device: Any,
+) -> torch.Tensor:
+    """GradCache (Gao et al., 2021): the gradient of ``loss_of(vectors of items)`` with the
+    activations of only ``chunk`` texts in memory at a time; returns the loss.
+
+    1. embed every chunk without a graph, keeping the RNG state each started with;
+    2. the loss on all the vectors at once (every text is a negative of every other),
+       and its gradient with respect to the vectors;
+    3. embed each chunk again from its saved RNG state (the same dropout masks) and
+       backpropagate that chunk's share of the gradient through the model.
+
+    The result equals one forward and backward of the whole batch, up to float
+    rounding, for twice the forward compute.
+    """
+    import torch
+
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    states, parts = [], []
+    with torch.no_grad():
+        for part in chunks:
+            states.append(_rng_state(device))
+            parts.append(encode_texts(model, tokenizer, part, spec, device=device))
+    vectors = torch.cat(parts).detach().requires_grad_(True)
+    loss = loss_of(vectors)
+    loss.backward()
+    assert vectors.grad is not None
+    grads = vectors.grad.split([len(part) for part in chunks])
+    after = _rng_state(device)
+    for part, state, grad in zip(chunks, states, grads, strict=True):
+        _set_rng_state(state, device)
+        encode_texts(model, tokenizer, part, spec, device=device).backward(grad)
+    _set_rng_state(after, device)
+    return loss.detach()
+
+
+def _rng_state(device: Any) -> tuple[Any, Any]:
+    import torch
+
+    on_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None
+
+
+def _set_rng_state(state: tuple[Any, Any], device: Any) -> None:
+    import torch
+
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # -------------------------------------------------------------------- evaluation
@@ -300,6 +386,58 @@ def attention_dropout(model: Any, rate: float) -> Iterator[int]:
             setattr(owner, name, value)
 
 
+def _contrastive_micro_batch(
+    model: Any,
+    tokenizer: Any,
+    spec: EmbeddingSpec,
+    config: BundleConfig,
+    pairs: Sequence[PairExample],
+    *,
+    weight: float,
+    device: Any,
+    dist: Distributed | None,
+) -> float:
+    """Forward and backward of one micro-batch of the contrastive objectives; returns its
+    loss. Past one process every rank embeds its own rows (a slice of ``pairs``, the
+    global micro-batch) and scores them against the vectors of all the ranks."""
+    import torch
+
+    objective = contrastive_objective(pairs, config, device=device, weight=weight)
+    loss_of = objective.loss
+    items = objective.items
+    if dist is not None:
+        size = config.batch_size  # rank r: rows [r * size, (r + 1) * size)
+        positions = [
+            [i for i, row in enumerate(objective.rows) if row // size == r]
+            for r in range(dist.world_size)
+        ]
+        items = [objective.items[i] for i in positions[dist.rank]]
+
+        def loss_of(local: torch.Tensor) -> torch.Tensor:
+            return objective.loss(dist.assemble(local, positions))
+
+    if config.mini_batch_size and len(items) > config.mini_batch_size:
+        loss = backward_in_chunks(
+            model, tokenizer, items, spec, loss_of, chunk=config.mini_batch_size, device=device
+        )
+    else:
+        if items:
+            vectors = encode_texts(model, tokenizer, items, spec, device=device)
+        else:  # this rank holds no row of a short last micro-batch
+            vectors = torch.zeros((0, _hidden_size(model)), device=device)
+        loss = loss_of(vectors)
+        if loss.requires_grad:
+            loss.backward()
+    return float(loss.detach())
+
+
+def _hidden_size(model: Any) -> int:
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return int(config.hidden_size)
+
+
 def train_embeddings(
     model: Any,
     *,
@@ -311,23 +449,40 @@ def train_embeddings(
     eval_examples: Sequence[PairExample],
     run_dir: Path,
     fingerprint: dict[str, Any],
+    eval_texts: Sequence[PairExample] = (),
+    dist: Distributed | None = None,
 ) -> TrainOutcome:
-    """Train the peft ``model`` on an embedding objective; returns metrics (with the
-    retrieval metrics of the base model and of the adapter on ``eval_examples``) and
-    the loss history."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    """Train the peft ``model`` on an embedding objective; returns metrics and the loss
+    history. The metrics hold the retrieval metrics of the base model and of the adapter
+    on the pairs ``eval_examples`` and, for ``mntp``, the masked-token loss and accuracy
+    of both on the held-out ``eval_texts``.
 
-    from ._trainer import BatchPlan, TrainOutcome, find_checkpoint, load_checkpoint, save_checkpoint
+    With ``dist`` (several processes, DDP) every rank calls this with the same
+    arguments: the plan is drawn for global micro-batches of ``batch_size x
+    processes`` rows, rank ``r`` embeds slice ``r`` of each, the in-batch negatives
+    are those of the global micro-batch (vectors gathered from every rank) and the
+    gradients are summed over the ranks, so a step is that of one process with the
+    whole global batch. Rank 0 alone evaluates, writes and logs.
+    """
+    import torch
+
+    from ._trainer import BatchPlan, StepResult, TrainingRun, TrainOutcome
 
     device = precision.device
+    world = dist.world_size if dist is not None else 1
+    main = dist is None or dist.is_main
+    if dist is not None and dist.shards_parameters:
+        raise ConfigError(
+            f"objective {config.objective!r} trains under DDP (accelerate's multi-GPU or "
+            f"multi-CPU config), not {dist.distributed_type}: a LoRA adapter's weights fit "
+            "every process"
+        )
     if config.objective == "simcse" and config.simcse_dropout == 0 and config.lora_dropout == 0:
         raise BundleError(
             "simcse needs dropout: its two views of a text differ only by dropout; set "
             "simcse_dropout (the base model's attention dropout) or lora_dropout above 0"
         )
-    if len(train_examples) < 2:
+    if len(train_examples) < 2 and config.objective != "mntp":
         raise BundleError(
             f"{config.objective} needs at least 2 training rows (the other rows of a batch are "
             f"the negatives); {len(train_examples)} remain after the checks"
@@ -336,75 +491,120 @@ def train_embeddings(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(
         len(train_examples),
-        batch_size=config.batch_size,
+        batch_size=config.batch_size * world,  # global micro-batch; rank r embeds slice r
         grad_accum=config.grad_accum,
         seed=config.seed,
     )
     total_steps = plan.total_steps(config.epochs, config.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=total_steps,
+    run = TrainingRun(
+        config=config,
+        run_dir=run_dir,
+        model=model,
+        optimizer=optimizer,
+        total_steps=total_steps,
+        fingerprint=fingerprint,
+        dist=dist,
+        desc=f"training ({config.objective})",
     )
-    fingerprint = {**fingerprint, "total_steps": total_steps}
     eval_kwargs: dict[str, Any] = {
         "instruction": config.instruction,
         "device": device,
         "batch_size": max(config.batch_size, 16),
     }
-    state: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "evals": [],
-        "tokens_seen": 0,
-        "train_seconds": 0.0,
-        "fingerprint": fingerprint,
-        "world_size": 1,
-    }
-    resumed_from = None
-    checkpoint = find_checkpoint(run_dir, config.resume)
-    if checkpoint is not None:
-        saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        changed = {
-            k: (saved["fingerprint"].get(k), v)
-            for k, v in fingerprint.items()
-            if saved["fingerprint"].get(k) != v
-        }
-        if changed:
-            raise BundleError(
-                f"cannot resume from {checkpoint}: the run changed since it was written "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            )
-        state = {**saved, "world_size": 1}
-        resumed_from = str(checkpoint)
-        log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=state["step"])
 
-    def run_eval(adapter: bool = True) -> dict[str, Any] | None:
+    masker = None
+    if config.objective == "mntp":
+        from ._mntp import Masker, evaluate_mntp, masked_sums
+
+        masker = Masker(
+            tokenizer,
+            probability=config.mask_probability,
+            max_length=spec.max_length,
+            seed=config.seed,
+        )
+        train_ids = masker.encode([e.query for e in train_examples])
+        eval_ids = masker.encode([e.query for e in eval_texts])
+
+    def run_retrieval(adapter: bool = True) -> dict[str, Any] | None:
+        if not main:  # every rank holds the same weights: one evaluates
+            return None
         return evaluate_retrieval(
             model, tokenizer, eval_examples, spec, adapter=adapter, **eval_kwargs
         )
 
+    def run_mntp_eval(adapter: bool = True) -> dict[str, Any] | None:
+        if masker is None or not main:
+            return None
+        return evaluate_mntp(
+            model,
+            masker,
+            eval_ids,
+            device=device,
+            batch_size=eval_kwargs["batch_size"],
+            adapter=adapter,
+        )
+
+    def run_eval() -> dict[str, Any] | None:
+        return {**(run_retrieval() or {}), **(run_mntp_eval() or {})} or None
+
     # the base model's metrics: the adapter switched off (exact: peft skips the LoRA path)
-    base_metrics = state.get("retrieval_base") if checkpoint is not None else None
-    if checkpoint is None:
-        base_metrics = run_eval(adapter=False)
-        state["retrieval_base"] = base_metrics
+    if not run.resume():
+        run.state["retrieval_base"] = run_retrieval(adapter=False)
+        run.state["mntp_base"] = run_mntp_eval(adapter=False)
+
+    def mntp_step(step: int, micro_batches: list[list[int]]) -> tuple[float, dict[str, Any]]:
+        """Masked-token cross-entropy, a mean over the step's masked tokens (each rank
+        its slice of every global micro-batch, masked as one process masks it)."""
+        assert masker is not None
+        batches = [
+            masker.mask([train_ids[i] for i in indices], step, k, device=device)
+            for k, indices in enumerate(micro_batches)
+        ]
+        targets = sum(b.targets for b in batches)
+        loss_value = 0.0
+        for batch in batches:
+            if dist is not None:
+                size = config.batch_size
+                batch = batch.rows(dist.rank * size, (dist.rank + 1) * size)
+            if len(batch.labels):
+                loss, _, _ = masked_sums(model, batch)
+                (loss / max(targets, 1)).backward()
+                loss_value += float(loss.detach()) / max(targets, 1)
+        if dist is not None:
+            loss_value = dist.sum([loss_value])[0]
+        return loss_value, {"masked_tokens": targets}
+
+    def one_step(step: int) -> StepResult:
+        micro_batches = plan.step(step)
+        rows = sum(len(indices) for indices in micro_batches)
+        record: dict[str, Any] = {"rows": rows}
+        if masker is not None:
+            loss_value, counts = mntp_step(step, micro_batches)
+            record.update(counts)
+        else:
+            loss_value = sum(
+                _contrastive_micro_batch(
+                    model,
+                    tokenizer,
+                    spec,
+                    config,
+                    [train_examples[i] for i in indices],
+                    weight=1 / len(micro_batches),  # each micro-batch its own negatives
+                    device=device,
+                    dist=dist,
+                )
+                for indices in micro_batches
+            )
+        if dist is not None:  # each rank's gradient is its share of the global loss
+            dist.sum_gradients(params)
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        return StepResult(loss_value, grad_norm, rows, record)
+
     model.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=state["step"],
-        desc=f"training ({config.objective})",
-        unit="step",
-        disable=not config.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    log_file = open(run_dir / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-    log_file.writelines(json.dumps(row) + "\n" for row in state["history"])
-    log_file.flush()
     dropout = (
         attention_dropout(model, config.simcse_dropout)
         if config.objective == "simcse"
@@ -412,94 +612,31 @@ def train_embeddings(
     )
     try:
         with dropout:
-            while state["step"] < total_steps:
-                step = state["step"]
-                started = time.perf_counter()
-                micro_batches = plan.step(step)
-                loss_value = 0.0
-                rows = 0
-                for indices in micro_batches:
-                    batch = [train_examples[i] for i in indices]
-                    loss = contrastive_loss(model, tokenizer, batch, spec, config, device=device)
-                    (loss / len(micro_batches)).backward()
-                    loss_value += float(loss.detach()) / len(micro_batches)
-                    rows += len(batch)
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["train_seconds"] += time.perf_counter() - started
-                state["tokens_seen"] += rows  # rows (pairs or texts) for the embedding objectives
-                state["step"] = step = step + 1
-                record = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "rows": rows,
-                    "epoch": plan.epoch_at(step),
-                }
-                state["history"].append(record)
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-                if step % config.logging_steps == 0 or step == total_steps:
-                    log_event(logger, "bundle_train_step", **record)
-                if config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
-                    result = run_eval()
-                    if result is not None:
-                        state["evals"].append({"step": step, **result})
-                        log_event(logger, "bundle_eval", step=step, **result)
-                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                    save_checkpoint(
-                        run_dir / "checkpoints",
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        state=state,
-                    )
-    except KeyboardInterrupt:
-        if state["step"] > 0:
-            with contextlib.suppress(Exception):
-                save_checkpoint(
-                    run_dir / "checkpoints",
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    state=state,
-                )
-        raise
+            run.run(one_step, evaluate=run_eval, epoch_at=plan.epoch_at)
     finally:
-        bar.close()
-        log_file.close()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
 
-    final = run_eval()
-    if final is not None:
-        state["evals"].append({"step": state["step"], **final})
+    state = run.state
+    retrieval, mntp = run_retrieval(), run_mntp_eval()
+    if retrieval is not None or mntp is not None:
+        state["evals"].append({"step": state["step"], **(retrieval or {}), **(mntp or {})})
     model.eval()
-    history = state["history"]
-    seconds = state["train_seconds"]
     metrics: dict[str, Any] = {
         "objective": config.objective,
-        "steps": state["step"],
-        "epochs": plan.epoch_at(state["step"]),
-        "train_loss": history[-1]["loss"] if history else None,
-        "train_loss_mean": sum(h["loss"] for h in history) / len(history) if history else None,
-        "rows_seen": state["tokens_seen"],
-        "train_seconds": round(seconds, 3),
-        "rows_per_second": round(state["tokens_seen"] / seconds, 2) if seconds else None,
+        **run.metrics(seen="rows", epoch_at=plan.epoch_at),
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
-        "world_size": 1,
-        "global_batch_size": config.batch_size * config.grad_accum,
-        "retrieval_base": base_metrics,
-        "retrieval": final,
+        "global_batch_size": config.batch_size * world * config.grad_accum,
+        "retrieval_base": state.get("retrieval_base"),
+        "retrieval": retrieval,
     }
+    if masker is not None:
+        metrics["eval_texts"] = len(eval_texts)
+        metrics["mntp_base"] = state.get("mntp_base")
+        metrics["mntp"] = mntp
     if state["evals"]:
         metrics["evals"] = state["evals"]
-    return TrainOutcome(model=model, metrics=metrics, history=history, resumed_from=resumed_from)
+    return TrainOutcome(
+        model=model, metrics=metrics, history=state["history"], resumed_from=run.resumed_from
+    )

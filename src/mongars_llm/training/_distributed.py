@@ -98,6 +98,41 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return [float(v) for v in tensor.tolist()]
 
+    def sum_gradients(self, params: list[Any]) -> None:
+        """Sum the gradients of ``params`` over the ranks, in one collective (the loops
+        that do not run under DDP's wrapper: each rank's gradient is its share of the
+        global loss)."""
+        import torch
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            n = grad.numel()
+            param.grad = flat[offset : offset + n].view_as(param).clone()
+            offset += n
+
+    def assemble(self, local: Any, positions: list[list[int]]) -> Any:
+        """The rows of every rank, in global order: ``positions[r]`` lists where rank
+        ``r``'s rows go. This rank's rows stay ``local`` (its gradient flows back to
+        them); the others' are copies (each rank backpropagates its own rows)."""
+        import torch
+
+        width = max(len(p) for p in positions)
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: len(local)] = local.detach()
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, padded)
+        pieces = [
+            local if r == self.rank else gathered[r][: len(positions[r])]
+            for r in range(self.world_size)
+        ]
+        order = torch.tensor([i for p in positions for i in p], dtype=torch.long)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return torch.cat(pieces)[inverse.to(local.device)]
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

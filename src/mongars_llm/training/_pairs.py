@@ -6,8 +6,8 @@ Two record formats, one per file (the objective says which):
   ``"negative"`` (a hard negative: a passage that looks relevant and is not)
   and an optional ``"instruction"`` (prepended to the query only, as LLM2Vec
   does; the global ``instruction`` option applies to rows without one);
-- ``simcse``: ``{"text": str}``, one text per row (two dropout views of it are
-  the positive pair).
+- ``simcse`` and ``mntp``: ``{"text": str}``, one text per row (for simcse two
+  dropout views of it are the positive pair; mntp masks and predicts its tokens).
 
 As for chat data every bad line is collected with its number and reason, and
 one :class:`~mongars_llm.errors.DatasetError` lists them all. A duplicate row
@@ -39,20 +39,23 @@ from ._data import (
 __all__ = ["EMBEDDING_OBJECTIVES", "PairExample", "load_pairs"]
 
 #: the objectives that train an embedding adapter (``use="embed"``)
-EMBEDDING_OBJECTIVES = ("contrastive", "simcse")
+EMBEDDING_OBJECTIVES = ("contrastive", "simcse", "mntp")
 _FIELDS = {
     "contrastive": (("query", "positive"), ("negative", "instruction")),
     "simcse": (("text",), ()),
+    "mntp": (("text",), ()),
 }
 _EXAMPLE = {
     "contrastive": '{"query": ..., "positive": ...} (optional "negative", "instruction")',
     "simcse": '{"text": ...}',
+    "mntp": '{"text": ...}',
 }
 
 
 @dataclass(frozen=True)
 class PairExample:
-    """One training row: for ``simcse`` the query and the positive are the same text."""
+    """One training row: for ``simcse`` and ``mntp`` the query and the positive are the
+    same text."""
 
     line: int
     query: str
@@ -166,8 +169,8 @@ def _parse(
     if missing:
         hint = ""
         if objective == "contrastive" and "text" in raw:
-            hint = " (a {'text'} row is simcse data: pass --objective simcse)"
-        elif objective == "simcse" and "query" in raw:
+            hint = " (a {'text'} row is simcse or mntp data: pass --objective simcse or mntp)"
+        elif objective != "contrastive" and "query" in raw:
             hint = " (a {'query', 'positive'} row is contrastive data: --objective contrastive)"
         elif {"prompt", "messages"} & set(raw):
             hint = " (chat data is for --objective sft)"
@@ -188,7 +191,7 @@ def _parse(
         if not value.strip():
             raise _Bad(f"{name!r} is empty")
         values[name] = value
-    if objective == "simcse":
+    if objective != "contrastive":
         text = values["text"]
         assert text is not None
         return PairExample(line=line, query=text, positive=text)

@@ -579,6 +579,199 @@ class TrainOutcome:
     state_dict: dict[str, Any] | None = None
 
 
+@dataclass
+class StepResult:
+    """What one optimisation step reports to :class:`TrainingRun` (before the update)."""
+
+    loss: float
+    grad_norm: float | None
+    #: what the run counts as throughput this step: tokens (chat) or rows (embeddings)
+    seen: int
+    #: extra fields of the step's ``train_log.jsonl`` record
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingRun:
+    """The bookkeeping every training loop shares, around a loop-specific step.
+
+    It owns the learning-rate schedule, the run state (step, loss history, evals,
+    counters; what a checkpoint saves), ``--resume`` (the checkpoint found, its fingerprint checked), the
+    optimizer/scheduler update, the progress bar, ``train_log.jsonl``, the
+    ``bundle_train_step``/``bundle_eval`` events, periodic evaluation and
+    checkpoints, and the checkpoint kept on Ctrl-C. Several processes: every
+    rank runs it; rank 0 alone writes and logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: BundleConfig,
+        run_dir: Path,
+        model: Any,
+        optimizer: Any,
+        total_steps: int,
+        fingerprint: dict[str, Any],
+        dist: Distributed | None = None,
+        desc: str = "training",
+    ) -> None:
+        from transformers import get_scheduler
+
+        self.config, self.run_dir, self.model = config, run_dir, model
+        self.optimizer, self.dist = optimizer, dist
+        self.scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=total_steps,
+        )
+        self.total_steps, self.desc = total_steps, desc
+        self.world = dist.world_size if dist is not None else 1
+        self.main = dist is None or dist.is_main
+        self.fingerprint = {**fingerprint, "total_steps": total_steps}
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "history": [],
+            "evals": [],
+            "tokens_seen": 0,
+            "train_seconds": 0.0,
+            "fingerprint": self.fingerprint,
+            "world_size": self.world,
+        }
+        self.resumed_from: str | None = None
+
+    def resume(self) -> bool:
+        """Load the checkpoint ``config.resume`` names, if any; ``True`` when one was."""
+        checkpoint = find_checkpoint(self.run_dir, self.config.resume)
+        if checkpoint is None:
+            return False
+        saved = load_checkpoint(
+            checkpoint,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dist=self.dist,
+        )
+        changed = {
+            k: (saved["fingerprint"].get(k), v)
+            for k, v in self.fingerprint.items()
+            if saved["fingerprint"].get(k) != v
+        }
+        if changed:
+            raise BundleError(
+                f"cannot resume from {checkpoint}: the run changed since it was written "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
+        self.state = {**saved, "world_size": self.world}
+        self.resumed_from = str(checkpoint)
+        if self.main:
+            log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=self.state["step"])
+        return True
+
+    def _save(self) -> None:
+        save_checkpoint(
+            self.run_dir / "checkpoints",
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            dist=self.dist,
+        )
+
+    def run(
+        self,
+        step_fn: Callable[[int], StepResult],
+        *,
+        evaluate: Callable[[], dict[str, Any] | None],
+        epoch_at: Callable[[int], float],
+    ) -> None:
+        """Run ``step_fn(step)`` (forward and backward of one step) until the last step,
+        updating the weights and doing the bookkeeping after each."""
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state["step"],
+            desc=self.desc,
+            unit="step",
+            disable=not (config.progress and self.main),
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        # train_log.jsonl grows as steps happen (rank 0); the bundle rewrites it whole at the end
+        log_file = (
+            open(self.run_dir / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+            if self.main
+            else None
+        )
+        if log_file is not None:
+            log_file.writelines(json.dumps(row) + "\n" for row in state["history"])
+            log_file.flush()
+        try:
+            while state["step"] < self.total_steps:
+                step = state["step"]
+                started = time.perf_counter()
+                result = step_fn(step)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state["train_seconds"] += time.perf_counter() - started
+                state["tokens_seen"] += result.seen
+                state["step"] = step = step + 1
+                record = {
+                    "step": step,
+                    "loss": result.loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": result.grad_norm,
+                    **result.record,
+                    "epoch": epoch_at(step),
+                }
+                state["history"].append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                if self.main and (step % config.logging_steps == 0 or step == self.total_steps):
+                    log_event(logger, "bundle_train_step", **record)
+                last = step == self.total_steps
+                if config.eval_steps and step % config.eval_steps == 0 and not last:
+                    found = evaluate()
+                    if found is not None:
+                        state["evals"].append({"step": step, **found})
+                        if self.main:
+                            log_event(logger, "bundle_eval", step=step, **found)
+                if config.save_steps and step % config.save_steps == 0 and not last:
+                    self._save()
+        except KeyboardInterrupt:
+            # keep the work done so far: --resume continues from here (one process only: the
+            # others of a multi-process run may already be gone, a collective would hang)
+            if state["step"] > 0 and self.dist is None:
+                with contextlib.suppress(Exception):
+                    self._save()
+            raise
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+
+    def metrics(self, *, seen: str, epoch_at: Callable[[int], float]) -> dict[str, Any]:
+        """The figures every loop reports; ``seen`` names the throughput unit (``tokens``
+        or ``rows``)."""
+        state, history = self.state, self.state["history"]
+        seconds = state["train_seconds"]
+        return {
+            "steps": state["step"],
+            "epochs": epoch_at(state["step"]),
+            "train_loss": history[-1]["loss"] if history else None,
+            "train_loss_mean": sum(h["loss"] for h in history) / len(history) if history else None,
+            f"{seen}_seen": state["tokens_seen"],
+            "train_seconds": round(seconds, 3),
+            f"{seen}_per_second": round(state["tokens_seen"] / seconds, 2) if seconds else None,
+            "world_size": self.world,
+        }
+
+
 def train(
     model: Any,
     *,
@@ -597,13 +790,9 @@ def train(
     arguments; rank 0 alone writes (checkpoints, ``train_log.jsonl``) and logs.
     """
     import torch
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     device = precision.device
     world = dist.world_size if dist is not None else 1
-    rank = dist.rank if dist is not None else 0
-    main = rank == 0
     plan = BatchPlan(
         len(train_examples),
         batch_size=config.batch_size * world,  # global micro-batch; rank r trains slice r
@@ -632,25 +821,15 @@ def train(
             )
         wrapped, optimizer = dist.accelerator.prepare(label_loss_module(model), optimizer)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=total_steps,
+    run = TrainingRun(
+        config=config,
+        run_dir=run_dir,
+        model=model,
+        optimizer=optimizer,
+        total_steps=total_steps,
+        fingerprint=fingerprint,
+        dist=dist,
     )
-    fingerprint = {**fingerprint, "total_steps": total_steps}
-    checkpoints = run_dir / "checkpoints"
-    state: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "evals": [],
-        "tokens_seen": 0,
-        "train_seconds": 0.0,
-        "fingerprint": fingerprint,
-        "world_size": world,
-    }
-    resumed_from = None
-    checkpoint = find_checkpoint(run_dir, config.resume)
     eval_kwargs: dict[str, Any] = {
         "batch_size": config.batch_size * 2,
         "pad_id": pad_id,
@@ -662,132 +841,50 @@ def train(
             return evaluate(model, eval_examples, **eval_kwargs)
         return evaluate_distributed(wrapped, eval_examples, dist=dist, **eval_kwargs)
 
-    if checkpoint is not None:
-        saved = load_checkpoint(
-            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
-        )
-        changed = {
-            k: (saved["fingerprint"].get(k), v)
-            for k, v in fingerprint.items()
-            if saved["fingerprint"].get(k) != v
-        }
-        if changed:
-            raise BundleError(
-                f"cannot resume from {checkpoint}: the run changed since it was written "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            )
-        state = {**saved, "world_size": world}
-        resumed_from = str(checkpoint)
-        if main:
-            log_event(logger, "bundle_resume", checkpoint=str(checkpoint), step=state["step"])
-    else:
+    if not run.resume():
         initial = run_eval()
         if initial is not None:
-            state["evals"].append({"step": 0, **initial})
+            run.state["evals"].append({"step": 0, **initial})
 
     logits_fn = _logits_fn(model)
     model.train()
     if wrapped is not None:
         wrapped.train()
     filler = collate([train_examples[0]], pad_id, device) if dist is not None else None
-    bar = tqdm(
-        total=total_steps,
-        initial=state["step"],
-        desc="training",
-        unit="step",
-        disable=not (config.progress and main),
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    # train_log.jsonl grows as steps happen (rank 0); the bundle rewrites it whole at the end
-    log_file = open(run_dir / "train_log.jsonl", "w", encoding="utf-8") if main else None  # noqa: SIM115
-    if log_file is not None:
-        log_file.writelines(json.dumps(row) + "\n" for row in state["history"])
-        log_file.flush()
-    save_steps, eval_steps = config.save_steps, config.eval_steps
-    try:
-        while state["step"] < total_steps:
-            step = state["step"]
-            started = time.perf_counter()
-            if dist is None:
-                batches = [
-                    collate([train_examples[i] for i in idx], pad_id, device)
-                    for idx in plan.step(step)
-                ]
-                label_tokens = sum(_label_tokens(b) for b in batches)
-                tokens = sum(b.tokens for b in batches)
-                loss_value = 0.0
-                for batch in batches:
-                    loss = _loss_sum(logits_fn, batch) / max(label_tokens, 1)
-                    loss.backward()
-                    loss_value += float(loss.detach())
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            else:
-                loss_value, label_tokens, tokens, grad_norm = _distributed_step(
-                    wrapped,
-                    dist,
-                    plan.step(step),
-                    train_examples,
-                    filler=filler,
-                    pad_id=pad_id,
-                    device=device,
-                    batch_size=config.batch_size,
-                    params=params,
-                    max_grad_norm=config.max_grad_norm,
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["train_seconds"] += time.perf_counter() - started
-            state["tokens_seen"] += tokens
-            state["step"] = step = step + 1
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "label_tokens": label_tokens,
-                "epoch": plan.epoch_at(step),
-            }
-            state["history"].append(record)
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            if main and (step % config.logging_steps == 0 or step == total_steps):
-                log_event(logger, "bundle_train_step", **record)
-            if eval_steps and step % eval_steps == 0 and step < total_steps:
-                result = run_eval()
-                if result is not None:
-                    state["evals"].append({"step": step, **result})
-                    if main:
-                        log_event(logger, "bundle_eval", step=step, **result)
-            if save_steps and step % save_steps == 0 and step < total_steps:
-                save_checkpoint(
-                    checkpoints,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    state=state,
-                    dist=dist,
-                )
-    except KeyboardInterrupt:
-        # keep the work done so far: --resume continues from here (one process only: the
-        # others of a multi-process run may already be gone, a collective would hang)
-        if state["step"] > 0 and dist is None:
-            with contextlib.suppress(Exception):
-                save_checkpoint(
-                    checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, state=state
-                )
-        raise
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
 
+    def one_step(step: int) -> StepResult:
+        if dist is not None:
+            loss_value, label_tokens, tokens, grad_norm = _distributed_step(
+                wrapped,
+                dist,
+                plan.step(step),
+                train_examples,
+                filler=filler,
+                pad_id=pad_id,
+                device=device,
+                batch_size=config.batch_size,
+                params=params,
+                max_grad_norm=config.max_grad_norm,
+            )
+            return StepResult(loss_value, grad_norm, tokens, {"label_tokens": label_tokens})
+        batches = [
+            collate([train_examples[i] for i in idx], pad_id, device) for idx in plan.step(step)
+        ]
+        label_tokens = sum(_label_tokens(b) for b in batches)
+        loss_value = 0.0
+        for batch in batches:
+            loss = _loss_sum(logits_fn, batch) / max(label_tokens, 1)
+            loss.backward()
+            loss_value += float(loss.detach())
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        tokens = sum(b.tokens for b in batches)
+        return StepResult(loss_value, grad_norm, tokens, {"label_tokens": label_tokens})
+
+    run.run(one_step, evaluate=run_eval, epoch_at=plan.epoch_at)
+
+    state = run.state
     final = run_eval()
     if final is not None:
         state["evals"].append({"step": state["step"], **final})
@@ -795,19 +892,10 @@ def train(
     if dist is not None and dist.shards_parameters:  # a collective: every rank takes part
         gathered = dist.accelerator.get_state_dict(wrapped)
         full_state = {k.removeprefix("model."): v for k, v in gathered.items()}
-    history = state["history"]
-    seconds = state["train_seconds"]
     metrics: dict[str, Any] = {
-        "steps": state["step"],
-        "epochs": plan.epoch_at(state["step"]),
-        "train_loss": history[-1]["loss"] if history else None,
-        "train_loss_mean": sum(h["loss"] for h in history) / len(history) if history else None,
-        "tokens_seen": state["tokens_seen"],
-        "train_seconds": round(seconds, 3),
-        "tokens_per_second": round(state["tokens_seen"] / seconds, 2) if seconds else None,
+        **run.metrics(seen="tokens", epoch_at=plan.epoch_at),
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
-        "world_size": world,
         "global_batch_size": config.batch_size * world * config.grad_accum,
     }
     if state["evals"]:
@@ -818,8 +906,8 @@ def train(
     return TrainOutcome(
         model=model,
         metrics=metrics,
-        history=history,
-        resumed_from=resumed_from,
+        history=state["history"],
+        resumed_from=run.resumed_from,
         state_dict=full_state,
     )
 
