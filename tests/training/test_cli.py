@@ -327,14 +327,15 @@ def test_llm2vec_recipe_from_the_command_line(
     common = ["--base-model", str(tiny_base), "--registry-path", str(tmp_path / "reg")]
     common += ["--max-seq-len", "64", "--learning-rate", "3e-3"]
     assert main(["bundle", "build", "--objective", "mntp", "--dataset-path", str(texts),
-                 "--mask-probability", "0.3", "--adapter-name", "docs-mntp",
+                 "--mask-probability", "0.3", "--adapter-name", "docs-mntp", "--run-name", "mntp",
                  "--max-steps", "6", *common]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "masked-token loss on 5 held-out text(s): " in out and "(base -> adapter)" in out
     assert "registered: version 1 (docs-mntp)" in out
     assert main(["bundle", "build", "--objective", "contrastive", "--base-adapter", "docs-mntp",
                  "--dataset-path", str(pairs), "--eval-dataset-path", str(heldout),
-                 "--mini-batch-size", "12", "--max-steps", "4", "--json", *common]) == 0  # fmt: skip
+                 "--mini-batch-size", "12", "--max-steps", "4", "--run-name", "stacked", "--json",
+                 *common]) == 0  # fmt: skip
     payload = _json(capsys)
     entry = payload["registry_entry"]
     assert entry["embedding"]["bidirectional"] is True  # from the mntp adapter
