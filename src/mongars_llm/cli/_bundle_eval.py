@@ -13,9 +13,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ..errors import ConfigError
+from ..manifest.models import Pooling
 from ._output import examples, print_json, print_table
 
 __all__ = ["add_eval_parser"]
@@ -76,7 +77,7 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     embedding = parser.add_argument_group("embedding")
     embedding.add_argument(
         "--pooling",
-        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+        choices=get_args(Pooling),
         help="pooling (default: the role's, else mean)",
     )
     embedding.add_argument(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ..errors import ConfigError
+from ..manifest.models import Pooling
 from ._output import print_json, print_table
 from ._runtime import add_runtime_arguments, load_runtime
 
@@ -68,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--pooling",
-        choices=("mean", "weighted_mean", "eos_token", "last_token", "bos_token"),
+        choices=get_args(Pooling),
         help="pooling (default: the role's, else mean)",
     )
     parser.add_argument(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..manifest.models import Pooling
 from ..registry import is_safe_adapter_name
 
 __all__ = ["BundleConfig", "load_bundle_config"]
@@ -129,7 +130,7 @@ class BundleConfig(BaseModel):
 
     # embedding objectives (contrastive, simcse, mntp): how texts are embedded, in training and
     # serving
-    pooling: Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"] = Field(
+    pooling: Pooling = Field(
         "mean", description="Embedding pooling (the role's embedding.pooling at serve time)."
     )
     bidirectional: bool = Field(
