@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``bench``, ``parity``.
+"""Developer sessions: ``nox -s tests``, ``examples``, ``lint``, ``typecheck``, ``demo``,
+``bench``, ``parity``.
 
 PyTorch is installed first and pinned (``torch==2.13.0``, a CPU build here) so
 that the package's own ``torch>=2.4`` requirement installs nothing more.
@@ -56,9 +57,7 @@ def _olah_cli(session: nox.Session) -> str:
     return str(cli)
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """The whole test suite, with the real olah, loopback servers, Ray and SmolLM2."""
+def _pytest(session: nox.Session, *args: str) -> None:
     _install_package(session)
     _install_real_model(session)
     env = {
@@ -67,7 +66,20 @@ def tests(session: nox.Session) -> None:
         # tiny models: one thread each is faster than oversubscribing 2 cores
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
-    session.run("pytest", *(session.posargs or ["-q"]), env=env)
+    session.run("pytest", *args, *(session.posargs or ["-q"]), env=env)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite, with the real olah, loopback servers, Ray and SmolLM2; the long
+    end-to-end runs on the real model (marker ``examples``) are ``nox -s examples``."""
+    _pytest(session, "-m", "not examples")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """The examples, the notebook and the demo end to end on SmolLM2, asserted (minutes each)."""
+    _pytest(session, "-m", "examples")
 
 
 @nox.session

@@ -11,10 +11,11 @@ Usage (``bench_runtime.py`` calls these; paths come from it):
     write the bench checkpoint with ``build_tiny_model`` from mongars-llm's
     ``testing.py`` (loaded by file path: it needs only torch, transformers and
     tokenizers) and keyword arguments ``CONFIG_JSON``;
-``python _llm2vec_bench.py encode MODEL_DIR TEXTS_JSON OUT_NPY BATCH_SIZE MAX_LENGTH``
+``python _llm2vec_bench.py encode MODEL_DIR TEXTS_JSON OUT_NPY BATCH_SIZE MAX_LENGTH THREADS``
     load ``LLM2Vec`` (fp32, mean pooling, causal attention) once and time
     ``LLM2Vec.encode`` on the slices of the texts the parent asks for (see
-    :func:`encode`).
+    :func:`encode`), with ``THREADS`` torch threads (the parent's, so that both
+    sides run at the same threads).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def build(testing_py: str, out_dir: str, config_json: str) -> None:
     print(json.dumps({"built": out_dir, "transformers": transformers.__version__}))
 
 
-def encode(model_dir: str, texts_json: str, out_npy: str, batch_size: int, max_length: int) -> None:
+def encode(
+    model_dir: str, texts_json: str, out_npy: str, batch_size: int, max_length: int, threads: int
+) -> None:
     """A worker: load once, then encode the slices ``bench_runtime.py`` asks for.
 
     Protocol (one line each way): the parent writes ``START END`` on stdin and gets
@@ -61,6 +64,7 @@ def encode(model_dir: str, texts_json: str, out_npy: str, batch_size: int, max_l
     from llm2vec import LLM2Vec
     from llm2vec.version import __version__ as llm2vec_version
 
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # the unused lm_head of the checkpoint
     texts = json.loads(Path(texts_json).read_text())
     # What an llm2vec user writes for a plain decoder: enable_bidirectional=False
@@ -109,8 +113,8 @@ def main() -> None:
     if command == "build":
         build(*args)
     elif command == "encode":
-        model_dir, texts_json, out_npy, batch_size, max_length = args
-        encode(model_dir, texts_json, out_npy, int(batch_size), int(max_length))
+        model_dir, texts_json, out_npy, batch_size, max_length, threads = args
+        encode(model_dir, texts_json, out_npy, int(batch_size), int(max_length), int(threads))
     else:
         raise SystemExit(f"unknown command {command!r}; use build or encode")
 

@@ -27,14 +27,22 @@ in one process, on the same weights in fp32 on the CPU:
   on the training texts for N steps, and (e) ``contrastive`` stacked on it
   (``base_adapter``, ``--steps`` steps), all on the held-out pairs.
 
+With ``--speed`` it measures only the training step (issue 19): the plain loop (a) and
+``build_bundle`` (b), each in its own process, in ABBA order (``--rounds 0``: one AB
+pair), ``--steps`` steps a run (4; the first untimed): the median wall and CPU seconds
+a step and each process's peak resident memory (``VmHWM``), and their ratios.
+
 Targets (issue 12): product MRR@10 >= base + 0.25 and >= plain; throughput ratio >= 1.0.
+Targets (issue 19, ``--speed``): s/step <= 1.0x the plain loop, peak memory <= 1.5x it.
 The machine is shared: compare within one run, not across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -99,11 +107,11 @@ def plain_loop(
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     peft_model.train()
-    seconds, losses = 0.0, []
+    seconds, losses, step_times = 0.0, [], []
     for step in range(steps):
         start = (step * batch_size) % len(order)
         batch = [rows[order[(start + i) % len(order)]] for i in range(batch_size)]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         queries = encode([r["query"] for r in batch])
         docs = encode([r["positive"] for r in batch] + [r["negative"] for r in batch])
         logits = queries @ docs.T / 0.05
@@ -112,6 +120,7 @@ def plain_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - started
+        step_times.append((time.perf_counter() - started, time.process_time() - cpu))
         losses.append(float(loss.detach()))
     peft_model.save_pretrained(out)
     return {
@@ -122,6 +131,8 @@ def plain_loop(
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
         "threads": torch.get_num_threads(),
+        "step_seconds": [round(wall, 3) for wall, _ in step_times],
+        "step_cpu_seconds": [round(cpu, 3) for _, cpu in step_times],
     }
 
 
@@ -178,6 +189,171 @@ def product_run(
         "registry": str(result.config.registry_path),
         "threads": torch.get_num_threads(),
     }
+
+
+# ------------------------------------------------------------------ step speed and memory
+SPEED_ORDER = ("plain", "product", "product", "plain")  # ABBA: load drifts cancel out
+
+
+class _StepClock(logging.Handler):
+    """Wall and CPU clocks at each ``bundle_train_step`` event (one per step here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[tuple[float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "bundle_train_step":
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def _peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark (``VmHWM``; ``ru_maxrss`` elsewhere)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def speed_child(variant: str, model_dir: Path, work: Path, args: argparse.Namespace) -> None:
+    """One variant, alone in this process: ``--steps`` steps; prints one JSON line with the
+    wall and CPU seconds of every step after the first and the process's peak RSS."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_path, heldout_path = _retrieval_data.write(work / "data", seed=args.seed)
+    if variant == "plain":
+        run = plain_loop(
+            model_dir,
+            read_rows(train_path),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            out=work / "plain",
+            seed=args.seed,
+        )
+        walls, cpus = run["step_seconds"][1:], run["step_cpu_seconds"][1:]
+        losses = None
+    else:
+        # a small eval set keeps the run short; the evaluations run before the first and
+        # after the last step, outside the timed intervals (the eval is timed apart)
+        small = work / "data" / "heldout_small.jsonl"
+        small.write_text("".join(heldout_path.read_text().splitlines(True)[:16]))
+        clock = _StepClock()
+        logger = logging.getLogger("mongars_llm.training")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(clock)
+        from mongars_llm.training import build_bundle
+
+        result = build_bundle(
+            objective="contrastive",
+            dataset_path=train_path,
+            eval_dataset_path=small,
+            base_model=str(model_dir),
+            output_dir=work / "runs",
+            registry_path=work / "registry",
+            run_name=f"speed-{int(time.time())}",
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            precision="fp32",
+            device="cpu",
+            progress=False,
+            logging_steps=1,
+        )
+        marks = clock.marks
+        walls = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+        cpus = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+        losses = [round(h["loss"], 5) for h in result.history]
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "step_seconds": [round(x, 3) for x in walls],
+                "step_cpu_seconds": [round(x, 3) for x in cpus],
+                "peak_rss_mib": round(_peak_rss_mib(), 1),
+                "threads": torch.get_num_threads(),
+                "losses": losses,
+            }
+        ),
+        flush=True,
+    )
+
+
+def speed(model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The plain loop and the product's step, each in its own process, in ABBA order."""
+    import statistics
+    import subprocess
+
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "product": []}
+    order = SPEED_ORDER * args.rounds if args.rounds else SPEED_ORDER[:2]
+    for i, variant in enumerate(order):
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--speed-child",
+            variant,
+            "--model",
+            str(model_dir),
+            "--work-dir",
+            str(work / f"{i}-{variant}"),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+        ]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        run = json.loads(out.strip().splitlines()[-1])
+        runs[variant].append(run)
+        log(f"{variant}: {run}")
+    report: dict[str, Any] = {}
+    for variant, found in runs.items():
+        walls = [x for r in found for x in r["step_seconds"]]
+        cpus = [x for r in found for x in r["step_cpu_seconds"]]
+        report[variant] = {
+            "s_per_step": round(statistics.median(walls), 3),
+            "cpu_s_per_step": round(statistics.median(cpus), 3),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in found),
+            "threads": sorted({r["threads"] for r in found}),
+            "steps_timed": len(walls),
+            "runs": found,
+        }
+    plain, product = report["plain"], report["product"]
+    report["ratios"] = {
+        "s_per_step": round(product["s_per_step"] / plain["s_per_step"], 3),
+        "cpu_s_per_step": round(product["cpu_s_per_step"] / plain["cpu_s_per_step"], 3),
+        "peak_rss": round(product["peak_rss_mib"] / plain["peak_rss_mib"], 3),
+    }
+    return report
+
+
+def print_speed(report: dict[str, Any], args: argparse.Namespace) -> None:
+    plain, product, ratios = report["plain"], report["product"], report["ratios"]
+    print(
+        f"contrastive step, {args.batch_size} pairs + {args.batch_size} hard negatives, "
+        f"{args.steps} steps a run (the first untimed), "
+        f"{f'{args.rounds} ABBA round(s)' if args.rounds else 'one AB pair'}, "
+        f"threads {plain['threads']} / {product['threads']}"
+    )
+    print("                      s/step (median)  CPU s/step  peak RSS MiB")
+    for label, r in (("plain peft loop", plain), ("build_bundle", product)):
+        print(
+            f"  {label:<20} {r['s_per_step']:>10.2f}  {r['cpu_s_per_step']:>10.2f}"
+            f"  {r['peak_rss_mib']:>12.0f}"
+        )
+    print(
+        f"product / plain: s/step {ratios['s_per_step']:.2f}x (target <= 1.0x), "
+        f"CPU s/step {ratios['cpu_s_per_step']:.2f}x, peak RSS {ratios['peak_rss']:.2f}x "
+        "(target <= 1.5x)"
+    )
 
 
 def llm2vec_runs(
@@ -239,8 +415,31 @@ def main() -> None:
     parser.add_argument(
         "--only-llm2vec", action="store_true", help="with --mntp-steps: skip (a) and (b)"
     )
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only the step's speed and peak memory: the plain loop and build_bundle, each in "
+        "its own process, ABBA (--steps: 4 a run)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="--speed: ABBA rounds (0: one AB pair, shorter)"
+    )
+    parser.add_argument("--speed-child", choices=("plain", "product"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
+    if args.speed or args.speed_child:
+        args.steps = args.steps or 4
+        work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-embed-speed-"))
+        model_dir = args.model or real_model_dir(args.models_dir)
+        if args.speed_child:
+            speed_child(args.speed_child, model_dir, work, args)
+            return
+        found = speed(model_dir, work, args)
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print_speed(found, args)
+        return
     steps = args.steps or (20 if args.quick else 100)
 
     import torch

@@ -10,7 +10,8 @@ smaller run. Every ratio compares numbers measured in this same run, on a
 * embedding throughput on 1,000 mixed-length texts vs a plain transformers loop
   (batches of 32 in input order, mean pooling) at the same precision;
 * the same texts vs llm2vec's own ``LLM2Vec.encode`` (llm2vec 0.2.3, fp32, mean
-  pooling, causal, batches of 32), run in its own venv since it pins
+  pooling, causal, batches of 32) at the same torch threads (this process's,
+  ``--threads``), run in its own venv since it pins
   transformers 4.44: create it with ``nox -s parity`` (``.nox/_llm2vec``) or point
   ``MONGARS_BENCH_LLM2VEC_VENV`` at a venv with ``llm2vec==0.2.3``. When it exists
   the bench model is written by that venv's transformers 4.44 (a transformers 5
@@ -23,7 +24,18 @@ smaller run. Every ratio compares numbers measured in this same run, on a
   bfloat16 forced, on 200 texts: throughput and min cosine vs float32;
 * 16 concurrent ``aembed`` callers vs the same calls one by one, with packed
   batches (the default) and with padded ones (``embed_pack_tokens=0``);
-* 8 concurrent ``agenerate`` callers vs the same calls one by one.
+* 8 concurrent ``agenerate`` callers vs the same calls one by one;
+* threads: ``embed`` and decode (``generate``) with torch's default threads vs
+  one thread, each in a fresh process (torch's thread count is process-wide, and
+  a worker thread takes it when it starts), in ABBA order. The runtime leaves
+  torch's threads alone unless ``settings.model.cpu_threads`` is set, so the
+  default row is what a caller gets;
+* the server (``mongars-llm serve --embeddings-only``, ``bench_server.py``'s set-up)
+  with torch's default threads vs one thread, its 32 HTTP clients beside it on the
+  same cores, ABBA.
+
+``--only SECTION`` runs one section (``memory``, ``throughput``, ``llm2vec``,
+``precision``, ``concurrency``, ``threads``, ``server-threads``).
 """
 
 from __future__ import annotations
@@ -117,8 +129,13 @@ def compare_llm2vec(
     machine falls on both sides alike; the times of each side are summed.
     """
     import numpy as np
+    import torch
 
-    print(f"\n## embedding throughput vs llm2vec, {len(texts)} mixed-length texts, fp32")
+    threads = torch.get_num_threads()
+    print(
+        f"\n## embedding throughput vs llm2vec, {len(texts)} mixed-length texts, fp32, "
+        f"{threads} torch thread(s) on both sides"
+    )
     if l2v_python is None:
         print(
             "skipped: no llm2vec venv (create it with `nox -s parity`, or set "
@@ -145,6 +162,7 @@ def compare_llm2vec(
             str(workdir / "vectors.npy"),
             str(batch_size),
             str(rt.max_length),  # type: ignore[attr-defined]
+            str(threads),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -192,7 +210,10 @@ def compare_llm2vec(
             f"{name} : {len(times) * n / sum(times):8.1f} texts/s "
             f"({sum(times) / len(times):.1f} s per pass; passes {passes} s)"
         )
-    print(f"ratio          : {sum(t_l2v) / len(t_l2v) / (sum(t_rt) / len(t_rt)):.2f}x ({order})")
+    print(
+        f"ratio          : {sum(t_l2v) / len(t_l2v) / (sum(t_rt) / len(t_rt)):.2f}x "
+        f"({order}, {threads} thread(s) each)"
+    )
     print(f"min cosine vs LLM2Vec.encode: {cos.min():.6f}")
 
 
@@ -275,6 +296,135 @@ def measure_memory(model_dir: Path) -> dict[str, float]:
     return out
 
 
+# -------------------------------------------------------------------- threads
+def child_threads(threads: str, model_dir: str, n_texts: int, new_tokens: int) -> None:
+    """Runs in a fresh process: embed ``n_texts`` and decode ``new_tokens`` tokens with
+    torch's default threads (``threads == "default"``) or ``torch.set_num_threads``."""
+    import torch
+
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.settings import Settings
+
+    texts = make_texts(n_texts, seed=2)
+    settings = Settings(model={"quantize_4bit": False, "dtype": "float32"}, _env_file=None)  # type: ignore[call-arg]
+    with UnifiedLLMRuntime.from_pretrained(model_dir, settings=settings) as rt:
+        prompt = "The quick brown fox jumps over the lazy dog"
+        rt.embed(texts[:8])  # warm-up
+        rt.generate(prompt, temperature=0, max_new_tokens=4)
+        started = time.perf_counter()
+        rt.embed(texts)
+        embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        reply = rt.generate(prompt, temperature=0, max_new_tokens=new_tokens)
+        decode_s = time.perf_counter() - started
+    result = {
+        "threads": torch.get_num_threads(),
+        "embed_s": embed_s,
+        "texts": n_texts,
+        "decode_s": decode_s,
+        "new_tokens": reply.usage.completion_tokens,
+    }
+    print(json.dumps(result))
+
+
+def compare_threads(model_dir: Path, *, n_texts: int, new_tokens: int, rounds: int) -> None:
+    """``embed`` and decode with torch's default threads vs one thread, ABBA, fresh processes."""
+    from statistics import median
+
+    def run(threads: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(HERE),
+                "--child",
+                f"threads:{threads}",
+                "--model",
+                str(model_dir),
+                "--threads-texts",
+                str(n_texts),
+                "--threads-tokens",
+                str(new_tokens),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    results: dict[str, list[dict[str, Any]]] = {"default": [], "1": []}
+    for _ in range(rounds):
+        for threads in ("default", "1", "1", "default"):
+            results[threads].append(run(threads))
+    default_threads = results["default"][0]["threads"]
+    print(
+        f"\n## torch's default threads ({default_threads}) vs 1 thread, fresh process each, "
+        f"{rounds}x ABBA, medians"
+    )
+    rows = {}
+    for threads, runs in results.items():
+        embed = median(r["texts"] / r["embed_s"] for r in runs)
+        decode = median(r["new_tokens"] / r["decode_s"] for r in runs)
+        rows[threads] = (embed, decode)
+        embeds = ", ".join(f"{r['texts'] / r['embed_s']:.1f}" for r in runs)
+        decodes = ", ".join(f"{r['new_tokens'] / r['decode_s']:.1f}" for r in runs)
+        label = f"torch default ({default_threads})" if threads == "default" else "1 thread"
+        print(
+            f"{label:>18}: embed {embed:6.1f} texts/s ({embeds}); "
+            f"decode {decode:6.1f} tok/s ({decodes})"
+        )
+    (e_default, d_default), (e_one, d_one) = rows["default"], rows["1"]
+    print(
+        f"1 thread / torch default: embed {e_one / e_default:.2f}x, decode {d_one / d_default:.2f}x "
+        f"({n_texts} texts; {new_tokens} new tokens, greedy)"
+    )
+
+
+def compare_server_threads(*, clients: int, requests: int) -> None:
+    """``mongars-llm serve --embeddings-only`` with torch's default threads vs one thread,
+    its HTTP clients beside it on the same cores (``bench_server.py``'s server and
+    clients, micro-batched), ABBA, a fresh server each run."""
+    from statistics import mean
+
+    import bench_server  # this folder's; its model, server start-up and clients
+
+    from mongars_llm.testing import build_tiny_model
+
+    runs: dict[str, list[float]] = {"default": [], "1": []}
+    saved = {k: os.environ.pop(k, None) for k in ("MONGARS_MODEL__CPU_THREADS", "OMP_NUM_THREADS")}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = build_tiny_model(
+                Path(tmp) / "m", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4
+            )
+            for threads in ("default", "1", "1", "default"):
+                os.environ.pop("MONGARS_MODEL__CPU_THREADS", None)
+                if threads != "default":
+                    os.environ["MONGARS_MODEL__CPU_THREADS"] = threads
+                process, url = bench_server._start_server(model_dir, 32, 5.0)
+                try:
+                    import httpx
+
+                    model_id = httpx.get(f"{url}/readyz").json()["model"]
+                    result = asyncio.run(bench_server._drive(url, model_id, clients, requests, 3))
+                    runs[threads].append(result["rps"])
+                finally:
+                    process.terminate()
+                    process.wait(30)
+    finally:
+        os.environ.pop("MONGARS_MODEL__CPU_THREADS", None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    print(
+        f"\n## server threads, clients beside the server: {clients} clients x {requests} "
+        "requests, micro-batched, ABBA"
+    )
+    for threads, rps in runs.items():
+        label = "torch default" if threads == "default" else "1 thread"
+        print(f"{label:>14}: {mean(rps):6.1f} requests/s (runs {rps})")
+    print(f"1 thread / torch default: {mean(runs['1']) / mean(runs['default']):.2f}x")
+
+
 # ----------------------------------------------------------------- throughput
 def plain_loop(model_dir: Path, texts: list[str], batch_size: int = 32) -> tuple[float, object]:
     """What a user writes with plain transformers: fixed batches, mean pooling."""
@@ -354,6 +504,17 @@ def measure_concurrency(rt: Any, model_dir: Path, texts: list[str], *, rounds: i
     print(f" 8 agenerate: sequential {gseq:.2f} s, concurrent {gconc:.2f} s -> {gseq / gconc:.2f}x")
 
 
+SECTIONS = (
+    "memory",
+    "throughput",
+    "llm2vec",
+    "precision",
+    "concurrency",
+    "threads",
+    "server-threads",
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 texts instead of 1,000")
@@ -367,10 +528,36 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=7, help="interleaved rounds of the aembed concurrency test"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of this process, the llm2vec worker's too (default: torch's)",
+    )
+    parser.add_argument(
+        "--max-words", type=int, default=64, help="longest text, in words (texts have 4 to N)"
+    )
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run these sections")
+    parser.add_argument(
+        "--threads-texts", type=int, default=200, help="texts of the threads section"
+    )
+    parser.add_argument(
+        "--threads-tokens", type=int, default=32, help="new tokens of the threads section"
+    )
+    parser.add_argument(
+        "--threads-rounds", type=int, default=1, help="ABBA rounds of the threads section"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child_memory(args.child, str(args.model))
+        if args.child.startswith("threads:"):
+            child_threads(
+                args.child.split(":", 1)[1],
+                str(args.model),
+                args.threads_texts,
+                args.threads_tokens,
+            )
+        else:
+            child_memory(args.child, str(args.model))
         return
 
     import numpy as np
@@ -379,54 +566,74 @@ def main() -> None:
     from mongars_llm.runtime import UnifiedLLMRuntime, cpu_supports_bf16
     from mongars_llm.settings import Settings
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = set(args.only or SECTIONS)
     workdir = Path(tempfile.mkdtemp(prefix="mongars-bench-"))
     l2v_python = llm2vec_python()
     model_dir = build_model(args.model or workdir / "model", l2v_python)
     n_texts = 200 if args.quick else 1000
     print(
         f"# bench_runtime: torch {torch.__version__}, {os.cpu_count()} CPU(s), "
-        f"native bf16: {cpu_supports_bf16()}, quick={args.quick}"
+        f"{torch.get_num_threads()} torch thread(s), native bf16: {cpu_supports_bf16()}, "
+        f"quick={args.quick}, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"# model {model_dir}, written by transformers {checkpoint_transformers(model_dir)}")
 
-    memory = measure_memory(model_dir)
-    base = memory["baseline"]
-    print("\n## peak RSS after generate + embed (fresh process each)")
-    for kind, mb in memory.items():
-        print(f"{kind:>12}: {mb:8.1f} MB  (model part {mb - base:7.1f} MB)")
-    print(
-        f"runtime / causal LM alone : {memory['runtime'] / memory['causal_lm']:.3f}x "
-        f"(model part {(memory['runtime'] - base) / (memory['causal_lm'] - base):.3f}x)"
-    )
-    print(
-        f"runtime / two-model set-up: {memory['runtime'] / memory['two_models']:.3f}x "
-        f"(model part {(memory['runtime'] - base) / (memory['two_models'] - base):.3f}x)"
-    )
+    if "memory" in sections:
+        memory = measure_memory(model_dir)
+        base = memory["baseline"]
+        print("\n## peak RSS after generate + embed (fresh process each)")
+        for kind, mb in memory.items():
+            print(f"{kind:>12}: {mb:8.1f} MB  (model part {mb - base:7.1f} MB)")
+        print(
+            f"runtime / causal LM alone : {memory['runtime'] / memory['causal_lm']:.3f}x "
+            f"(model part {(memory['runtime'] - base) / (memory['causal_lm'] - base):.3f}x)"
+        )
+        print(
+            f"runtime / two-model set-up: {memory['runtime'] / memory['two_models']:.3f}x "
+            f"(model part {(memory['runtime'] - base) / (memory['two_models'] - base):.3f}x)"
+        )
 
-    settings = Settings(model={"quantize_4bit": False}, _env_file=None)  # type: ignore[call-arg]
-    rt = UnifiedLLMRuntime.from_pretrained(model_dir, settings=settings)
-    params = sum(p.numel() for p in rt.model.parameters())
-    print(f"\nmodel: {params / 1e6:.1f}M parameters, runtime dtype {rt.dtype}")
-    texts = make_texts(n_texts)
-    rt.embed(texts[:8])  # warm-up
-    started = time.perf_counter()
-    ours = rt.embed(texts)
-    t_rt = time.perf_counter() - started
-    t_plain, theirs = plain_loop(model_dir, texts)
-    cos = (ours * theirs).sum(1)
-    print(f"\n## embedding throughput, {n_texts} mixed-length texts, fp32")
-    print(f"runtime.embed : {n_texts / t_rt:8.1f} texts/s ({t_rt:.1f} s)")
-    print(f"plain loop    : {n_texts / t_plain:8.1f} texts/s ({t_plain:.1f} s)")
-    print(f"ratio         : {t_plain / t_rt:.2f}x")
-    print(f"(min cosine vs the plain loop {cos.min():.4f}: LLM2Vec mean pooling leaves BOS out)")
-
-    compare_llm2vec(rt, model_dir, texts[: args.llm2vec_texts or n_texts], l2v_python)
-    compare_precision(model_dir, texts[:200])
-
-    measure_concurrency(rt, model_dir, texts, rounds=args.rounds)
-    print(f"\nbatches: {rt.stats()}")
-    assert np.isfinite(ours).all()
-    rt.close()
+    texts = make_texts(n_texts, max_words=args.max_words)
+    if sections & {"throughput", "llm2vec", "concurrency"}:
+        settings = Settings(model={"quantize_4bit": False, "dtype": "float32"}, _env_file=None)  # type: ignore[call-arg]
+        rt = UnifiedLLMRuntime.from_pretrained(model_dir, settings=settings)
+        params = sum(p.numel() for p in rt.model.parameters())
+        print(f"\nmodel: {params / 1e6:.1f}M parameters, runtime dtype {rt.dtype}")
+        rt.embed(texts[:8])  # warm-up
+        if "throughput" in sections:
+            started = time.perf_counter()
+            ours = rt.embed(texts)
+            t_rt = time.perf_counter() - started
+            assert np.isfinite(ours).all()
+            t_plain, theirs = plain_loop(model_dir, texts)
+            cos = (ours * theirs).sum(1)
+            print(f"\n## embedding throughput, {n_texts} mixed-length texts, fp32")
+            print(f"runtime.embed : {n_texts / t_rt:8.1f} texts/s ({t_rt:.1f} s)")
+            print(f"plain loop    : {n_texts / t_plain:8.1f} texts/s ({t_plain:.1f} s)")
+            print(f"ratio         : {t_plain / t_rt:.2f}x")
+            print(
+                f"(min cosine vs the plain loop {cos.min():.4f}: "
+                "LLM2Vec mean pooling leaves BOS out)"
+            )
+        if "llm2vec" in sections:
+            compare_llm2vec(rt, model_dir, texts[: args.llm2vec_texts or n_texts], l2v_python)
+        if "concurrency" in sections:
+            measure_concurrency(rt, model_dir, texts, rounds=args.rounds)
+        print(f"\nbatches: {rt.stats()}")
+        rt.close()
+    if "precision" in sections:
+        compare_precision(model_dir, texts[:200])
+    if "threads" in sections:
+        compare_threads(
+            model_dir,
+            n_texts=args.threads_texts,
+            new_tokens=args.threads_tokens,
+            rounds=args.threads_rounds,
+        )
+    if "server-threads" in sections:
+        compare_server_threads(clients=32, requests=4)
 
 
 if __name__ == "__main__":

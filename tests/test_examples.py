@@ -32,16 +32,17 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_example(
-    name: str, workdir: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None
-) -> str:
-    """Run ``examples/<name>`` from an unrelated folder; return its stdout."""
+def run_example(name: str, workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``examples/<name>`` from an unrelated folder; return its stdout.
+
+    No time limit: on the real model an example's minutes depend on the machine and its
+    load (one took 920 s on a busy 2-core machine); CI's job limit catches a hang.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--workdir", str(workdir), *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
         cwd=workdir,
         env=_clean_env(**(env or {})),
     )
@@ -84,6 +85,7 @@ def test_manifest_and_provision_example(tmp_path: Path) -> None:
     assert (tmp_path / "configs" / "mongars.lock.json").is_file()
 
 
+@pytest.mark.examples
 @pytest.mark.slow
 def test_chat_and_embeddings_example(
     tmp_path: Path, example_model: tuple[int, dict[str, str]]
@@ -133,6 +135,7 @@ def test_fine_tune_bundle_example(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.examples
 @pytest.mark.slow
 @pytest.mark.serve
 def test_openai_client_example(tmp_path: Path, example_model: tuple[int, dict[str, str]]) -> None:
@@ -167,6 +170,7 @@ def test_async_and_jupyter_example(tmp_path: Path) -> None:
     assert "sync embed inside the loop: shape=(2, 64)" in out
 
 
+@pytest.mark.examples
 @pytest.mark.slow
 @pytest.mark.train
 def test_embedding_adapter_example(
@@ -231,6 +235,7 @@ def _notebook_tools() -> tuple[object, object, object]:
     return ipykernel.kernelspec, nbclient, nbformat
 
 
+@pytest.mark.examples
 @pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, example_model: tuple[int, dict[str, str]]
@@ -260,7 +265,7 @@ def test_quickstart_notebook_runs_top_to_bottom(
     client = nbclient.NotebookClient(  # type: ignore[attr-defined]
         notebook,
         kernel_name="python3",
-        timeout=240,
+        timeout=None,  # a cell trains on the real model: minutes, by the machine's speed
         resources={"metadata": {"path": str(EXAMPLES)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell

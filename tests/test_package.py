@@ -92,7 +92,11 @@ def test_profile_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------ distributions
 _TREE = ["src", "tests", "docs", "examples", "benchmarks", "README.md", "LICENSE",
-         "CHANGELOG.md", "pyproject.toml", "noxfile.py", ".gitignore"]  # fmt: skip
+         "CHANGELOG.md", "pyproject.toml", "noxfile.py", ".gitignore", "hatch_build.py"]  # fmt: skip
+#: what the sdist holds at its top level, and nothing else
+_SDIST_TOP = {"src", "tests", "docs", "examples", "benchmarks", "README.md", "LICENSE",
+              "CHANGELOG.md", "pyproject.toml", "noxfile.py", "hatch_build.py", "PKG-INFO",
+              ".gitignore"}  # fmt: skip
 _SECRET = f"hf_{os.urandom(12).hex()}"  # random: this file itself ships in the sdist
 _STRAY = {
     ".env": f"MONGARS_HF_TOKEN={_SECRET}\n",
@@ -107,21 +111,18 @@ _STRAY = {
 }
 
 
-@pytest.mark.slow
-def test_sdist_and_wheel_ship_the_license_and_no_stray_file(tmp_path: Path) -> None:
-    """Built from a working tree holding secrets and local state (offline, no isolation)."""
-    import tarfile
-    import zipfile
-
+def _need_build_tools() -> None:
     for module in ("build", "hatchling"):
         if importlib.util.find_spec(module) is None:
             reason = f"{module} is not installed: pip install build hatchling"
             if os.environ.get("MONGARS_TEST_STRICT") == "1":
                 pytest.fail(reason)
             pytest.skip(reason)
+
+
+def _copy_tree(tree: Path, names: list[str]) -> Path:
     root = Path(__file__).resolve().parents[1]
-    tree = tmp_path / "tree"
-    for name in _TREE:
+    for name in names:
         source = root / name
         if source.is_dir():
             shutil.copytree(
@@ -129,17 +130,32 @@ def test_sdist_and_wheel_ship_the_license_and_no_stray_file(tmp_path: Path) -> N
             )
         else:
             shutil.copy2(source, tree / name)
-    for name, text in _STRAY.items():
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_text(text)
+    return tree
 
-    done = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), "."],
+
+def _build(tree: Path, out: Path, *targets: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", *targets, "--outdir", str(out), "."],
         cwd=tree,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.slow
+def test_sdist_and_wheel_ship_the_license_and_no_stray_file(tmp_path: Path) -> None:
+    """Built from a working tree holding secrets and local state (offline, no isolation)."""
+    import tarfile
+    import zipfile
+
+    _need_build_tools()
+    tree = _copy_tree(tmp_path / "tree", _TREE)
+    for name, text in _STRAY.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+
+    done = _build(tree, tmp_path / "dist")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     (wheel,) = (tmp_path / "dist").glob("*.whl")
@@ -167,6 +183,57 @@ def test_sdist_and_wheel_ship_the_license_and_no_stray_file(tmp_path: Path) -> N
             or n.startswith(("models/", "runs/", "configs/", "examples/models/"))
         ]
         assert not stray, stray
+    assert {name.split("/", 1)[0] for name in sdist_names} == _SDIST_TOP
     assert "src/mongars_llm/py.typed" in sdist_names
     assert "mongars_llm/py.typed" in wheel_names
     assert "mongars_llm/_data/" in "\n".join(wheel_names)  # package data ships
+
+
+@pytest.mark.slow
+def test_a_file_git_does_not_track_stops_the_sdist_build(tmp_path: Path) -> None:
+    """In a git checkout, a scratch file in a shipped folder never ships silently."""
+    import tarfile
+
+    _need_build_tools()
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    tree = _copy_tree(tmp_path / "tree", _TREE)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path)}
+    subprocess.run(["git", "init", "-q"], cwd=tree, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=tree, check=True, env=env)
+    scratch = tree / "src" / "mongars_llm" / "scratch_notes.py"
+    scratch.write_text("TOKEN = 'my experiment'\n")
+    ignored = tree / "src" / "mongars_llm" / ".env"  # ignored by git: excluded, not an error
+    ignored.write_text("MONGARS_API_KEY=x\n")
+
+    refused = _build(tree, tmp_path / "dist", "--sdist")
+    assert refused.returncode != 0
+    output = refused.stdout + refused.stderr
+    assert "src/mongars_llm/scratch_notes.py" in output and "git add" in output
+    assert "src/mongars_llm/.env" not in output
+    assert not list((tmp_path / "dist").glob("*.tar.gz"))
+
+    subprocess.run(["git", "add", str(scratch)], cwd=tree, check=True, env=env)
+    done = _build(tree, tmp_path / "dist", "--sdist")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+    assert "src/mongars_llm/scratch_notes.py" in names
+    assert not [n for n in names if n.endswith(".env")]
+
+
+def test_the_example_datasets_are_plain_copies_of_the_packaged_ones() -> None:
+    """examples/data/ holds real files (a link into src/ breaks on a copy and on Windows),
+    byte for byte the datasets the package ships (``mongars_llm.testing`` and the demo
+    read those)."""
+    from importlib.resources import files
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "data"
+    packaged = files("mongars_llm") / "_data"
+    for name in ("product_qa.jsonl", "support_pairs.jsonl", "support_pairs_eval.jsonl"):
+        copy = examples / name
+        assert copy.is_file() and not copy.is_symlink(), f"{copy} must be a regular file"
+        assert copy.read_bytes() == (packaged / name).read_bytes(), (
+            f"{copy} differs from mongars_llm/_data/{name}: copy the packaged file over it"
+        )

@@ -26,18 +26,26 @@ __all__ = [
 
 
 def ensure_within(
-    root: Path, path: Path, *, what: str = "path", error: type[Exception] = ValueError
+    root: Path,
+    path: Path,
+    *,
+    what: str = "path",
+    error: type[Exception] = ValueError,
+    action: str = "write",
+    fix: str = "",
 ) -> Path:
     """Return ``path`` after checking that it stays inside ``root`` once resolved.
 
     Both are resolved (``..`` and symbolic links followed), so neither a crafted
-    name nor a planted link can send a write elsewhere; raises ``error`` otherwise.
+    name nor a planted link can send a write (or a read: ``action``) elsewhere;
+    raises ``error`` otherwise, its message ending with ``fix`` when given.
     """
     resolved_root = Path(root).resolve()
     resolved = Path(path).resolve()
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise error(
-            f"refusing to write {what} {path}: it resolves to {resolved}, outside {resolved_root}"
+            f"refusing to {action} {what} {path}: it resolves to {resolved}, outside "
+            f"{resolved_root}" + (f"; {fix}" if fix else "")
         )
     return path
 

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
@@ -65,10 +73,10 @@ class ModelSettings(BaseModel):
         None,
         ge=0,
         description=(
-            "Torch CPU threads when the model runs on the CPU (torch.set_num_threads, "
-            "process-wide). Unset: one less than the usable CPUs (at least 1), measured "
-            "faster than torch's one per core on shared machines, unless OMP_NUM_THREADS "
-            "is set; 0 keeps torch's default."
+            "Torch CPU threads when the model runs on the CPU: set, the runtime calls "
+            "torch.set_num_threads with it, which applies to the whole process. Unset (or "
+            "0): torch's thread count is left as it is (torch's default, one per core or "
+            "OMP_NUM_THREADS, or what the caller set with torch.set_num_threads)."
         ),
     )
     max_new_tokens: int = Field(512, ge=1, description="Upper bound for generated tokens.")
@@ -181,12 +189,22 @@ class Settings(SettingsErrorsMixin, BaseSettings):
     unified_model_dir: Path | None = Field(
         None, description="Checkpoint directory the shared runtime loads (overrides the role)."
     )
+    home: Path | None = Field(
+        None,
+        description=(
+            "One root for every mongars-llm directory, as HF_HOME or OLLAMA_MODELS: caches "
+            "in <home>/cache (models in <home>/cache/models), the adapter registry in "
+            "<home>/encoders. A directory's own variable (MONGARS_CACHE_DIR, "
+            "MONGARS_MODELS_DIR, MONGARS_LLM_ADAPTER_REGISTRY_PATH) wins over it; unset, "
+            "the platform dirs (XDG_CACHE_HOME, XDG_DATA_HOME on Linux) apply."
+        ),
+    )
     llm_adapter_registry_path: Path = Field(
         default_factory=_default_data_dir_registry,
         description=(
             "Adapter registry directory; training runs go to its runs/ folder. Default: "
-            "the user data dir's encoders/ (~/.local/share/mongars-llm/encoders on Linux), "
-            "never the working directory."
+            "<MONGARS_HOME>/encoders, else the user data dir's encoders/ "
+            "(~/.local/share/mongars-llm/encoders on Linux), never the working directory."
         ),
     )
     dataset_max_line_bytes: int = Field(
@@ -198,7 +216,9 @@ class Settings(SettingsErrorsMixin, BaseSettings):
         ),
     )
     cache_dir: Path = Field(
-        default_factory=_default_cache_dir, description="Root of mongars-llm's caches."
+        default_factory=_default_cache_dir,
+        description="Root of mongars-llm's caches; default <MONGARS_HOME>/cache, else the "
+        "platform cache dir (~/.cache/mongars-llm on Linux).",
     )
     models_dir: Path | None = Field(
         None, description="Where provisioned models live; defaults to <cache_dir>/models."
@@ -252,6 +272,17 @@ class Settings(SettingsErrorsMixin, BaseSettings):
     fallback_reply: str | None = Field(
         None, description="Deterministic reply served when the runtime fails (never cached)."
     )
+
+    @model_validator(mode="after")
+    def _under_home(self) -> Settings:
+        """``home`` moves every directory that was not set on its own."""
+        if self.home is not None:
+            home = self.home.expanduser()
+            if "cache_dir" not in self.model_fields_set:
+                self.cache_dir = home / "cache"
+            if "llm_adapter_registry_path" not in self.model_fields_set:
+                self.llm_adapter_registry_path = home / "encoders"
+        return self
 
     @field_validator("ollama_host")
     @classmethod

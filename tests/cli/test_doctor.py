@@ -68,8 +68,32 @@ def test_doctor_reports_the_cpu_threads_the_runtime_will_use(
     finally:
         monkeypatch.delenv("MONGARS_MODEL__CPU_THREADS", raising=False)
         get_settings(reload=True)
-    cpus = len(os.sched_getaffinity(0))
-    assert auto["runtime"] == max(1, min(torch.get_num_threads(), cpus - 1))
-    assert "auto" in auto["why"] and f"{cpus} usable CPU" in auto["why"]
+    # unset: the runtime leaves torch's own thread count alone, and says so
+    assert auto["runtime"] == torch.get_num_threads() == auto["torch_default"]
+    assert auto["why"].startswith(f"torch default ({torch.get_num_threads()})")
+    assert auto["usable_cpus"] == len(os.sched_getaffinity(0))
     assert "CPU threads     3 (settings.model.cpu_threads)" in human
     assert torch.get_num_threads() == before  # the doctor reads, never changes
+
+
+def test_doctor_recommends_the_small_profile_it_chooses(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU without fast bf16, the advice names the profile a bare command uses."""
+    from mongars_llm.cli import _doctor
+    from mongars_llm.settings import get_settings
+
+    for name in ("LLM_MODELS_PROFILE", "MONGARS_LLM_MODELS_PROFILE", "MONGARS_LLM_MODELS_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    monkeypatch.setattr(_doctor, "cpu_bf16_flags", lambda: [])  # a CPU without AVX512-BF16/AMX
+    monkeypatch.setattr(_doctor, "_cuda", lambda: {"available": False, "reason": "none"})
+    get_settings(reload=True)
+    try:
+        assert main(["doctor", "--json"]) == 0
+    finally:
+        get_settings(reload=True)
+    report = json.loads(capsys.readouterr().out)
+    active = report["profile"]["active"]
+    assert active in ("smol", "small")
+    assert f"{active!r} profile" in report["recommendation"]

@@ -149,13 +149,22 @@ def test_list_installed_shows_every_install_with_its_roles_and_size(
     code, out, _ = _cli(capsys, "models", "list", "--installed")
     assert code == 0
     header, *rows, footer = out.strip().splitlines()
-    assert header.split() == ["MODEL", "REVISION", "PROVIDER", "ROLES", "SIZE", "PATH"]
+    # names, not paths: the GGUF install is shown by its file name; -v adds the folders
+    assert header.split() == ["MODEL", "REVISION", "PROVIDER", "ROLES", "SIZE"]
+    assert gguf["name"] == "tiny.gguf" and ollama["name"] == "tiny:135m"
     assert any(
         "tiny:135m" in row and " small " in row and human_bytes(ollama["bytes"]) in row
         for row in rows
     )
-    assert any(gguf["path"] in row and " chat " in row for row in rows)
+    assert any(row.startswith("tiny.gguf ") and " chat " in row for row in rows)
+    assert str(workdir) not in "\n".join(rows)
     assert footer.startswith("2 installed, ") and str(workdir / "models") in footer
+
+    code, out, _ = _cli(capsys, "models", "ls", "--installed", "-v")  # ls: as `ollama ls`
+    assert code == 0
+    header, *rows, _ = out.strip().splitlines()
+    assert header.split()[-1] == "PATH"
+    assert any(row.startswith("tiny.gguf ") and row.endswith(gguf["path"]) for row in rows)
 
 
 # ------------------------------------------------------------------ rm
@@ -398,3 +407,50 @@ def test_the_deprecated_manager_methods_still_work(
     assert not removed.path.exists()
     report = manager.ensure_models_installed(["chat"])
     assert report["chat"].action == "installed" and Path(str(report["chat"].path)).exists()
+
+
+# ------------------------------------------------------------------ shared installs
+def test_rm_a_role_whose_install_other_roles_share_needs_force(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = json.loads((workdir / "llm_models.json").read_text())
+    manifest["profiles"]["t"]["models"]["coding"] = {"name": "tiny.gguf", "provider": "local"}
+    (workdir / "llm_models.json").write_text(json.dumps(manifest))
+    entries = _provision(capsys, "chat", "coding")
+    folder = Path(entries["chat"]["path"])
+    assert entries["coding"]["path"] == str(folder)  # one install, two roles
+
+    code, _, err = _cli(capsys, "models", "rm", "chat", "--yes")
+    line = _one_error_line(err)
+    assert code == 2 and "also used by role(s) 'coding'" in line and "--force" in line
+    assert folder.is_dir()  # refused: nothing deleted
+
+    code, _, err = _cli(capsys, "models", "rm", "chat", "--dry-run")  # a dry run says it
+    assert code == 0 and "also used by role(s) 'coding'" in err and folder.is_dir()
+
+    code, _, err = _cli(capsys, "models", "rm", "chat", "coding", "--yes")  # both named
+    assert code == 0, err
+    assert not folder.exists()
+    _provision(capsys, "chat")
+    code, _, err = _cli(capsys, "models", "rm", "chat", "--yes", "--force")
+    assert code == 0, err
+    assert "also used by role(s) 'coding'" in err and not folder.exists()
+
+
+# ------------------------------------------------------------------ provision output
+def test_provision_says_when_each_role_and_its_conversion_start(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _cli(capsys, "provision", "--roles", "chat", "--no-progress")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("chat: local tiny.gguf ...")
+    assert lines[1].startswith("chat: converting the GGUF file")
+    header = out.splitlines()[0].split()
+    assert header == ["ROLE", "PROVIDER", "MODEL", "ACTION", "REVISION", "SIZE", "TIME"]
+    assert str(workdir / "models") not in out.splitlines()[1]  # no path unless -v
+
+    code, out, err = _cli(capsys, "provision", "--roles", "chat", "-v")
+    assert code == 0
+    assert "converting" not in err  # installed: nothing to convert
+    assert out.splitlines()[0].split()[-1] == "PATH" and str(workdir / "models") in out

@@ -200,3 +200,57 @@ def test_invalid_server_setting_is_a_config_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MONGARS_SERVER_MAX_QUEUE", "-1")
     with pytest.raises(ConfigError, match="MONGARS_SERVER_MAX_QUEUE"):
         ServerConfig()
+
+
+# chat and embed check their arguments before loading a model (issue 19)
+CHAT_EMBED_MISTAKES = [
+    (
+        "chat-missing-local-model",
+        {},
+        ["chat", "--model", "./no-such-model", "--prompt", "hi"],
+        (),
+        2,
+        ["'./no-such-model'", "no such directory"],
+    ),
+    (
+        "embed-missing-local-model",
+        {},
+        ["embed", "--model", "./no-such-model", "hi"],
+        (),
+        2,
+        ["'./no-such-model'", "no such directory"],
+    ),
+    (
+        "chat-offline-unprovisioned-hub-model",
+        {"HF_HUB_OFFLINE": "1"},
+        ["chat", "--model", "org/uncached", "--prompt", "hi"],
+        (),
+        1,
+        ["org/uncached", "HF_HUB_OFFLINE=1", "mongars-llm provision"],
+    ),
+    (
+        "chat-max-new-tokens-0",
+        {},
+        ["chat", "--model", "./no-such-model", "--max-new-tokens", "0", "--prompt", "hi"],
+        (),
+        2,
+        ["--max-new-tokens", ">= 1"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "blocked", "code", "words"),
+    [pytest.param(*row[1:], id=row[0]) for row in CHAT_EMBED_MISTAKES],
+)
+def test_a_chat_or_embed_mistake_is_one_clear_line(
+    tmp_path: Path,
+    env: dict[str, str],
+    argv: list[str],
+    blocked: tuple[str, ...],
+    code: int,
+    words: list[str],
+) -> None:
+    test_a_mistake_is_one_clear_line_and_the_documented_exit_code(
+        tmp_path, env, argv, blocked, code, words
+    )

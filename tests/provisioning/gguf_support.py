@@ -46,12 +46,14 @@ def write_tiny_gguf(
     architecture: str | None = None,
     name: str | None = None,
     raw_type_for: dict[str, str] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """``checkpoint`` (a transformers folder) → a GGUF file at ``out`` (F32 tensors).
 
     ``architecture`` overrides the GGUF architecture (to write an unsupported
     one); ``raw_type_for`` maps a GGUF tensor name to a ggml type name whose
-    bytes are written raw (zeros), to make a file with a given quantisation type.
+    bytes are written raw (zeros), to make a file with a given quantisation type;
+    ``chat_template`` replaces the checkpoint's.
     """
     import gguf
     import numpy as np
@@ -92,7 +94,7 @@ def write_tiny_gguf(
     writer.add_eos_token_id(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    writer.add_chat_template(chat_template or tokenizer.chat_template)
 
     weights = load_file(str(checkpoint / "model.safetensors"))
     raw = raw_type_for or {}

@@ -26,6 +26,10 @@ class FakeOllama:
         self.models: dict[str, dict] = {}
         self.pulls: list[dict] = []
         self.fail_with: str | None = None
+        #: a pull answers one progress line of this many bytes (a hostile or broken daemon)
+        self.endless_line: int | None = None
+        #: bytes of that line written before the client hung up
+        self.sent = 0
         #: called with the model name when a pull succeeds (to fill a store on disk)
         self.on_pull: Callable[[str], None] | None = None
         outer = self
@@ -66,6 +70,17 @@ class FakeOllama:
                     self.wfile.flush()
 
                 line({"status": "pulling manifest"})
+                if outer.endless_line is not None:
+                    chunk = b"x" * (1 << 20)
+                    try:
+                        self.wfile.write(b'{"status": "')
+                        while outer.sent < outer.endless_line:
+                            self.wfile.write(chunk)
+                            outer.sent += len(chunk)
+                    except OSError:  # the client hung up
+                        return
+                    line({"status": "success"})
+                    return
                 if outer.fail_with:
                     line({"error": outer.fail_with})
                     return

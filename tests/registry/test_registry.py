@@ -225,3 +225,37 @@ def test_eight_processes_register_at_once(tmp_path: Path) -> None:
     assert manifest["revision"] == 8 * per_process
     # latest is the newest registration (the last entry, highest version)
     assert manifest["latest"] == entries[-1]["version"] == str(8 * per_process)
+
+
+def test_verify_returns_the_folder_it_checked(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    entry = registry.register(_adapter(tmp_path / "reg", "a"), name="a", compatibility=COMPAT)
+    assert registry.verify(entry) == registry.adapter_path(entry)
+
+
+def test_a_relative_adapter_path_may_not_leave_the_registry_folder(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    registry.register(_adapter(tmp_path / "reg", "a"), name="a", compatibility=COMPAT)
+    elsewhere = _adapter(tmp_path / "elsewhere", "b")  # a folder with matching digests
+    manifest_file = tmp_path / "reg" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["entries"][0]["path"] = "../elsewhere/runs/b/adapter"
+    manifest["entries"][0]["sha256"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in elsewhere.iterdir()
+    }
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(RegistryError) as info:
+        registry.verify("1")
+    assert "'../elsewhere/runs/b/adapter' leads outside the registry folder" in str(info.value)
+
+
+@pytest.mark.parametrize("dropped", ["adapter_model.safetensors", "adapter_config.json"])
+def test_the_files_a_loader_reads_must_have_a_digest(tmp_path: Path, dropped: str) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    entry = registry.register(_adapter(tmp_path / "reg", "a"), name="a", compatibility=COMPAT)
+    # a hand edit drops the digest of the file it then swaps: the check must not pass
+    _tamper(tmp_path / "reg", "1", {k: v for k, v in entry.sha256.items() if k != dropped})
+    (registry.adapter_path("1") / dropped).write_bytes(b"swapped")
+    with pytest.raises(RegistryError) as info:
+        registry.verify("1")
+    assert f"{dropped} in" in str(info.value) and "has no recorded digest" in str(info.value)

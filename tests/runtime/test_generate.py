@@ -218,3 +218,82 @@ def test_stream_cancel_stops_early(runtime: Any) -> None:
         time.sleep(0.01)
     assert stream.result.usage.completion_tokens < 40
     assert stream.result.text == first + "".join(rest)
+
+
+# ----------------------------------------------------------------- bounds (issue 19)
+
+
+def test_a_model_whose_chat_template_is_broken_fails_to_load(
+    tiny_model_dir: Path, settings: Any, tmp_path: Path
+) -> None:
+    """A template that would build a gigabyte string is refused when the model loads,
+    instead of freezing the first chat request."""
+    import json
+    import shutil
+
+    from mongars_llm.errors import ModelLoadError
+    from mongars_llm.runtime import UnifiedLLMRuntime
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "bad-template")
+    bomb = "{{ 'x' * 1000000000 }}"
+    (folder / "chat_template.jinja").write_text(bomb)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if "chat_template" in config:
+        config["chat_template"] = bomb
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as caught:
+        UnifiedLLMRuntime.from_pretrained(folder, settings=settings)
+    message = str(caught.value)
+    assert "the model's chat template is broken: it builds a value of 1000000000" in message
+    assert "fix:" in message
+
+
+async def test_agenerate_prepares_the_prompt_off_the_event_loop(runtime: Any) -> None:
+    """The prompt of an ``agenerate`` call is tokenised while the event loop runs: the
+    tokenizer waits (here) for the loop to answer, which it cannot do if it is the
+    loop's own thread that tokenises."""
+    import asyncio
+
+    marker = "hold-this-prompt"
+    entered, loop_ran = threading.Event(), threading.Event()
+    held: list[bool] = []
+    cls = type(runtime.tokenizer)
+    original = cls.__call__
+
+    def holding(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(text, str) and marker in text:
+            entered.set()
+            held.append(loop_ran.wait(20))
+        return original(self, text, *args, **kwargs)
+
+    cls.__call__ = holding
+    try:
+        call = asyncio.ensure_future(
+            runtime.agenerate(
+                [{"role": "user", "content": marker}], temperature=0, max_new_tokens=2
+            )
+        )
+        for _ in range(3000):
+            if entered.is_set():
+                loop_ran.set()  # the loop runs while the prompt is being tokenised
+                break
+            await asyncio.sleep(0.01)
+        result = await asyncio.wait_for(call, 60)
+    finally:
+        loop_ran.set()
+        cls.__call__ = original
+    assert held == [True]
+    assert result.usage.completion_tokens <= 2
+
+
+async def test_agenerate_errors_still_reach_the_caller(runtime: Any) -> None:
+    from mongars_llm.errors import InputTooLongError, InvalidInputError
+
+    with pytest.raises(InvalidInputError):
+        await runtime.agenerate("   ")
+    with pytest.raises(InputTooLongError):
+        await runtime.agenerate("ab cd " * 33_333)
+    stream = runtime.astream("ab cd " * 33_333)
+    with pytest.raises(InputTooLongError):
+        async for _ in stream:
+            pass

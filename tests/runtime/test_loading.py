@@ -198,16 +198,18 @@ def test_cpu_threads_setting_sets_torch_threads(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"),
+    ("caller", "env", "expected"),
     [
-        ({}, "1"),  # auto: one less than the 2 usable CPUs, not torch's 2
-        ({"OMP_NUM_THREADS": "2"}, "2"),  # the user's OpenMP setting is kept
-        ({"MONGARS_MODEL__CPU_THREADS": "0"}, "2"),  # 0: torch's own default
+        (2, {}, "2"),  # unset: the caller's own torch.set_num_threads(2) is kept
+        (1, {}, "1"),
+        (None, {}, "2"),  # unset, the caller chose nothing: torch's default (one per CPU)
+        (1, {"MONGARS_MODEL__CPU_THREADS": "0"}, "1"),  # 0: left alone too
+        (1, {"MONGARS_MODEL__CPU_THREADS": "2"}, "2"),  # set: the library sets it
     ],
-    ids=["auto", "omp-env", "zero"],
+    ids=["caller-2", "caller-1", "torch-default", "zero", "setting"],
 )
-def test_cpu_threads_default_leaves_a_core_free(
-    tiny_model_dir: Path, env: dict[str, str], expected: str
+def test_cpu_threads_unset_leaves_the_callers_torch_threads_alone(
+    tiny_model_dir: Path, caller: int | None, env: dict[str, str], expected: str
 ) -> None:
     import os
     import subprocess
@@ -215,14 +217,17 @@ def test_cpu_threads_default_leaves_a_core_free(
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs")
-    # a fresh process pinned to 2 CPUs, before torch starts (its default is one per CPU)
+    # a fresh process pinned to 2 CPUs before torch starts (torch's threads are
+    # process-wide, its default one per CPU), without OMP_NUM_THREADS
     code = (
         "import os, sys\n"
         "os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])\n"
         "import torch\n"
+        f"if {caller!r} is not None: torch.set_num_threads({caller!r})\n"
         "from mongars_llm.runtime import UnifiedLLMRuntime\n"
         "rt = UnifiedLLMRuntime.from_pretrained(sys.argv[1], device='cpu')\n"
-        "print(torch.get_num_threads(), rt.generate('Hi', max_new_tokens=2).usage.prompt_tokens > 0)\n"
+        "assert rt.generate('Hi', max_new_tokens=2).usage.prompt_tokens > 0\n"
+        "print(torch.get_num_threads(), rt.embed(['a b', 'c']).shape[0])\n"
     )
     base = {
         k: v
@@ -237,7 +242,18 @@ def test_cpu_threads_default_leaves_a_core_free(
         timeout=180,
         check=True,
     )
-    assert out.stdout.split()[-2:] == [expected, "True"], out.stderr
+    assert out.stdout.split()[-2:] == [expected, "2"], out.stderr
+
+
+def test_the_load_event_says_which_threads_torch_runs_with(
+    tiny_model_dir: Path, events: Any
+) -> None:
+    before = torch.get_num_threads()
+    with UnifiedLLMRuntime.from_pretrained(tiny_model_dir, settings=runtime_settings()):
+        pass
+    assert torch.get_num_threads() == before
+    (load,) = events.named("llm_runtime_load")
+    assert f"cpu threads: torch default ({before})" in load["notes"]
 
 
 def test_closed_runtime_refuses_work(tiny_model_dir: Path) -> None:

@@ -191,7 +191,13 @@ def test_a_promoted_embedding_adapter_goes_live_for_embeddings_only(
         _wait_for(http, lambda ids: "embedding:support-v1" in ids)
         base_vector, base_reply = _embedding(http, "embedding:base"), _chat(http, "general:base")
         assert not np.allclose(_embedding(http, "embedding:support-v1"), base_vector)
-        assert _chat(http, "general:support-v1") != base_reply  # the adapter does change chat
+        # an embedding adapter named in a chat request: a 400 that names the right route
+        wrong = http.post(
+            "/v1/chat/completions",
+            json={"model": "general:support-v1", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "adapter_wrong_use"
+        assert "/v1/embeddings" in wrong.json()["error"]["message"]
         _promote(registry, "1", capsys)
         _wait_for(http, lambda ids: "embedding:promoted" in ids)
         live = _embedding(http, "embedding")

@@ -138,8 +138,8 @@ def test_two_processes_match_one_on_the_same_global_batch(two_process_run, capsy
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "adapter_state.safetensors",
         "optimizer.pt",
-        "rng_state.rank0.pt",
-        "rng_state.rank1.pt",
+        "rng_state.rank0.json",
+        "rng_state.rank1.json",
         "scheduler.pt",
         "trainer_state.json",
     ]

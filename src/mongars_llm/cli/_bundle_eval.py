@@ -110,6 +110,9 @@ def _resolve_adapter(
                 f"--adapter {args.adapter}: the folder has no adapter_config.json; give a peft "
                 "adapter folder (a bundle's adapter/) or a registry name"
             )
+        from ..training._stacking import adapter_use
+
+        _refuse_chat_adapter(args.adapter, *adapter_use(folder))
         return folder, str(folder), None, {}
     from ..registry import AdapterRegistry, default_registry_path
 
@@ -129,9 +132,25 @@ def _resolve_adapter(
             f"'latest' in the registry {registry.path} (names there: "
             f"{', '.join(names) or 'none'}); pass a path, or --registry-path"
         )
+    _refuse_chat_adapter(args.adapter, entry.use, entry.objective)
     label = f"{entry.name} (version {entry.version})"
     embedding = dict(getattr(entry, "embedding", None) or {})
     return registry.adapter_path(entry), label, entry.base_model, embedding
+
+
+def _refuse_chat_adapter(reference: str, use: str | None, objective: str | None) -> None:
+    """Retrieval figures mean something for an embedding adapter only (``use=embed``)."""
+    from ..training._stacking import describe_use, is_chat_adapter
+
+    if not is_chat_adapter(use, objective):
+        return
+
+    raise ConfigError(
+        f"--adapter {reference} is a {describe_use(use, objective)}, not an embedding adapter: "
+        "bundle eval measures the retrieval of an embedding adapter (bundle build --objective "
+        "contrastive, simcse or mntp); try a chat adapter with `mongars-llm chat --adapter "
+        "NAME`"
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:

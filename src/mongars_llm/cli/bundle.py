@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from ._bundle_eval import add_eval_parser
 from ._output import examples, print_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: steps between two progress lines when stderr is not a terminal (the bar's stand-in)
+PROGRESS_EVERY = 10
 
 # flag -> BundleConfig field for the plain value options (None = not given)
 _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -24,7 +27,16 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-dataset-id", "eval_dataset_id", str, "Hugging Face dataset id for eval"),
     ("--eval-dataset-split", "eval_dataset_split", str, "split of --eval-dataset-id"),
     ("--eval-fraction", "eval_fraction", float, "held-out share when no eval set (0.1)"),
-    ("--base-model", "base_model", str, "Hub id or local checkpoint of the base model"),
+    (
+        "--base-model",
+        "base_model",
+        str,
+        "the model to fine-tune: a Hub id (org/name), a checkpoint folder, a .gguf or pkg:// "
+        "file, or a role of the active profile (provisioned first). Default: the profile's "
+        "'general' role, the model `mongars-llm chat` loads: without CUDA the built-in 'smol' "
+        "profile's SmolLM2-135M, with CUDA 'default' (dphn/Dolphin-X1-8B); choose the profile "
+        "with LLM_MODELS_PROFILE",
+    ),
     ("--base-model-revision", "base_model_revision", str, "branch, tag or commit to pin"),
     ("--output-dir", "output_dir", Path, "parent of run directories (<registry>/runs)"),
     (
@@ -56,6 +68,13 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--precision", "precision", str, "auto | fp32 | bf16 | fp16"),
     ("--device", "device", str, "cpu | cuda | cuda:N (auto)"),
     ("--save-steps", "save_steps", int, "checkpoint every N steps (for --resume)"),
+    (
+        "--progress-every",
+        "progress_every",
+        int,
+        f"when stderr is no terminal (no progress bar): a progress line every N steps "
+        f"({PROGRESS_EVERY})",
+    ),
     ("--eval-steps", "eval_steps", int, "also evaluate every N steps"),
     (
         "--objective",
@@ -106,20 +125,31 @@ def _build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _VALUE_FLAGS}
     if args.target_modules:
         overrides["target_modules"] = [m for group in args.target_modules for m in group]
-    for flag in ("dry_run", "skip_invalid", "qlora", "bidirectional", "gradient_checkpointing"):
+    for flag in (
+        "dry_run",
+        "skip_invalid",
+        "qlora",
+        "bidirectional",
+        "gradient_checkpointing",
+        "verbose",
+    ):
         if getattr(args, flag):
             overrides[flag] = True
     if args.no_register:
         overrides["register_adapter"] = False
     if args.resume is not None:
         overrides["resume"] = True if args.resume is True else Path(args.resume)
-    # the progress bar goes to stderr whenever it is a terminal, --json or not
+    # the progress bar goes to stderr whenever it is a terminal, --json or not; elsewhere
+    # (a log file, CI) a line every N steps stands in for it
     if not sys.stderr.isatty():
         overrides["progress"] = False
+        if args.progress_every is None:
+            overrides["progress_every"] = PROGRESS_EVERY
     # under accelerate launch / torchrun every process runs this command: rank 0 speaks
     quiet = os.environ.get("RANK", "0") not in ("", "0")
     if quiet:
         overrides["progress"] = False
+        overrides.pop("progress_every", None)
     try:
         result = build_bundle(args.config, **overrides)
     except Exception as err:
@@ -192,13 +222,15 @@ def _build(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ..export import export_wrapper
+    from ..runtime._loading import no_loading_bars
 
-    out = export_wrapper(
-        args.run_dir,
-        output_dir=args.output_dir,
-        base_model_id=args.base_model_id,
-        merge=args.merge,
-    )
+    with nullcontext() if args.verbose else no_loading_bars():
+        out = export_wrapper(
+            args.run_dir,
+            output_dir=args.output_dir,
+            base_model_id=args.base_model_id,
+            merge=args.merge,
+        )
     if args.json:
         print_json({"ok": True, "wrapper_dir": str(out), "merged": args.merge})
     else:
@@ -271,6 +303,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--no-register", action="store_true", help="do not touch the registry")
     build.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' loading bars for a small local base model (hidden "
+        "otherwise; downloads keep theirs)",
+    )
+    build.add_argument(
         "--json",
         action="store_true",
         help="print one JSON document on stdout (the progress bar stays on a terminal's stderr)",
@@ -292,6 +330,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--base-model-id", help="override the base model id in the config")
     export.add_argument("--merge", action="store_true", help="also write a merged fp16 snapshot")
     export.add_argument("--json", action="store_true", help="print one JSON document")
+    export.add_argument(
+        "--verbose", action="store_true", help="show the loading/writing bars of --merge"
+    )
     export.set_defaults(handler=_export)
 
     add_eval_parser(commands)

@@ -11,9 +11,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LLMRuntimeError
-from ._output import print_json
-from ._runtime import add_runtime_arguments, load_runtime
+from ..errors import ConfigError, LLMRuntimeError
+from ._output import print_json, terminal_safe, valid_text
+from ._runtime import add_runtime_arguments, plan_runtime, sampling_error
 
 if TYPE_CHECKING:
     from ..runtime import UnifiedLLMRuntime
@@ -34,6 +34,7 @@ EPILOG = """examples:
   mongars-llm chat --prompt "Say hi"        one reply, then exit
   echo "Say hi" | mongars-llm chat --prompt -
   mongars-llm chat --model ./my-checkpoint  a checkpoint folder or Hub id instead of a role
+  mongars-llm chat --adapter support        an adapter `bundle build` registered
 
 In the chat, /bye (or Ctrl+D) leaves, /clear forgets the conversation, /? lists commands.
 Sampling defaults come from the role (mongars-llm models show ROLE); flags win."""
@@ -66,9 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
     sampling.add_argument("--seed", type=int, metavar="N", help="reproducible sampling")
     parser.add_argument(
-        "--adapter", metavar="NAME", help="LoRA adapter to use (default: the role's)"
-    )
-    parser.add_argument(
         "--json",
         action="store_true",
         help="with --prompt: print the reply as one JSON document (text, finish_reason, usage)",
@@ -77,35 +75,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _options(args: argparse.Namespace, role: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "role": role,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "adapter": args.adapter,
-    }
-    return {key: value for key, value in options.items() if value is not None}
+#: the flag that sets each sampling argument, for usage errors
+FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given, checked before the model loads (a usage error, exit 2)."""
+    from ..errors import InvalidInputError
+    from ..runtime._params import SamplingParams
+
+    options = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    try:
+        SamplingParams(**options)
+    except InvalidInputError as err:
+        raise sampling_error(err, FLAGS) from err
+    return options
+
+
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt is None:
+        return None
+    if args.prompt != "-":
+        return valid_text(args.prompt, "--prompt")
+    prompt = valid_text(sys.stdin.read(), "--prompt -: stdin").strip()
+    if not prompt:
+        raise ConfigError("--prompt -: stdin was empty; pipe the prompt in")
+    return prompt
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-
     if args.json and args.prompt is None:
         raise ConfigError("--json needs --prompt (the interactive chat prints text)")
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read().strip()
-        if not prompt:
-            raise ConfigError("--prompt -: stdin was empty; pipe the prompt in")
-    runtime, role = load_runtime(args, args.role, PREFERRED_ROLES)
+    if args.system is not None:
+        valid_text(args.system, "--system")
+    options = _options(args)
+    _tolerant_stdin()
+    prompt = _read_prompt(args)
+    plan = plan_runtime(args, args.role, PREFERRED_ROLES, kind="generate")
+    if plan.role is not None:
+        options["role"] = plan.role
+    if plan.adapter is not None:
+        options["adapter"] = plan.adapter.name
+    runtime = plan.load()
     with runtime:
-        options = _options(args, role)
         system = [{"role": "system", "content": args.system}] if args.system else []
         if prompt is not None:
             return _one_shot(runtime, [*system, _user(prompt)], options, json_output=args.json)
-        return _interactive(runtime, system, options)
+        return _interactive(runtime, system, options, plan.description)
+
+
+def _tolerant_stdin() -> None:
+    """Read bytes that are not UTF-8 as lone surrogates (then refused with one clear
+    line) instead of a ``UnicodeDecodeError`` traceback under a strict locale."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
 
 
 def _user(text: str) -> dict[str, str]:
@@ -129,25 +158,32 @@ def _one_shot(
             }
         )
         return EXIT_OK
-    _stream_reply(runtime, messages, options)
+    _stream_reply(runtime, messages, options, stop_only_the_reply=False)
     return EXIT_OK
 
 
 def _stream_reply(
-    runtime: UnifiedLLMRuntime, messages: list[dict[str, str]], options: dict[str, Any]
+    runtime: UnifiedLLMRuntime,
+    messages: list[dict[str, str]],
+    options: dict[str, Any],
+    *,
+    stop_only_the_reply: bool = True,
 ) -> str:
-    """Print the reply as it streams; Ctrl+C stops this reply only."""
+    """Print the reply as it streams. Ctrl+C stops this reply only in the interactive
+    chat; a one-shot reply is interrupted as a whole (exit 130)."""
     stream = runtime.stream(messages, **options)
     parts: list[str] = []
     try:
         for delta in stream:
             parts.append(delta)
-            sys.stdout.write(delta)
+            sys.stdout.write(terminal_safe(delta))
             sys.stdout.flush()
     except KeyboardInterrupt:
         stream.cancel()
         for _ in stream:  # let the worker finish this reply before the next one
             pass
+        if not stop_only_the_reply:
+            raise
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(parts)
@@ -166,11 +202,14 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _interactive(
-    runtime: UnifiedLLMRuntime, system: list[dict[str, str]], options: dict[str, Any]
+    runtime: UnifiedLLMRuntime,
+    system: list[dict[str, str]],
+    options: dict[str, Any],
+    description: str,
 ) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"{runtime.model_id} on {runtime.device}. /bye to leave, /? for help.")
+        print(terminal_safe(f"{description} on {runtime.device}. /bye to leave, /? for help."))
     history: list[dict[str, str]] = []
     while True:
         line = _read_line(interactive)
@@ -178,6 +217,11 @@ def _interactive(
             return EXIT_OK
         text = line.strip()
         if not text:
+            continue
+        try:
+            valid_text(text, "this line")
+        except ConfigError as err:
+            print(f"mongars-llm: error: {err}", file=sys.stderr, flush=True)
             continue
         if text.startswith("/"):
             command = text.split()[0].lower()
@@ -189,7 +233,10 @@ def _interactive(
             elif command in ("/?", "/help"):
                 print(HELP, flush=True)
             else:
-                print(f"unknown command {command}; /? lists the commands", file=sys.stderr)
+                print(
+                    terminal_safe(f"unknown command {command}; /? lists the commands", sys.stderr),
+                    file=sys.stderr,
+                )
             continue
         history.append(_user(text))
         try:

@@ -22,6 +22,11 @@ def _run(args: argparse.Namespace) -> int:
         label = "SmolLM2-135M-Instruct (real weights)" if kind == "smollm2" else "a tiny model"
         print(f"mongars-llm demo on {label}\n", flush=True)
 
+    def starting(name: str) -> None:
+        # the line a user sees while a step works (up to minutes): on stderr with --json,
+        # whose stdout is the report alone
+        print(f"[...] {name} ...", file=sys.stderr if args.json else sys.stdout, flush=True)
+
     def show(step: DemoStep) -> None:
         mark = "ok " if step.ok else "FAIL"
         print(f"[{mark}] {step.name:<40} {step.seconds:6.1f}s", flush=True)
@@ -33,7 +38,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"        {step.error}", flush=True)
 
     report = run_demo(
-        args.workdir, keep=args.keep, on_step=None if args.json else show, model=args.model
+        args.workdir,
+        keep=args.keep,
+        on_step=None if args.json else show,
+        model=args.model,
+        on_start=starting,
     )
     if args.json:
         print_json(report.to_dict())

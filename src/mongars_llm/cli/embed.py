@@ -9,14 +9,15 @@ file (``--npy FILE``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EmbeddingError
 from ..manifest.models import Pooling
-from ._output import print_json, print_table
-from ._runtime import add_runtime_arguments, load_runtime
+from ._output import print_json, print_table, terminal_safe, valid_text
+from ._runtime import LoadPlan, add_runtime_arguments, plan_runtime
 
 __all__ = ["register"]
 
@@ -28,6 +29,7 @@ EPILOG = """examples:
   mongars-llm embed general "a text" --json             a role, JSON on stdout
   cat texts.txt | mongars-llm embed - --npy vectors.npy  one text per line from stdin
   mongars-llm embed --role general general              --role: every word is a text
+  mongars-llm embed --adapter support-search "a query"  a registered embedding adapter
 
 The first word is a role when it names one of the profile's roles and more words follow;
 --role makes it explicit. The role's embedding options (pooling, normalisation,
@@ -104,11 +106,16 @@ def _split(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     if role is None and len(words) > 1 and words[0] != "-" and words[0] in _known_roles(args):
         role = words.pop(0)
     texts: list[str] = []
-    for word in words:
+    for index, word in enumerate(words):
         if word == "-":
-            texts.extend(line.rstrip("\r\n") for line in sys.stdin if line.strip())
+            reconfigure = getattr(sys.stdin, "reconfigure", None)
+            if reconfigure is not None:  # not UTF-8: one clear line, not a traceback
+                reconfigure(errors="surrogateescape")
+            for number, line in enumerate(sys.stdin, start=1):
+                if line.strip():
+                    texts.append(valid_text(line.rstrip("\r\n"), f"stdin line {number}"))
         else:
-            texts.append(word)
+            texts.append(valid_text(word, f"text {index + 1}"))
     if not texts:
         raise ConfigError("no text to embed: give texts as arguments, or '-' and lines on stdin")
     if args.batch_size is not None and args.batch_size < 1:
@@ -116,13 +123,69 @@ def _split(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return role, texts
 
 
+def _check_npy(target: Path) -> Path:
+    """Refuse an ``--npy`` target that cannot be written before any work is done."""
+    target = target.expanduser()
+    folder = target.resolve().parent
+    if target.is_dir():
+        raise ConfigError(f"--npy {target}: is a directory; give a file name (vectors.npy)")
+    if target.exists() and not target.is_file():
+        raise ConfigError(
+            f"--npy {target}: not a regular file (a device or a pipe); give a file name"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"--npy {target}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--npy {target}: not writable; choose another file")
+    return target
+
+
+def _save(target: Path, vectors: Any) -> None:
+    """Write the array to a temporary file beside ``target``, then move it into place:
+    a full disk leaves no half-written file and says so in one line."""
+    import numpy as np
+
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "wb") as handle:  # np.save(path) would append .npy to a bare name
+            np.save(handle, vectors)
+        os.replace(partial, target)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise EmbeddingError(f"--npy {target}: could not write the vectors: {err}") from err
+
+
+def _adapter_options(plan: LoadPlan, options: dict[str, Any]) -> None:
+    """A registered embedding adapter embeds as it was trained (pooling, attention),
+    unless flags say otherwise; the call names it."""
+    adapter = plan.adapter
+    if adapter is None:
+        return
+    options["adapter"] = adapter.name
+    for key in ("pooling", "bidirectional"):
+        if options.get(key) is None and adapter.embedding.get(key) is not None:
+            options[key] = adapter.embedding[key]
+    instruction = adapter.embedding.get("instruction")
+    if instruction and options.get("instruction") is None:
+        print(
+            f"mongars-llm: adapter {adapter.name!r} was trained with the query instruction "
+            f"{instruction!r}; pass it with --instruction when you embed queries",
+            file=sys.stderr,
+        )
+    if adapter.path is not None and adapter.use not in ("embed", "explicit"):
+        print(
+            f"mongars-llm: note: adapter {adapter.label} is a chat adapter; its vectors "
+            "were never trained for search",
+            file=sys.stderr,
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     role, texts = _split(args)
-    if args.npy is not None and not args.npy.expanduser().resolve().parent.is_dir():
-        raise ConfigError(f"--npy {args.npy}: the folder {args.npy.parent} does not exist")
-    runtime, _ = load_runtime(args, role, PREFERRED_ROLES)
+    target = _check_npy(args.npy) if args.npy is not None else None
+    plan = plan_runtime(args, role, PREFERRED_ROLES, kind="embed")
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
     options: dict[str, Any] = {
         "instruction": args.instruction,
@@ -130,6 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         "normalize": args.normalize,
         "batch_size": args.batch_size,
     }
+    _adapter_options(plan, options)
+    runtime = plan.load()
     with runtime:
         vectors = runtime.embed(
             texts,
@@ -137,10 +202,8 @@ def _run(args: argparse.Namespace) -> int:
             **{key: value for key, value in options.items() if value is not None},
         )
     vectors = np.asarray(vectors, dtype=np.float32)
-    if args.npy is not None:
-        target = args.npy.expanduser()
-        with open(target, "wb") as handle:  # np.save(path) would append .npy to a bare name
-            np.save(handle, vectors)
+    if target is not None:
+        _save(target, vectors)
         print(f"wrote {target}: {vectors.shape[0]} x {vectors.shape[1]} float32")
         return EXIT_OK
     if args.json:
@@ -160,6 +223,10 @@ def _run(args: argparse.Namespace) -> int:
         preview = text if len(text) <= 40 else text[:37] + "..."
         head = ", ".join(f"{value:+.4f}" for value in vector[:4])
         rows.append([index, preview, f"{float(np.linalg.norm(vector)):.4f}", f"[{head}, ...]"])
-    print(f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {runtime.model_id}")
+    print(
+        terminal_safe(
+            f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {plan.description}"
+        )
+    )
     print_table(["#", "text", "norm", "vector"], rows)
     return EXIT_OK

@@ -111,16 +111,17 @@ def _list_installed(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         [
-            model.model,
+            model.name,
             _revision(model.revision),
             model.provider,
             ",".join(model.roles) or "-",
             human_bytes(model.bytes),
-            model.path,
+            *([model.path] if args.verbose else []),
         ]
         for model in models
     ]
-    print_table(["model", "revision", "provider", "roles", "size", "path"], rows)
+    headers = ["model", "revision", "provider", "roles", "size"]
+    print_table([*headers, *(["path"] if args.verbose else [])], rows)
     print(
         f"{len(models)} installed, {human_bytes(total)} in {models_dir} "
         f"(roles of profile {manager.profile_name!r})"
@@ -153,6 +154,7 @@ def _rm(args: argparse.Namespace) -> int:
     if not args.json:
         for model in models:
             print(f"{model.label} ({model.provider}, {human_bytes(model.bytes)}): {model.path}")
+    _check_shared(args, manager.profile_name, models)
     if args.dry_run:
         if args.json:
             print_json({"dry_run": True, "removed": [m.to_dict() for m in models]})
@@ -172,6 +174,24 @@ def _rm(args: argparse.Namespace) -> int:
     else:
         print(f"removed {len(removed)} install(s), {total}; `mongars-llm provision` reinstalls")
     return EXIT_OK
+
+
+def _check_shared(args: argparse.Namespace, profile: str, models: list[InstalledModel]) -> None:
+    """Say which other roles use an install; removing it for one role while others
+    share it needs ``--force`` (they would be provisioned again on their next use)."""
+    named = set(args.targets)
+    for model in models:
+        others = [role for role in model.roles if role not in named]
+        if not others:
+            continue
+        users = ", ".join(repr(role) for role in others)
+        message = f"{model.label} is also used by role(s) {users} of profile {profile!r}"
+        if named & set(model.roles) and not (args.force or args.dry_run):
+            raise ConfigError(
+                f"refusing to remove {model.label}: it is also used by role(s) {users} of "
+                f"profile {profile!r}; name those roles too, or pass --force"
+            )
+        print(f"mongars-llm: note: {message}", file=sys.stderr)
 
 
 def _format(value: Any) -> str:
@@ -248,6 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     list_parser = commands.add_parser(
         "list",
+        aliases=["ls"],
         help="profiles and their roles (the active profile is marked *), or --installed models",
         description="Profiles and their roles; with --profile only that profile. With "
         "--installed: every model installed in the models dir (MONGARS_MODELS_DIR) with its "
@@ -261,6 +282,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--installed",
         action="store_true",
         help="list what provisioning installed in the models dir, with sizes",
+    )
+    list_parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="with --installed: add the folder of each install (--json always has it)",
     )
     _common(list_parser)
     list_parser.set_defaults(handler=_list)
@@ -296,6 +323,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "targets", nargs="+", metavar="ROLE|MODEL", help="role, model name or installed folder"
     )
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rm.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="remove a role's install even when other roles share it",
+    )
     rm.add_argument("--dry-run", action="store_true", help="show what would be removed")
     _common(rm)
     rm.set_defaults(handler=lambda args: _json_errors(args, _rm))

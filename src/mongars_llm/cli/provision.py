@@ -8,10 +8,14 @@ missing lock file). ``--json`` prints exactly one JSON document on stdout.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MissingExtraError
-from ._output import examples, print_json, print_table
+from ._output import examples, print_json, print_table, terminal_safe
+
+if TYPE_CHECKING:
+    from ..provisioning import ProgressEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -20,6 +24,33 @@ def _roles(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [name for value in values for name in value.split(",") if name.strip()]
+
+
+#: what the "download" stage of each provider does, said when it starts
+_FETCHING = {
+    "huggingface": "downloading from the Hugging Face Hub",
+    "ollama": "copying from the Ollama daemon's store",
+    "local": "converting the GGUF file to a transformers folder (once; a minute or two "
+    "on a small CPU)",
+}
+
+
+class _StartLines:
+    """One line on stderr when a role starts and when its slow step starts, so the
+    first run never waits in silence (the tables come at the end)."""
+
+    def __init__(self) -> None:
+        self.said: set[tuple[str, str]] = set()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage not in ("resolve", "download") or (event.role, event.stage) in self.said:
+            return
+        self.said.add((event.role, event.stage))
+        if event.stage == "resolve":
+            line = f"{event.role}: {event.provider} {event.model} ..."
+        else:
+            line = f"{event.role}: {_FETCHING.get(event.provider, 'fetching')} ..."
+        print(terminal_safe(line, sys.stderr), file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -35,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             locked=args.locked,
             lock_path=args.lock_file,
+            progress=None if args.json else _StartLines(),
             show_progress=not (args.json or args.no_progress),
         )
     except (ConfigError, MissingExtraError) as err:
@@ -66,11 +98,12 @@ def _run(args: argparse.Namespace) -> int:
                 if plan is not None and plan.files
                 else ""
             )
-        row.append(entry.path or "")
+        if args.verbose:
+            row.append(entry.path or "")
         rows.append(row)
     headers = ["role", "provider", "model", "action", "revision", "size", "time"]
     headers += ["plan"] if report.dry_run else []
-    print_table([*headers, "path"], rows)
+    print_table([*headers, *(["path"] if args.verbose else [])], rows)
     for entry in report:
         if entry.error and entry.action != "exists":
             print(f"{entry.role}: {entry.action}: {entry.error}")
@@ -122,4 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lock-file", metavar="PATH", help="lock file (default: next to the manifest)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="add the folder of each install"
+    )
     parser.set_defaults(handler=_run)

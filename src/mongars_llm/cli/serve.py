@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
             embeddings_only=args.embeddings_only,
         )
         return 0
+    from ..server._http import uvicorn_options  # request heads bounded in size and time
+
     level = _uvicorn_log_level()
     if args.workers > 1:
         uvicorn.run(
@@ -154,12 +157,15 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             log_level=level,
+            **uvicorn_options(),
         )
         return 0
     from ..server import create_app
 
+    _announce_ready(args.host, args.port)
     app = create_app(settings, embeddings_only=args.embeddings_only or None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=level)
+    limits = uvicorn_options(app.state.mongars.config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=level, **limits)
     return 0
 
 
@@ -168,3 +174,36 @@ def _uvicorn_log_level() -> str:
 
     level = logging.getLogger("mongars_llm").getEffectiveLevel()
     return logging.getLevelName(min(level, logging.INFO)).lower()
+
+
+class _ReadyLine(logging.Handler):
+    """Prints ``ready on http://HOST:PORT`` on stderr when the model has loaded (the
+    ``server_ready`` event), whatever the log level."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(logging.INFO)
+        self.url = url
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "server_ready":
+            fields = getattr(record, "fields", {})
+            print(
+                f"mongars-llm: ready on {self.url} (model {fields.get('model')}, loaded in "
+                f"{fields.get('seconds')} s; Ctrl+C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _announce_ready(host: str, port: int) -> None:
+    """Let the ``server_ready`` event through to :class:`_ReadyLine` without showing the
+    other INFO logs: the handlers of ``mongars_llm`` keep the level asked for."""
+    parent = logging.getLogger("mongars_llm")
+    for handler in parent.handlers:
+        if handler.level == logging.NOTSET:
+            handler.setLevel(parent.getEffectiveLevel())
+    state_logger = logging.getLogger("mongars_llm.server")  # where server_ready is logged
+    if state_logger.getEffectiveLevel() > logging.INFO:
+        state_logger.setLevel(logging.INFO)
+    shown = f"[{host}]" if ":" in host else host
+    state_logger.addHandler(_ReadyLine(f"http://{shown}:{port}"))

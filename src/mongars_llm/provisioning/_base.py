@@ -13,7 +13,9 @@ A role with ``auto_download: false`` is resolved by ``resolve_local`` instead of
 
 Each step is a small overridable hook; most providers implement ``resolve``,
 ``fetch`` and ``verify`` only. A failure anywhere raises; the orchestrator
-turns it into a ``failed`` entry for that role alone.
+turns it into a ``failed`` entry for that role alone. A file-system error that a
+hook lets through (a path too long, a permission, a full disk) is re-raised as a
+:class:`~mongars_llm.errors.ProvisionError` naming the role, the file and the fix.
 
 Providers are found by name: built-ins, :func:`register_provider` from code, and
 the ``mongars_llm.providers`` entry point group of installed distributions.
@@ -21,15 +23,18 @@ the ``mongars_llm.providers`` entry point group of installed distributions.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MongarsError, ProvisionError
 from ._report import ProgressEvent, ProvisionEntry, ProvisionPlan
 
 if TYPE_CHECKING:
@@ -182,6 +187,10 @@ class Provider(ABC):
     # --------------------------------------------------------- template method
     def provision(self, request: ProvisionRequest) -> ProvisionEntry:
         """resolve → (exists | skipped | fetch → verify → install); raises on failure."""
+        with _file_errors_explained(request):
+            return self._provision(request)
+
+    def _provision(self, request: ProvisionRequest) -> ProvisionEntry:
         request.report("resolve")
         offline = not request.entry.auto_download  # never download, nor ask a server
         resolution = self.resolve_local(request) if offline else self.resolve(request)
@@ -249,8 +258,53 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
+#: longest file name made from a model name: with a suffix (``.lock``, ``.tmp-…-<8 hex>``)
+#: it stays under the 255 bytes file systems allow
+_MAX_NAME_BYTES = 200
+
+
 def _safe_name(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "--" if c == "/" else "_" for c in model)
+    """A file name for ``model``; a long one is cut and ends with a hash of the whole."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "--" if c == "/" else "_" for c in model)
+    encoded = safe.encode()
+    if len(encoded) <= _MAX_NAME_BYTES:
+        return safe
+    digest = hashlib.sha256(model.encode()).hexdigest()[:16]
+    head = encoded[: _MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
+
+
+_OS_ERROR_FIXES = {
+    errno.ENAMETOOLONG: (
+        "the path, or one name in it, is longer than the file system allows: shorten the "
+        "model's name or path in the manifest"
+    ),
+    errno.EACCES: (
+        "fix the permissions of that path, or set MONGARS_MODELS_DIR to a folder you can write"
+    ),
+    errno.EPERM: (
+        "fix the permissions of that path, or set MONGARS_MODELS_DIR to a folder you can write"
+    ),
+    errno.EROFS: "the file system is read-only: set MONGARS_MODELS_DIR to a writable folder",
+    errno.ENOSPC: "the disk is full: free space, or set MONGARS_MODELS_DIR to a larger disk",
+    errno.ELOOP: "a symbolic link in that path loops: fix or remove the link",
+}
+
+
+@contextlib.contextmanager
+def _file_errors_explained(request: ProvisionRequest) -> Iterator[None]:
+    """Re-raise a bare :class:`OSError` as a :class:`ProvisionError` naming the file and a fix."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, MongarsError) or err.errno is None:
+            raise
+        where = f": {err.filename}" if err.filename is not None else ""
+        fix = _OS_ERROR_FIXES.get(err.errno, "check that path, then provision again")
+        raise ProvisionError(
+            f"{err.strerror or err}{where} (role {request.role!r}, {request.entry.provider} "
+            f"model {request.model!r}); {fix}"
+        ) from err
 
 
 # ----------------------------------------------------------------- registry

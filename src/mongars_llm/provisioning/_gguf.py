@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 from .._fs import atomic_write_json, sha256_file
 from .._version import __version__
 from ..errors import ProvisionError
+from ..logging import log_event
 from ._staging import clear_work, replace_dir, staging_path
 
 __all__ = [
@@ -77,6 +78,7 @@ _STRING, _ARRAY = 8, 9
 # ggml tensor types that are plain floats (not block-quantised)
 _FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 28: "F64"}
 _MAX_STRING = 1 << 26  # a metadata string longer than 64 MiB means a corrupt header
+_MAX_NESTING = 16  # arrays of arrays: llama.cpp writes one level; deeper means a corrupt header
 
 
 @dataclass(frozen=True)
@@ -161,18 +163,20 @@ def _parse_header(path: Path, handle: BinaryIO) -> GgufHeader:
             raise ValueError(f"a metadata string of {length} bytes")
         return handle.read(length).decode("utf-8")
 
-    def skip_value(kind: int) -> None:
+    def skip_value(kind: int, depth: int = 0) -> None:
         if kind in _SCALARS:
             handle.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
         elif kind == _STRING:
             handle.seek(read("Q"), os.SEEK_CUR)
         elif kind == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise ValueError(f"metadata arrays nested more than {_MAX_NESTING} levels deep")
             inner, count = read("I"), read("Q")
             if inner in _SCALARS:
                 handle.seek(struct.calcsize(_SCALARS[inner]) * count, os.SEEK_CUR)
             else:
                 for _ in range(count):
-                    skip_value(inner)
+                    skip_value(inner, depth + 1)
         else:
             raise ValueError(f"unknown metadata value type {kind}")
 
@@ -397,12 +401,16 @@ def write_converted(
             **(extra or {}),
         },
     )
-    logger.info(
-        "gguf_import source=%s architecture=%s types=%s seconds=%s",
-        source,
-        header.architecture,
-        ",".join(header.tensor_types),
-        seconds,
+    log_event(
+        logger,
+        "gguf_import",
+        logging.INFO,
+        source=str(source),
+        architecture=header.architecture,
+        types=",".join(header.tensor_types),
+        dtype=dtype,
+        bytes=total,
+        seconds=seconds,
     )
     return GgufConversion(
         path=folder,
@@ -430,16 +438,40 @@ def _convert(source: Path, folder: Path, dtype: str) -> None:
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
+    # the tokenizer first: a broken chat template fails before the slow conversion
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    _check_template(tokenizer, source)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), **kwargs)
     _drop_quantization_markers(model)
     model.config.name_or_path = source.stem
     model.save_pretrained(folder, safe_serialization=True)
     del model
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     if not isinstance(config, dict) or "quantization_config" in config:
         raise ProvisionError(f"the converted config.json in {folder} still names a quantisation")
+
+
+def _check_template(tokenizer: Any, source: Path) -> None:
+    """Test-render the file's chat template(s) within bounds (a loop or a huge string
+    in a template would otherwise freeze the server on its first chat request)."""
+    from .._chat_template import ChatTemplateError, check_chat_template
+
+    templates = tokenizer.chat_template
+    if isinstance(templates, str):
+        templates = {"default": templates}
+    variables = dict(getattr(tokenizer, "special_tokens_map", None) or {})
+    for name, template in (templates or {}).items():
+        if not isinstance(template, str):
+            continue
+        try:
+            check_chat_template(template, **variables)
+        except ChatTemplateError as err:
+            which = "" if name == "default" else f" {name!r}"
+            raise ProvisionError(
+                f"{source}: its chat template{which} is broken: {err.reason}; fix: correct "
+                "tokenizer.chat_template in the file's metadata, or use another file"
+            ) from err
 
 
 def _drop_quantization_markers(model: Any) -> None:
@@ -461,7 +493,7 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     """The conversion marker of ``folder``, or ``None`` when it is not a finished import."""
     try:
         data = json.loads((folder / GGUF_MARKER_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != "gguf":
         return None

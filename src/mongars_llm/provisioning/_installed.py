@@ -83,15 +83,24 @@ class InstalledModel:
     roles: tuple[str, ...] = field(default=())
 
     @property
+    def name(self) -> str:
+        """A short name for listings: ``model``, or the file name of a converted GGUF
+        (its full path is ``source``)."""
+        if self.provider == "local" and self.source and self.model == self.source:
+            return Path(self.source).name
+        return self.model
+
+    @property
     def label(self) -> str:
-        """``model@revision`` with the revision shortened to 12 characters."""
-        return f"{self.model}@{self.revision[:12]}" if self.revision else self.model
+        """``name@revision`` with the revision shortened to 12 characters."""
+        return f"{self.name}@{self.revision[:12]}" if self.revision else self.name
 
     def to_dict(self) -> dict[str, Any]:
         from .._fs import human_bytes
 
         return {
             "model": self.model,
+            "name": self.name,
             "provider": self.provider,
             "revision": self.revision,
             "roles": list(self.roles),

@@ -22,6 +22,12 @@ and ``digest``/``total``/``completed`` while layers download; a line with
 (``GET /api/tags``) but whose store this process cannot see (a daemon on another
 machine) stays daemon-side: ``path`` is ``None`` and ``revision`` the daemon's
 digest, and the runtime cannot load it.
+
+What comes from the store or the daemon is read with bounds: a manifest must be
+a regular file of at most :attr:`OllamaProvider.max_manifest_bytes` (a named
+pipe is refused without a blocking open), a progress line at most
+:attr:`~OllamaProvider.max_line_bytes`, the model list at most
+:attr:`~OllamaProvider.max_tags_bytes`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import json
 import os
 import re
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +55,9 @@ DEFAULT_REGISTRY = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+#: Ollama's own limits on each part of a name (its types/model/name.go); a registry
+#: host is held to what a DNS name and a file name allow
+_PART_LIMITS = (("registry host", 253), ("namespace", 80), ("model", 80), ("tag", 80))
 
 
 def ollama_store() -> Path:
@@ -62,47 +73,77 @@ class OllamaProvider(Provider):
     #: seconds to connect / between two progress lines of a pull
     connect_timeout: ClassVar[float] = 5.0
     read_timeout: ClassVar[float] = 600.0
+    #: longest line of a pull's progress stream (Ollama's are about 200 bytes)
+    max_line_bytes: ClassVar[int] = 1 << 20
+    #: largest ``GET /api/tags`` answer (about 400 bytes a model)
+    max_tags_bytes: ClassVar[int] = 16 << 20
+    #: largest manifest in the store (Ollama's are about 1 KB)
+    max_manifest_bytes: ClassVar[int] = 1 << 20
 
     def cache_key(self, request: ProvisionRequest) -> tuple[Any, ...]:
         return (request.settings.ollama_host, str(ollama_store()))
 
     def lock_name(self, request: ProvisionRequest) -> str | None:
+        name_parts(request.model)  # a bad name fails before any file is made for it
         return f"ollama/{_safe_name(self.model_name(request.model))}"
 
     # ------------------------------------------------------------ the store on disk
     @staticmethod
     def manifest_path(name: str, store: Path | None = None) -> Path:
         """Where Ollama's store keeps the manifest of ``name`` (``model[:tag]``)."""
-        full = OllamaProvider.model_name(name)
-        path, _, tag = full.rpartition(":")
-        parts = path.split("/")
-        if len(parts) == 1:
-            parts = [DEFAULT_REGISTRY, DEFAULT_NAMESPACE, *parts]
-        elif len(parts) == 2:
-            parts = [DEFAULT_REGISTRY, *parts]
-        parts.append(tag)
-        if not all(_PART.match(p) for p in parts):
-            raise ProvisionError(
-                f"{name!r} is not an Ollama model name; write name[:tag] or namespace/name[:tag] "
-                "(e.g. smollm2:135m)"
-            )
+        parts = name_parts(name)
         store = store or ollama_store()
         return ensure_within(
-            store / "manifests", store.joinpath("manifests", *parts), error=ProvisionError
+            store / "manifests",
+            store.joinpath("manifests", *parts),
+            what="Ollama's manifest",
+            action="read",
+            error=ProvisionError,
+            fix=(
+                "remove that link and pull the model again "
+                f"(`ollama pull {OllamaProvider.model_name(name)}`)"
+            ),
         )
+
+    def _read_manifest(self, manifest: Path, name: str) -> Any:
+        """The JSON of a manifest in the store; ``FileNotFoundError`` when there is none.
+
+        The file is opened without blocking (a named pipe would wait for a writer)
+        and must be a regular file of at most :attr:`max_manifest_bytes`.
+        """
+        fix = f"remove it and pull the model again (`ollama pull {name}`)"
+        fd = os.open(manifest, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ProvisionError(
+                    f"Ollama's manifest {manifest} for {name} is not a regular file; {fix}"
+                )
+            data = handle.read(self.max_manifest_bytes + 1)
+        if len(data) > self.max_manifest_bytes:
+            raise ProvisionError(
+                f"Ollama's manifest {manifest} for {name} is larger than "
+                f"{self.max_manifest_bytes >> 20} MiB, so not a manifest; {fix}"
+            )
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as err:
+            detail = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise ProvisionError(
+                f"Ollama's manifest {manifest} for {name} is not valid JSON ({detail}); {fix}"
+            ) from err
 
     def _stored_blob(self, request: ProvisionRequest, name: str) -> tuple[Path, str] | None:
         """The GGUF blob of ``name`` in the store and its sha256, or ``None`` when absent."""
         store = ollama_store()
         manifest = self.manifest_path(name, store)
         try:
-            document = json.loads(manifest.read_text())
+            document = self._read_manifest(manifest, name)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as err:
+        except OSError as err:
             raise ProvisionError(
-                f"Ollama's manifest {manifest} for {name} cannot be read ({err}); pull the model "
-                "again (`ollama pull`)"
+                f"Ollama's manifest {manifest} for {name} cannot be read ({err.strerror or err}); "
+                f"check its permissions, or pull the model again (`ollama pull {name}`)"
             ) from err
         layers = document.get("layers") if isinstance(document, dict) else None
         digests = [
@@ -123,6 +164,11 @@ class OllamaProvider(Provider):
                 "digest"
             )
         blob = store / "blobs" / f"sha256-{hex_digest}"
+        if blob.exists() and not blob.is_file():
+            raise ProvisionError(
+                f"Ollama's store {store} lists {name} but its blob {blob} is not a regular file; "
+                f"remove it and pull the model again (`ollama pull {name}`)"
+            )
         if not blob.is_file():
             raise ProvisionError(
                 f"Ollama's store {store} lists {name} but its blob {blob.name} is missing; pull "
@@ -181,21 +227,27 @@ class OllamaProvider(Provider):
     def _tags(self, request: ProvisionRequest) -> dict[str, dict[str, Any]]:
         import httpx
 
+        host = request.settings.ollama_host
         try:
-            with self._client(request) as client:
-                response = client.get("/api/tags")
-                response.raise_for_status()
-                payload = response.json()
+            with self._client(request) as client, client.stream("GET", "/api/tags") as response:
+                if response.status_code >= 400:
+                    raise ProvisionError(
+                        f"Ollama at {host} answered {response.status_code} to GET /api/tags; is "
+                        "OLLAMA_HOST an Ollama daemon?"
+                    )
+                body = _read_bounded(response, self.max_tags_bytes)
+                if body is None:
+                    raise ProvisionError(
+                        f"Ollama at {host} answered GET /api/tags with more than "
+                        f"{self.max_tags_bytes >> 20} MiB; is OLLAMA_HOST an Ollama daemon?"
+                    )
+                payload = json.loads(body)
         except httpx.TransportError as err:
             raise self._unreachable(request, err) from err
-        except httpx.HTTPStatusError as err:
+        except (ValueError, RecursionError) as err:
             raise ProvisionError(
-                f"Ollama at {request.settings.ollama_host} answered {err.response.status_code} to "
-                "GET /api/tags; is OLLAMA_HOST an Ollama daemon?"
-            ) from err
-        except ValueError as err:
-            raise ProvisionError(
-                f"Ollama at {request.settings.ollama_host} sent invalid JSON for /api/tags"
+                f"Ollama at {host} sent invalid JSON for /api/tags; is OLLAMA_HOST an Ollama "
+                "daemon?"
             ) from err
         models = payload.get("models") if isinstance(payload, dict) else None
         if not isinstance(models, list):
@@ -310,19 +362,27 @@ class OllamaProvider(Provider):
                 ) as response,
             ):
                 if response.status_code >= 400:
-                    body = response.read().decode(errors="replace")
+                    body = _read_bounded(response, 64 << 10, cut=True) or b""
                     raise ProvisionError(
                         f"ollama pull {name} failed: HTTP {response.status_code}: "
-                        f"{_error_text(body)}"
+                        f"{_error_text(body.decode(errors='replace'))}"
                     )
-                for line in response.iter_lines():
+                for line in _bounded_lines(response, self.max_line_bytes):
+                    if line is None:
+                        raise ProvisionError(
+                            f"ollama pull {name}: the daemon at {request.settings.ollama_host} "
+                            f"sent a progress line longer than {self.max_line_bytes >> 20} MiB; "
+                            "is OLLAMA_HOST an Ollama daemon?"
+                        )
                     if not line.strip():
                         continue
                     try:
                         event = json.loads(line)
-                    except ValueError as err:
+                    except (ValueError, RecursionError) as err:
+                        shown = line[:200].decode(errors="replace")
                         raise ProvisionError(
-                            f"ollama pull {name}: invalid progress line {line[:200]!r}"
+                            f"ollama pull {name}: invalid progress line {shown!r} from "
+                            f"{request.settings.ollama_host}; is OLLAMA_HOST an Ollama daemon?"
                         ) from err
                     if not isinstance(event, dict):
                         continue
@@ -396,9 +456,68 @@ class OllamaProvider(Provider):
         )
 
 
+def name_parts(name: str) -> list[str]:
+    """``name`` as the folders of its manifest: registry host, namespace, model, tag."""
+    full = OllamaProvider.model_name(name)
+    path, _, tag = full.rpartition(":")
+    parts = path.split("/")
+    if len(parts) == 1:
+        parts = [DEFAULT_REGISTRY, DEFAULT_NAMESPACE, *parts]
+    elif len(parts) == 2:
+        parts = [DEFAULT_REGISTRY, *parts]
+    parts.append(tag)
+    if len(parts) != len(_PART_LIMITS) or not all(_PART.match(p) for p in parts):
+        raise ProvisionError(
+            f"{name!r} is not an Ollama model name; write name[:tag] or namespace/name[:tag] "
+            "(e.g. smollm2:135m): fix the name in the manifest"
+        )
+    for part, (kind, limit) in zip(parts, _PART_LIMITS, strict=True):
+        if len(part) > limit:
+            raise ProvisionError(
+                f"{name!r} is not an Ollama model name: its {kind} part is {len(part)} "
+                f"characters long and Ollama allows at most {limit}; fix the name in the manifest"
+            )
+    return parts
+
+
+def _read_bounded(response: Any, limit: int, *, cut: bool = False) -> bytes | None:
+    """A streamed body of at most ``limit`` bytes; ``None`` (or its start, ``cut``) if longer."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]) if cut else None
+    return bytes(body)
+
+
+def _bounded_lines(response: Any, limit: int) -> Iterator[bytes | None]:
+    """The lines of a streamed body; ``None`` (then nothing) for a line over ``limit`` bytes.
+
+    Unlike ``iter_lines``, a line is never held beyond the limit, however long the
+    daemon makes it.
+    """
+    pending = bytearray()
+    for chunk in response.iter_bytes():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pending += chunk[start:end]
+            if len(pending) > limit:
+                yield None
+                return
+            yield bytes(pending)
+            pending.clear()
+            start = end + 1
+        pending += chunk[start:]
+        if len(pending) > limit:
+            yield None
+            return
+    if pending:
+        yield bytes(pending)
+
+
 def _error_text(body: str) -> str:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body[:300]
     return str(data.get("error", data)) if isinstance(data, dict) else body[:300]

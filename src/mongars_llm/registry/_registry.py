@@ -36,6 +36,8 @@ __all__ = ["MANIFEST_NAME", "AdapterRegistry", "digest_tree"]
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+#: the files of an adapter folder that loaders read: each must have a recorded digest
+LOADED_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 LOCK_NAME = ".manifest.json.lock"
 
 
@@ -126,13 +128,38 @@ class AdapterRegistry:
             entry = self.get(entry)
         return entry.resolve_path(self.path)
 
-    def verify(self, entry: RegistryEntry | str | int) -> None:
-        """Check the adapter files against the digests recorded at registration."""
+    def verify(self, entry: RegistryEntry | str | int) -> Path:
+        """Check the adapter files against the digests recorded at registration; return
+        the adapter directory, ready to load.
+
+        Every checksum key must name a file inside the adapter folder; a relative
+        ``path`` must stay inside the registry folder; and the files a loader reads
+        (:data:`LOADED_FILES`) must all be covered by a digest, so a hand-edited
+        manifest cannot drop the check of the weights it swapped.
+        """
         if not isinstance(entry, RegistryEntry):
             entry = self.get(entry)
+        where = f"{self.manifest_path}: adapter version {entry.version}"
         root = entry.resolve_path(self.path)
+        if not Path(entry.path).is_absolute() and not root.is_relative_to(self.path.resolve()):
+            raise RegistryError(
+                f"{where}: path {entry.path!r} leads outside the registry folder {self.path}; "
+                "a relative adapter path must stay inside it (the manifest was edited or "
+                "damaged: restore it, or register the adapter again)"
+            )
         # every key is checked before any file is read: none may point outside the folder
         files = {rel: self._file_in(root, rel, entry.version) for rel in entry.sha256}
+        unchecked = [
+            name
+            for name in LOADED_FILES
+            if name not in entry.sha256 and (root / name).is_file() and root.is_dir()
+        ]
+        if unchecked:
+            raise RegistryError(
+                f"{where}: {', '.join(unchecked)} in {root} has no recorded digest, so it "
+                "cannot be checked before it loads; register the adapter again (the digests "
+                "are computed at registration)"
+            )
         for rel, expected in entry.sha256.items():
             file = files[rel]
             if not file.is_file():
@@ -143,6 +170,7 @@ class AdapterRegistry:
                     f"adapter version {entry.version}: {file} has sha256 {actual}, the registry "
                     f"recorded {expected}; the file changed after registration"
                 )
+        return root
 
     # ----------------------------------------------------------------- writers
     def register(

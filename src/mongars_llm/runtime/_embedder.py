@@ -51,6 +51,7 @@ from ._llm2vec import (
     check_pooling,
     normalise_inputs,
 )
+from ._params import check_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -246,6 +247,10 @@ class Embedder:
             )
         except EmbeddingInputError as err:
             raise library_error(err) from err
+        if instruction is not None:
+            check_text(instruction, "instruction")
+        for index, (prefix, text) in enumerate(items):  # prefix: a pair's instruction
+            check_text(prefix + text, f"texts[{index}]")
         adapters = self._adapters.resolve(options.adapter, "embed")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("llm_embed texts=%r", items)
@@ -296,7 +301,10 @@ class Embedder:
 
     def submit(self, request: EmbedRequest) -> Future[np.ndarray]:
         """Queue a request; the future gets its ``(n, hidden_size)`` float32 vectors."""
-        return self._batcher.submit(_Queued(request=request))
+        queued = _Queued(request=request)  # prepare() pinned its adapters until it is done
+        return self._adapters.submit_pinned(
+            request.params.adapters, lambda: self._batcher.submit(queued)
+        )
 
     # ------------------------------------------------------------------- worker
     def _encode(self, request: EmbedRequest) -> list[EncodedText]:
@@ -305,7 +313,7 @@ class Embedder:
         with self._tokenizer_lock:
             return encode_inputs(
                 self._tokenizer,
-                request.items,
+                self._bounded(request),
                 pooling=request.params.pooling,
                 max_length=self.max_length,
                 truncate=request.truncate,
@@ -314,6 +322,32 @@ class Embedder:
                 span=self._span,
                 doc_max_length=self._doc_max_length,
             )
+
+    def _bounded(self, request: EmbedRequest) -> tuple[tuple[str, str], ...]:
+        """The items with each text far over ``max_length`` cut to a prefix still over it
+        (its first tokens are the same), or refused without ``truncate``: a long text
+        costs a few times what the limit allows to tokenise, not its whole length
+        (:mod:`._bounds`). Called with the tokenizer lock held."""
+        from ._bounds import over_limit_prefix
+
+        def count(text: str) -> int:
+            return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        items = list(request.items)
+        for index, (instruction, text) in enumerate(items):
+            over = over_limit_prefix(count, text, self.max_length)
+            if over is None:
+                continue
+            if not request.truncate:
+                raise EmbeddingInputError(
+                    f"texts[{index}] has more than max_length={self.max_length} tokens (its "
+                    f"first {over[0]} characters alone hold {over[1]}); shorten it, raise "
+                    "max_length or pass truncate=True",
+                    code="input_too_long",
+                    param="texts",
+                )
+            items[index] = (instruction, text[: over[0]])
+        return tuple(items)
 
     def _run_batch(self, queued: list[_Queued]) -> None:
         """Embed one micro-batch of requests that share their :class:`EmbedParams`."""

@@ -4,7 +4,10 @@
 it fills the arguments a call left unset from its role's defaults
 (:class:`~._params.RoleDefaults`), clamps ``max_new_tokens`` to
 ``settings.model.max_new_tokens``, picks the adapters, tokenises the prompt and
-checks its length, and queues the request on its micro-batcher. Requests with
+checks its length, and queues the request on its micro-batcher. The async API
+passes ``defer=True``: then the chat template is rendered and the prompt
+tokenised on a small thread pool, never on the event loop (a 200,000-character
+prompt takes tens of milliseconds to tokenise). Requests with
 the same adapters and sampling settings (:class:`~._decoding.SamplingKey`) are
 run together as one ``model.generate`` call (:func:`~._decoding.run_generation`),
 which logs one ``llm_generate`` event per micro-batch. Torch is imported only
@@ -16,11 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GenerationError, InputTooLongError
+from ..errors import GenerationError, InputTooLongError, RuntimeClosedError
 from ..logging import log_event
 from ._batching import BatchStats, MicroBatcher, Pending
 from ._params import RoleResolver, SamplingParams
@@ -32,6 +35,22 @@ if TYPE_CHECKING:
 __all__ = ["Generator"]
 
 logger = logging.getLogger("mongars_llm.runtime")
+
+
+#: threads that render and tokenise the prompts of async calls
+_PREPARE_THREADS = 2
+
+
+def _copy_outcome(source: Future[Generation], target: Future[Generation]) -> None:
+    """Hand the batcher's outcome to the future the caller holds."""
+    if source.cancelled():
+        target.set_exception(GenerationError("the generation was cancelled"))
+        return
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 @dataclass
@@ -68,6 +87,8 @@ class Generator:
             max_size=settings.model.max_batch_size,
             wait_s=settings.model.batch_wait_ms / 1000.0,
         )
+        # async callers' prompts are rendered and tokenised here, off the event loop
+        self._preparer = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="mongars-prepare")
 
     @property
     def stats(self) -> BatchStats:
@@ -75,17 +96,20 @@ class Generator:
 
     def close(self) -> None:
         """Stop the worker; queued requests fail with ``RuntimeClosedError``."""
+        self._preparer.shutdown(wait=False)
         self._batcher.close()
 
     def count_tokens(self, prompt_or_messages: Any) -> int:
         """Tokens the model reads for a prompt string or chat messages."""
         from ._decoding import messages_to_prompt_ids
 
-        with self._tokenizer_lock:
-            if isinstance(prompt_or_messages, str):
+        if isinstance(prompt_or_messages, str):
+            with self._tokenizer_lock:
                 ids = self._tokenizer(prompt_or_messages, add_special_tokens=True)["input_ids"]
-                return len(ids)
-            return len(messages_to_prompt_ids(self._tokenizer, prompt_or_messages))
+            return len(ids)
+        return len(
+            messages_to_prompt_ids(self._tokenizer, prompt_or_messages, lock=self._tokenizer_lock)
+        )
 
     def submit(
         self,
@@ -94,10 +118,41 @@ class Generator:
         *,
         role: str | None = None,
         stream: GenerationStream | None = None,
+        defer: bool = False,
     ) -> Future[Generation]:
-        """Queue one generation; the future (and ``stream``) get its result or error."""
-        request = self._prepare(prompt_or_messages, params, role=role, stream=stream)
-        return self._batcher.submit(request)
+        """Queue one generation; the future (and ``stream``) get its result or error.
+
+        With ``defer=True`` (the async API) the prompt is rendered, checked and
+        tokenised on a worker thread, not the caller's (an event loop), and
+        its errors reach the future and the stream instead of being raised.
+        """
+        if not defer:
+            return self._queue(self._prepare(prompt_or_messages, params, role=role, stream=stream))
+        outer: Future[Generation] = Future()
+
+        def prepare_and_queue() -> None:
+            if not outer.set_running_or_notify_cancel():
+                return  # the caller gave up while the request waited for a thread
+            try:
+                request = self._prepare(prompt_or_messages, params, role=role, stream=stream)
+                inner = self._queue(request)
+            except BaseException as err:
+                if stream is not None:
+                    stream._finish(None, err)
+                outer.set_exception(err)
+                return
+            inner.add_done_callback(lambda done: _copy_outcome(done, outer))
+
+        try:
+            self._preparer.submit(prepare_and_queue)
+        except RuntimeError as err:  # closed meanwhile
+            raise RuntimeClosedError("this runtime is closed; build or fetch a new one") from err
+        return outer
+
+    def _queue(self, request: _GenerateRequest) -> Future[Generation]:
+        return self._adapters.submit_pinned(
+            request.sampling.mode, lambda: self._batcher.submit(request)
+        )
 
     # ------------------------------------------------------------------ request
     def _prepare(
@@ -110,23 +165,24 @@ class Generator:
     ) -> _GenerateRequest:
         from ._decoding import RowState, SamplingKey, messages_to_prompt_ids
 
-        mode: tuple[str, ...] | None = None
+        among: tuple[str, ...] | None = None  # a role's own adapters, when it lists some
         if role is not None:
             defaults = self._roles(role)
             params = params.with_defaults(defaults.parameters)
-            if params.adapter is None and defaults.adapters is not None:
-                loaded = self._adapters.names
-                mode = tuple(name for name in defaults.adapters if name in loaded)
-        if mode is None:
-            mode = self._adapters.resolve(params.adapter, "generate")
+            if params.adapter is None:
+                among = defaults.adapters
         bound = self._max_new_tokens
         max_new_tokens = min(params.max_new_tokens or bound, bound)
         if params.temperature is not None:
             do_sample = params.temperature > 0
         else:
             do_sample = bool(getattr(self._model.generation_config, "do_sample", False))
-        with self._tokenizer_lock:
-            prompt_ids = messages_to_prompt_ids(self._tokenizer, prompt_or_messages)
+        prompt_ids = messages_to_prompt_ids(
+            self._tokenizer,
+            prompt_or_messages,
+            lock=self._tokenizer_lock,
+            max_tokens=self._max_length,
+        )
         if len(prompt_ids) > self._max_length:
             raise InputTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
@@ -140,6 +196,8 @@ class Generator:
             stop=tuple(params.stop or ()),
             stream=stream,
         )
+        # last, after everything that can raise: the mode stays pinned until the call ends
+        mode = self._adapters.resolve(params.adapter, "generate", among=among)
         key = SamplingKey(
             mode=mode,
             do_sample=do_sample,

@@ -5,7 +5,7 @@ adapter arguments (:func:`adapter_specs`), a provisioned local copy of a Hub
 model, and LLM2Vec layouts (an MNTP adapter folder naming its base model, and
 ``llm2vec_config.json`` defaults), all in one place. :func:`plan_load` decides
 *how* (device, dtype, quantisation), :func:`load_causal_lm` loads the model
-and tokenizer, :func:`use_cpu_threads` sets torch's CPU threads.
+and tokenizer, :func:`use_cpu_threads` sets torch's CPU threads when asked to.
 
 Precision follows DESIGN §3: NF4/FP4 4-bit (bitsandbytes, all four ``bnb_4bit_*``
 settings) when CUDA is present and enabled; otherwise bf16 on CPUs with native
@@ -43,6 +43,7 @@ __all__ = [
     "cpu_supports_bf16",
     "detect_llm2vec_layout",
     "load_causal_lm",
+    "no_loading_bars",
     "plan_load",
     "resolve_checkpoint",
     "use_cpu_threads",
@@ -91,31 +92,24 @@ def usable_cpus() -> int:
 
 
 def choose_cpu_threads(requested: int | None) -> tuple[int | None, str]:
-    """Torch CPU threads for the model, and why: ``(None, why)`` keeps torch's setting.
+    """Torch CPU threads for the model, and why: ``(None, why)`` leaves torch's setting alone.
 
-    ``requested`` is ``settings.model.cpu_threads``: a number is used as is and
-    ``0`` keeps torch's own default (one thread per core). Unset, the thread
-    count is left alone when ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` says what
-    the user wants; otherwise it is one less than the usable CPUs (at least 1,
-    at most torch's default). Decoding is bound by memory bandwidth, so the
-    last core gains little, while an OpenMP thread that has to share its core
-    with the tokenizer, the HTTP server or another process stalls every matrix
-    product: on a 2-core VM shared with other jobs one thread decoded
-    SmolLM2-135M several times faster than two (docs/performance.md).
+    ``requested`` is ``settings.model.cpu_threads``. A number is set (torch's
+    thread count is process-wide, so it applies to the whole process). Unset
+    (or ``0``), the library leaves torch's thread count as it is: torch's
+    default (one per core, or ``OMP_NUM_THREADS``), or whatever the caller set
+    with ``torch.set_num_threads``. A library does not change process-wide
+    state unless asked. ``mongars-llm serve`` keeps torch's default too:
+    docs/performance.md#threads has the measurements, and when fewer threads
+    serve more (clients on the same cores).
     """
     if requested:
         return requested, f"{requested} (settings.model.cpu_threads)"
-    if requested == 0:
-        return None, f"{torch.get_num_threads()} (torch's default: settings.model.cpu_threads=0)"
+    current = torch.get_num_threads()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(name, "").strip():
-            return None, f"{torch.get_num_threads()} (torch's, from {name}={os.environ[name]})"
-    cpus = usable_cpus()
-    threads = max(1, min(torch.get_num_threads(), cpus - 1))
-    return threads, (
-        f"{threads} (auto: {cpus} usable CPU(s), one left for the rest of the process; "
-        "set MONGARS_MODEL__CPU_THREADS to choose)"
-    )
+            return None, f"torch default ({current}), from {name}={os.environ[name]}"
+    return None, f"torch default ({current})"
 
 
 def _parse_dtype(value: Any) -> torch.dtype | None:
@@ -256,7 +250,8 @@ def plan_load(
 
 
 def use_cpu_threads(plan: LoadPlan, settings: Settings) -> None:
-    """On a CPU plan, set torch's thread count (:func:`choose_cpu_threads`); noted in the plan."""
+    """On a CPU plan, set torch's thread count when the settings ask for one
+    (:func:`choose_cpu_threads`); the count is noted in the plan either way."""
     if plan.device.startswith("cuda"):
         return
     threads, why = choose_cpu_threads(settings.model.cpu_threads)
@@ -471,6 +466,9 @@ def load_causal_lm(
         model.to(plan.device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
+    from ._decoding import check_tokenizer_template
+
+    check_tokenizer_template(tokenizer, source)  # a broken one fails here, not on a request
     if tokenizer.pad_token_id is None:
         # LLM2Vec and most decoder-only recipes pad with EOS; padded positions are masked.
         tokenizer.pad_token = tokenizer.eos_token
@@ -492,20 +490,32 @@ QUIET_LOAD_BYTES = 2 * 1024**3
 
 
 @contextlib.contextmanager
-def _quiet_loading_bars(source: str) -> Iterator[None]:
+def no_loading_bars() -> Iterator[None]:
+    """No transformers/Hub bars ("Loading weights", "Writing model shards") meanwhile;
+    the caller's setting is restored after."""
     from transformers.utils import logging as hf_logging
 
-    folder = Path(source).expanduser()
-    if not folder.is_dir() or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    weights += sum(p.stat().st_size for p in folder.glob("*.bin"))
-    if weights >= QUIET_LOAD_BYTES:
-        yield
-        return
-    hf_logging.disable_progress_bar()
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        hf_logging.enable_progress_bar()
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars(source: str) -> Iterator[None]:
+    """:func:`no_loading_bars` for a local model under :data:`QUIET_LOAD_BYTES`."""
+    folder = Path(source).expanduser()
+    weights = 0
+    if folder.is_dir():
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        weights += sum(p.stat().st_size for p in folder.glob("*.bin"))
+    with (
+        no_loading_bars()
+        if folder.is_dir() and weights < QUIET_LOAD_BYTES
+        else contextlib.nullcontext()
+    ):
+        yield

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "RoleDefaults",
     "RoleResolver",
     "SamplingParams",
+    "check_text",
 ]
 
 #: the smallest temperature that still samples: below it the logits overflow (0 is greedy)
@@ -38,8 +40,27 @@ MIN_TEMPERATURE = 1e-5
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+#: a lone UTF-16 surrogate: never part of valid text in a Python str
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _fail(param: str, message: str) -> InvalidInputError:
     return InvalidInputError(message, param=param)
+
+
+def check_text(value: str, param: str) -> str:
+    """``value``, or :class:`InvalidInputError` when it holds a lone UTF-16 surrogate:
+    not text a tokenizer can read (bytes that were not UTF-8, as Python decodes them
+    from stdin or ``os.fsdecode``; a lone ``\\ud800`` escape in JSON)."""
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise _fail(
+            param,
+            f"{param} holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x}) at "
+            f"character {found.start()}, which is not valid Unicode text: decode the input "
+            "as UTF-8 (bytes that are not UTF-8 become such surrogates)",
+        )
+    return value
 
 
 def _integer(name: str, value: Any, *, low: int, high: int | None = None) -> int | None:

@@ -29,7 +29,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import InvalidInputError, ModelLoadError, RuntimeClosedError
+from ..errors import (
+    AdapterNotFoundError,
+    InvalidInputError,
+    ModelLoadError,
+    RuntimeClosedError,
+)
 from ..logging import log_event
 from ._embedder import EmbedDefaults, Embedder, EmbedOptions
 from ._generator import Generator
@@ -339,13 +344,33 @@ class UnifiedLLMRuntime:
     def load_adapter(self, name: str, path: str | Path, *, use: str = "all") -> None:
         """Add a LoRA adapter; ``use`` says which calls activate it by default:
         ``"all"``, ``"generate"``, ``"embed"``, or ``"explicit"`` (only calls that name it).
-        Calls in flight finish first."""
+        Calls in flight finish first. A local folder is checked against the model before
+        anything is allocated (target modules, rank, tensor shapes: ``load_failed``)."""
         self._check_open()
         self._adapters.load(name, path, use=use)
 
     def unload_adapter(self, name: str) -> None:
+        """Remove an adapter: new calls no longer see it; calls that already chose it
+        (queued or running) keep it until they finish, then its layers are freed."""
         self._check_open()
         self._adapters.unload(name)
+
+    def adapter_use(self, name: str) -> str:
+        """The ``use`` of a loaded adapter (``all``, ``generate``, ``embed``, ``explicit``)."""
+        try:
+            return self._adapters.use_of(name)
+        except KeyError:
+            raise AdapterNotFoundError(
+                f"adapter {name!r} is not loaded; loaded adapters: "
+                f"{', '.join(self.adapter_names) or '(none)'}"
+            ) from None
+
+    def set_adapter_uses(self, uses: Mapping[str, str]) -> None:
+        """Change the ``use`` of loaded adapters in one step (``{"v2": "all", "v1":
+        "explicit"}`` promotes v2 over v1): every call sees either the old defaults or the
+        new ones, never both versions or neither."""
+        self._check_open()
+        self._adapters.set_uses(uses)
 
     # ---------------------------------------------------------------- utilities
     @property
@@ -374,13 +399,18 @@ class UnifiedLLMRuntime:
         prompt_or_messages: Any,
         options: Mapping[str, Any],
         stream: GenerationStream | None = None,
+        *,
+        defer: bool = False,
     ) -> Future[Generation]:
         """Queue one generation from ``role`` + sampling keyword arguments (an unknown
-        name is a ``TypeError``, as for :meth:`generate`)."""
+        name is a ``TypeError``, as for :meth:`generate`); ``defer``: prepare the
+        prompt on a worker thread (the async API)."""
         role = options.get("role")
         params = SamplingParams.from_kwargs({k: v for k, v in options.items() if k != "role"})
         self._check_open()
-        return self._generator.submit(prompt_or_messages, params, role=role, stream=stream)
+        return self._generator.submit(
+            prompt_or_messages, params, role=role, stream=stream, defer=defer
+        )
 
     def generate(
         self,
@@ -435,13 +465,14 @@ class UnifiedLLMRuntime:
 
     async def agenerate(self, prompt_or_messages: Any, **kwargs: Any) -> Generation:
         """:meth:`generate` without blocking the event loop (micro-batched with others)."""
-        future = self._submit(prompt_or_messages, kwargs)
+        future = self._submit(prompt_or_messages, kwargs, defer=True)
         return cast(Generation, await asyncio.wrap_future(future))
 
     def astream(self, prompt_or_messages: Any, **kwargs: Any) -> AsyncGenerationStream:
         """Async iterator of text deltas; ``.result`` holds the final Generation after it."""
         loop = asyncio.get_running_loop()
-        stream = self.stream(prompt_or_messages, **kwargs)
+        stream = GenerationStream()
+        self._submit(prompt_or_messages, kwargs, stream, defer=True)
         async_stream = AsyncGenerationStream(stream, loop)
         threading.Thread(target=async_stream._pump, name="mongars-astream", daemon=True).start()
         return async_stream

@@ -137,6 +137,7 @@ def _health_router() -> APIRouter:
                 model=runtime.model_id,
                 embeddings_only=state.embeddings_only,
                 adapters=state.adapter_names(),
+                registry=state.watcher.status() if state.watcher is not None else None,
             )
         failed = state.load_error is not None
         body = ReadyResponse(

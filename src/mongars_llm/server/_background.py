@@ -37,14 +37,25 @@ def serve_in_background(
     """Serve ``app`` on ``host:port`` (port 0: a free one) until the block exits.
 
     The lifespan runs (startup before the block, shutdown after it); the
-    server stops by itself when the block exits, even on an exception.
+    server stops by itself when the block exits, even on an exception. Request
+    heads are bounded as by ``mongars-llm serve`` (:mod:`._http`), per the
+    app's :class:`~._config.ServerConfig` when it is one of ours.
     """
     uvicorn = require("uvicorn", "serve", feature="the HTTP server")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    from ._http import uvicorn_options
+
+    state = getattr(getattr(app, "state", None), "mongars", None)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        **uvicorn_options(getattr(state, "config", None)),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="mongars-uvicorn", daemon=True

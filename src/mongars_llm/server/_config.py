@@ -52,6 +52,19 @@ class ServerConfig(SettingsErrorsMixin, BaseSettings):
     max_headers: int = Field(
         100, ge=8, description="Most header fields in one request (431 beyond)."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time to receive a request's line and headers, counted from the "
+        "connection's opening or its previous response; a client that sends them slower gets "
+        "408 and its connection is closed (an idle connection is closed quietly).",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most open client connections; one more is answered 503 and closed at once. "
+        "Keep it below the process's open-file limit (ulimit -n).",
+    )
     max_embedding_inputs: int = Field(
         2048, ge=1, description="Most inputs in one embeddings request (413 beyond)."
     )

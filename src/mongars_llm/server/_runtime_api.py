@@ -10,7 +10,7 @@ keyword arguments the routes pass to ``agenerate``/``astream`` and ``aembed``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
@@ -135,6 +135,8 @@ class RuntimeAPI(Protocol):
     def load_adapter(self, name: str, path: str | Path, /, *, use: str = "all") -> None: ...
 
     def unload_adapter(self, name: str, /) -> None: ...
+
+    def set_adapter_uses(self, uses: Mapping[str, str], /) -> None: ...
 
 
 if TYPE_CHECKING:

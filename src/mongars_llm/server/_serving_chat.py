@@ -48,7 +48,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_sampling(body, state, max_tokens)
     check_chat_options(body)
     messages = chat_messages(body, state)
-    role, adapter = state.resolve_model(body.model, body.adapter)
+    role, adapter = await state.select_model(body.model, body.adapter, kind="chat")
     options = sampling_options(body, role, adapter, max_tokens)
     completion_id = new_id("chatcmpl")
     if body.stream:

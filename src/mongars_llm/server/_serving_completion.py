@@ -46,7 +46,7 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Any:
     check_sampling(body, state, body.max_tokens)
     check_completion_options(body)
     prompts = completion_prompts(body, state)
-    role, adapter = state.resolve_model(body.model, body.adapter)
+    role, adapter = await state.select_model(body.model, body.adapter, kind="chat")
     options = sampling_options(body, role, adapter, body.max_tokens)
     completion_id = new_id("cmpl")
     if body.stream:

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from ..logging import log_event
+from ..runtime._bounds import over_limit_prefix
 from ._errors import APIError
 from ._runtime_api import EmbedOptions, RuntimeAPI
 from ._state import ServerState
@@ -38,7 +39,7 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONR
     items = embedding_inputs(body, state)
     if body.instruction is not None:
         check_chars(body.instruction, "instruction", state)
-    role, adapter = state.resolve_model(body.model, body.adapter)
+    role, adapter = await state.select_model(body.model, body.adapter, kind="embed")
     runtime = state.require_runtime()
     check_token_ids(items, runtime, "input")
     check_dimensions(body.dimensions, runtime)
@@ -115,7 +116,10 @@ def _texts_and_tokens(
 
     The instruction is tokenised once for the request (not once per input) and
     refused (413) when it alone fills the model's input window, before any input
-    is tokenised; the runtime checks each ``instruction + input`` exactly.
+    is tokenised. An input over the limit is refused (413) at once, after
+    tokenising at most a few times the characters the limit allows
+    (:func:`~mongars_llm.runtime._bounds.over_limit_prefix`), never its whole
+    text; the runtime checks each ``instruction + input`` exactly.
     """
     if instruction and instruction.strip():
         special = int(runtime.count_tokens(""))
@@ -131,11 +135,36 @@ def _texts_and_tokens(
             )
     texts: list[str] = []
     tokens = 0
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, str):
             texts.append(item)
-            tokens += int(runtime.count_tokens(item))
+            tokens += _count_within(
+                runtime, item, max_tokens, f"input[{i}]" if len(items) > 1 else "input"
+            )
         else:
             texts.append(runtime.tokenizer.decode(item, skip_special_tokens=True))
             tokens += len(item)
     return texts, tokens
+
+
+def _count_within(runtime: RuntimeAPI, text: str, max_tokens: int, where: str) -> int:
+    """The tokens of ``text``; 413 when they pass ``max_tokens`` (found on a prefix
+    for a text far over it)."""
+    over = over_limit_prefix(runtime.count_tokens, text, max_tokens)
+    if over is not None:
+        size = (
+            f"more than {max_tokens} tokens (its first {over[0]} characters alone hold "
+            f"{over[1]}), the limit"
+        )
+        count = over[1]
+    else:
+        count = int(runtime.count_tokens(text))
+        size = f"{count} tokens, more than the limit of {max_tokens}"
+    if count > max_tokens:
+        raise APIError(
+            413,
+            f"{where} has {size} (MONGARS_MODEL__MAX_INPUT_TOKENS); shorten it",
+            code="input_too_long",
+            param=where,
+        )
+    return count

@@ -3,6 +3,7 @@ manager, the admission controller, provisioning jobs and the registry watcher.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..manifest import ResolvedRole
-    from ._adapters import RegistryWatcher
+    from ._adapters import AdapterKind, RegistryWatcher
     from ._runtime_api import RuntimeAPI
 
 __all__ = ["BASE_ADAPTER", "EmbedFn", "ServerState"]
@@ -164,17 +165,29 @@ class ServerState:
             return []
 
     def adapter_names(self) -> list[str]:
-        """Adapters selectable by requests: the runtime's plus the watcher's aliases."""
+        """Adapters selectable by requests: the runtime's plus the registry's (its aliases
+        and the versions loaded on first use)."""
         runtime = self.runtime
         names = list(runtime.adapter_names) if runtime is not None else []
         if self.watcher is not None:
-            names.extend(alias for alias in self.watcher.aliases if alias not in names)
+            names.extend(name for name in self.watcher.names() if name not in names)
         if names:
             names.insert(0, BASE_ADAPTER)
         return names
 
+    async def select_model(
+        self, model: str, adapter: str | None, *, kind: AdapterKind
+    ) -> tuple[str | None, str | tuple[()] | None]:
+        """:meth:`resolve_model`, then load a registry candidate on its first use (in a
+        worker thread: the event loop never waits for adapter files)."""
+        role, chosen = self.resolve_model(model, adapter, kind=kind)
+        watcher = self.watcher
+        if isinstance(chosen, str) and watcher is not None and watcher.is_selectable(chosen):
+            await asyncio.to_thread(watcher.ensure_loaded, chosen)
+        return role, chosen
+
     def resolve_model(
-        self, model: str, adapter: str | None
+        self, model: str, adapter: str | None, *, kind: AdapterKind = "chat"
     ) -> tuple[str | None, str | tuple[()] | None]:
         """``model`` (a role, ``role:adapter`` or the checkpoint id) → (role, adapter).
 
@@ -182,7 +195,8 @@ class ServerState:
         name, or ``()`` for ``role:base`` (no adapter). Unknown names are a 404
         listing what is available (a 503 while the model loads: the checkpoint id
         is not known before); an adapter given both ways with different names is
-        a 422.
+        a 422; an adapter for the other route (``kind``: an embedding adapter in a
+        chat request, or the reverse) is a 400 naming the route it serves.
         """
         runtime = self.runtime
         model_id = runtime.model_id if runtime is not None else None
@@ -218,12 +232,15 @@ class ServerState:
             return role, None
         if chosen == BASE_ADAPTER:
             return role, ()  # an explicit empty selection: no adapter at all
-        return role, self.resolve_adapter(chosen)
+        return role, self.resolve_adapter(chosen, kind=kind)
 
-    def resolve_adapter(self, name: str) -> str:
-        resolved = self.watcher.resolve(name) if self.watcher is not None else name
+    def resolve_adapter(self, name: str, *, kind: AdapterKind = "chat") -> str:
+        watcher = self.watcher
+        resolved = watcher.resolve(name, kind) if watcher is not None else name
         runtime = self.runtime
         known = list(runtime.adapter_names) if runtime is not None else []
+        if watcher is not None and watcher.is_selectable(resolved):
+            return resolved  # a registry version: loaded now or on this first use
         if runtime is not None and resolved not in known:
             raise APIError(
                 404,

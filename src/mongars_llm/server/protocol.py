@@ -55,6 +55,9 @@ __all__ = [
     "ProvisionJob",
     "ProvisionRequest",
     "ReadyResponse",
+    "RegistryFailure",
+    "RegistryStatus",
+    "RegistryVersion",
     "ResponseMessage",
     "StreamOptions",
     "Usage",
@@ -395,11 +398,46 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class RegistryVersion(BaseModel):
+    """A non-retired version of the adapter registry, as this server holds it."""
+
+    version: str
+    name: str
+    status: str
+    use: str
+    runtime_name: str = Field(description="The name requests use: role:<runtime_name>.")
+    selectable: bool = Field(description="Requests may name it (live, or newest per route).")
+    loaded: bool = Field(description="Loaded now (candidates load on their first use).")
+
+
+class RegistryFailure(BaseModel):
+    version: str
+    name: str | None = None
+    error: str = Field(description="Why it did not load; retried once its entry or files change.")
+
+
+class RegistryStatus(BaseModel):
+    """The adapter registry as this server follows it; ``in_sync`` is false while the
+    server's live version differs from the registry's ``promoted`` one or a version failed."""
+
+    path: str
+    revision: int | None = None
+    promoted: str | None = Field(None, description="The registry's promoted version.")
+    live: str | None = Field(None, description="The version requests without an adapter get.")
+    in_sync: bool
+    registered: list[RegistryVersion] = Field(default_factory=list)
+    failed: list[RegistryFailure] = Field(default_factory=list)
+    error: str | None = Field(None, description="The last poll's error (a damaged manifest).")
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready", "loading", "failed"]
     model: str | None = Field(None, description="The loaded checkpoint, once ready.")
     embeddings_only: bool = False
     adapters: list[str] = Field(default_factory=list)
+    registry: RegistryStatus | None = Field(
+        None, description="The adapter registry this server follows (when it follows one)."
+    )
     detail: str | None = None
 
 

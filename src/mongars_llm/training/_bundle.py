@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import random
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -31,21 +32,24 @@ from typing import TYPE_CHECKING, Any
 
 from .._fs import atomic_write_bytes, atomic_write_json, sha256_file
 from .._version import __version__
-from ..errors import BundleError, DatasetError
+from ..errors import BundleError, ConfigError, DatasetError
 from ..logging import log_event
 from ..provisioning._local_copy import ProvisionedCopy
 from ..registry import AdapterRegistry, RegistryEntry, digest_tree
-from ._config import BundleConfig, load_bundle_config
+from ._config import DEFAULT_BASE_ROLE, BundleConfig, load_bundle_config
 from ._data import DatasetSummary, EncodedExample, hub_rows, load_examples, read_jsonl_rows
 from ._pairs import EMBEDDING_OBJECTIVES, PairExample, load_pairs
 from ._stacking import (
     BaseAdapter,
+    check_stackable,
     concatenate_adapters,
     merge_base_adapter,
     resolve_base_adapter,
 )
 
 if TYPE_CHECKING:
+    from ..manager import ModelManager
+    from ..provisioning import ProvisionEntry
     from ._distributed import Distributed
     from ._trainer import Precision
 
@@ -134,12 +138,16 @@ def build_bundle(
     """
     config = load_bundle_config(config_or_path, **overrides)
     config.require_dataset()
-    config, base_copy = _locate_base_model(config)
+    config, base_copy, named = _locate_base_model(config)
     config, base_adapter = _stack_on(config)
     started_at = _now()
-    run_name = config.resolved_run_name()
+    run_name = config.resolved_run_name(named)
     run_dir = (config.resolved_output_dir() / run_name).resolve()
     _refuse_finished(run_dir)
+    if not config.dry_run and config.resume is not False:
+        from ._trainer import find_checkpoint
+
+        find_checkpoint(run_dir, config.resume)  # a wrong --resume fails before anything loads
     # refuse impossible precision (QLoRA off CUDA) before anything is loaded
     precision = None
     dist = None
@@ -178,7 +186,7 @@ def build_bundle(
     if base_copy is not None:
         tokenizer = _load_tokenizer(base_copy.path)
     else:
-        tokenizer = _load_tokenizer(config.base_model, config.base_model_revision)
+        tokenizer = _load_tokenizer(str(config.base_model), config.base_model_revision)
     pad_added = False
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are masked by position, EOS survives
@@ -203,24 +211,122 @@ def build_bundle(
         return _build_claimed(run, train_rows=train_rows, eval_rows=eval_rows)
 
 
-def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedCopy | None]:
-    """A local base path becomes absolute (the wrapper and the adapter must load it from
-    any folder); a Hub id that ``provision`` installed is loaded from that copy."""
-    local = Path(config.base_model).expanduser()
+def _locate_base_model(config: BundleConfig) -> tuple[BundleConfig, ProvisionedCopy | None, str]:
+    """Settle ``base_model``; returns the config, the provisioned copy of a Hub model to
+    load instead of the Hub, and the model as the user named it (for the run name).
+
+    In order: unset is the active profile's ``general`` role (else its first), the model
+    ``chat`` loads; a ``pkg://`` or ``.gguf`` file is provisioned (converted once) as the
+    ``local`` provider does; a local folder becomes absolute (the wrapper and the adapter
+    must load it from any folder); a role of the active profile is provisioned as
+    ``chat`` provisions it; anything else is a Hub id, read from the copy ``provision``
+    installed when there is one.
+    """
+    from ..provisioning.local import PACKAGE_SCHEME
+
+    name = config.base_model
+    if name is None:
+        manager = _manager()
+        roles = manager.role_names
+        if not roles:
+            raise ConfigError(
+                f"no --base-model and profile {manager.profile_name!r} has no roles; pass "
+                "--base-model (a Hub id, a checkpoint folder or a role)"
+            )
+        role = DEFAULT_BASE_ROLE if DEFAULT_BASE_ROLE in roles else roles[0]
+        _say(
+            config,
+            f"base model: role {role!r} of profile {manager.profile_name!r} "
+            f"({manager.profile.models[role].name}); choose another with --base-model",
+        )
+        return _role_base(config, manager, role)
+    local = Path(name).expanduser()
+    if name.startswith(PACKAGE_SCHEME) or (local.is_file() and local.suffix.lower() == ".gguf"):
+        return _provisioned_file(config, name)
     if local.exists():
-        return config.model_copy(update={"base_model": str(local.resolve())}), None
+        return config.model_copy(update={"base_model": str(local.resolve())}), None, name
+    if "/" not in name and not name.startswith("."):
+        manager = _manager()
+        if name in manager.role_names:
+            return _role_base(config, manager, name)
     from ..provisioning._local_copy import provisioned_copy
     from ..settings import get_settings
 
     copy = provisioned_copy(
-        config.base_model,
+        name,
         revision=config.base_model_revision,
         settings=get_settings(),
         trust_remote_code=config.trust_remote_code,
     )
     if copy is not None:
-        logger.info("base model %s: using the provisioned copy %s", config.base_model, copy.path)
-    return config, copy
+        logger.info("base model %s: using the provisioned copy %s", name, copy.path)
+    return config, copy, name
+
+
+def _manager() -> ModelManager:
+    from ..manager import ModelManager
+
+    return ModelManager()
+
+
+def _provision_one(config: BundleConfig, manager: ModelManager, role: str) -> ProvisionEntry:
+    """Provision ``role`` as ``chat`` does; a failure is a ``BundleError`` saying how to fix it."""
+    from ..provisioning import provision
+
+    entry = manager.profile.models[role]
+    _say(config, f"provisioning {entry.name} ({entry.provider}) ...")
+    report = provision([role], manager=manager, show_progress=config.progress)
+    found = report[role]
+    if not found.ok or not found.path:
+        raise BundleError(
+            f"base model {entry.name!r} (role {role!r} of profile {manager.profile_name!r}) "
+            f"could not be provisioned: {found.error or found.verified or found.action}; run "
+            f"`mongars-llm provision --roles {role}`, or pass --base-model a checkpoint folder"
+        )
+    return found
+
+
+def _role_base(
+    config: BundleConfig, manager: ModelManager, role: str
+) -> tuple[BundleConfig, ProvisionedCopy | None, str]:
+    """A manifest role as the base: provisioned first. A Hub model keeps its id (the
+    adapter names it, loaded from the provisioned copy); any other is its local copy."""
+    entry = manager.profile.models[role]
+    found = _provision_one(config, manager, role)
+    update: dict[str, Any] = {}
+    if "trust_remote_code" not in config.model_fields_set:
+        update["trust_remote_code"] = bool(entry.trust_remote_code)
+    path = Path(str(found.path)).resolve()
+    if found.provider == "huggingface" and found.revision:
+        update["base_model"] = entry.name
+        copy = ProvisionedCopy(repo_id=entry.name, revision=found.revision, path=path)
+        return config.model_copy(update=update), copy, entry.name
+    update["base_model"] = str(path)
+    return config.model_copy(update=update), None, entry.name
+
+
+def _provisioned_file(
+    config: BundleConfig, name: str
+) -> tuple[BundleConfig, ProvisionedCopy | None, str]:
+    """A ``pkg://`` or ``.gguf`` file, provisioned (converted once) by the ``local``
+    provider through a one-role manifest; the run trains on the converted folder."""
+    from ..manager import ModelManager
+    from ..manifest import parse_manifest
+
+    manifest = parse_manifest(
+        {"profiles": {"base": {"models": {"base": {"name": name, "provider": "local"}}}}},
+        base_dir=Path.cwd(),
+    )
+    manager = ModelManager(manifest, profile="base")
+    found = _provision_one(config, manager, "base")
+    path = Path(str(found.path)).resolve()
+    return config.model_copy(update={"base_model": str(path)}), None, name
+
+
+def _say(config: BundleConfig, text: str) -> None:
+    """A status line on stderr when the run shows its progress (bar or lines)."""
+    if config.progress or config.progress_every:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _stack_on(config: BundleConfig) -> tuple[BundleConfig, BaseAdapter | None]:
@@ -394,33 +500,29 @@ def _train_and_package(
     assert precision is not None  # set for every build but a dry run
     seed_everything(config.seed)
     t0 = time.perf_counter()
-    with _hub_progress(config.progress and main):
-        base = load_base_model(config, precision, source=base_copy.path if base_copy else None)
+    source = base_copy.path if base_copy else None
+    if main:
+        _say(config, f"loading the base model {config.base_model} ...")
+    with _loading_bars(config, str(source or config.base_model), main=main):
+        base = load_base_model(config, precision, source=source)
     stacked_on = run.base_adapter
     if stacked_on is not None:  # trained on top of the merged earlier adapter
-        base = merge_base_adapter(base, stacked_on, base_model=config.base_model)
+        base = merge_base_adapter(base, stacked_on, base_model=str(config.base_model))
     base_commit = (
         base_copy.revision
         if base_copy is not None
         else getattr(base.config, "_commit_hash", None) or config.base_model_revision
     )
     model = build_peft_model(base, config)
+    if stacked_on is not None:  # before training: the two must become one adapter after it
+        check_stackable(model, stacked_on)
     if base_copy is not None:  # the adapter names the Hub id, not this machine's folder
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = config.base_model
     if dist is not None:  # the same LoRA init on every rank, but each its own dropout masks
         seed_everything(config.seed + dist.rank)
     trainable_params, total_params = model.get_nb_trainable_parameters()
-    fingerprint = {
-        "dataset_sha256": _examples_digest(train_examples),
-        "batch_size": config.batch_size,
-        "grad_accum": config.grad_accum,
-        "group_by_length": config.group_by_length,
-        "seed": config.seed,
-        "lora_r": config.lora_r,
-        "learning_rate": config.learning_rate,
-        "base_model": config.base_model,
-    }
+    fingerprint = _fingerprint(config, train_examples, precision)
     embedding = config.objective in EMBEDDING_OBJECTIVES
     outcome: TrainOutcome
     spec = None
@@ -433,6 +535,9 @@ def _train_and_package(
             temperature=config.temperature,
             pooling=config.pooling,
             bidirectional=config.bidirectional,
+            instruction=config.instruction,
+            symmetric_loss=config.symmetric_loss,
+            simcse_dropout=config.simcse_dropout if config.objective == "simcse" else None,
             mask_probability=config.mask_probability if config.objective == "mntp" else None,
             base_adapter=stacked_on.sha256 if stacked_on is not None else None,
         )
@@ -625,18 +730,19 @@ def _train_and_package(
 
 # ------------------------------------------------------------------ helpers
 @contextmanager
-def _hub_progress(enabled: bool) -> Iterator[None]:
-    """Silence transformers' weight-loading bars when progress is off (``--json``)."""
-    from transformers.utils import logging as hf_logging
+def _loading_bars(config: BundleConfig, source: str, *, main: bool) -> Iterator[None]:
+    """transformers' and the Hub's bars while the base model loads: none when the run
+    shows no progress bar (``--json`` off a terminal, a log file, ranks past 0); with
+    ``verbose`` all; else as the runtime loads (none for a local model under 2 GB, a
+    download and a bigger model keep theirs)."""
+    from ..runtime._loading import _quiet_loading_bars, no_loading_bars
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled and was_enabled:
-        hf_logging.disable_progress_bar()
-    try:
+    if config.progress and main:
+        with nullcontext() if config.verbose else _quiet_loading_bars(source):
+            yield
+        return
+    with no_loading_bars():
         yield
-    finally:
-        if not enabled and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _refuse_finished(run_dir: Path) -> None:
@@ -706,6 +812,42 @@ def _hold_out(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any
     train = [e for i, e in enumerate(examples) if i not in held]
     evals = [e for i, e in enumerate(examples) if i in held]
     return train, evals
+
+
+#: the settings a resumed run must share with the run that wrote the checkpoint (each
+#: changes the result: the data, its order, the adapter's shape, the schedule, the loss)
+FINGERPRINT_FIELDS = (
+    "batch_size",
+    "grad_accum",
+    "group_by_length",
+    "seed",
+    "max_seq_len",
+    "overlong",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "modules_to_save",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "base_model",
+    "base_model_revision",
+)
+
+
+def _fingerprint(config: BundleConfig, examples: list[Any], precision: Precision) -> dict[str, Any]:
+    """What ``--resume`` compares (the embedding objectives add theirs): the data, every
+    setting in :data:`FINGERPRINT_FIELDS` and the precision."""
+    values = config.model_dump(mode="json", include=set(FINGERPRINT_FIELDS))
+    return {
+        "dataset_sha256": _examples_digest(examples),
+        **{key: values[key] for key in FINGERPRINT_FIELDS},
+        "precision": precision.precision,
+        "qlora": precision.qlora,
+    }
 
 
 def _examples_digest(examples: list[Any]) -> str:

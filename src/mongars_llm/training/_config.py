@@ -17,7 +17,8 @@ from ..registry import is_safe_adapter_name
 
 __all__ = ["BundleConfig", "load_bundle_config"]
 
-DEFAULT_BASE_MODEL = "dphn/Dolphin-X1-8B"
+#: the role ``base_model`` names when unset: the active profile's, as ``chat`` loads it
+DEFAULT_BASE_ROLE = "general"
 #: what the embedding objectives change in the defaults (fields the caller left unset)
 EMBEDDING_DEFAULTS: dict[str, Any] = {
     "lora_r": 16,
@@ -74,7 +75,12 @@ class BundleConfig(BaseModel):
     )
 
     # model
-    base_model: str = Field(DEFAULT_BASE_MODEL, description="Hub id or local checkpoint dir.")
+    base_model: str | None = Field(
+        None,
+        description="Hub id, local checkpoint dir, .gguf or pkg:// file, or a role of the active "
+        "manifest profile (provisioned first). Unset: the profile's 'general' role (else its "
+        "first), the model `mongars-llm chat` loads.",
+    )
     base_model_revision: str | None = Field(None, description="Branch, tag or commit to pin.")
     trust_remote_code: bool = False
     qlora: bool = Field(False, description="4-bit base + LoRA (CUDA and bitsandbytes only).")
@@ -127,6 +133,17 @@ class BundleConfig(BaseModel):
     )
     dry_run: bool = Field(False, description="Validate the data, write the summary, stop.")
     progress: bool = Field(True, description="Progress bar on stderr (the CLI: when a terminal).")
+    progress_every: int | None = Field(
+        None,
+        ge=1,
+        description="Without the progress bar, print a progress line on stderr every N steps "
+        "(and at the first and last); the CLI sets 10 when stderr is not a terminal.",
+    )
+    verbose: bool = Field(
+        False,
+        description="Also show the libraries' loading bars (transformers, the Hub) for a local "
+        "base model under 2 GB; downloads and bigger models show them anyway.",
+    )
 
     # embedding objectives (contrastive, simcse, mntp): how texts are embedded, in training and
     # serving
@@ -236,6 +253,11 @@ class BundleConfig(BaseModel):
             raise ValueError(
                 "base_adapter stacks embedding adapters (objective contrastive, simcse or mntp)"
             )
+        if self.base_adapter is not None and self.modules_to_save:
+            raise ValueError(
+                "base_adapter and modules_to_save: the stacked result is one LoRA adapter, "
+                "which cannot hold fully trained modules; drop modules_to_save"
+            )
         if self.base_adapter is not None and self.qlora:
             raise ValueError(
                 "base_adapter is merged into the base weights for training, which a 4-bit "
@@ -262,10 +284,13 @@ class BundleConfig(BaseModel):
                 "(or set dataset_path in the config file)"
             )
 
-    def resolved_run_name(self) -> str:
+    def resolved_run_name(self, model: str | None = None) -> str:
+        """``run_name``, else ``<model's last part>-<UTC time>`` (``model``: the base model
+        as the user named it; default ``base_model``)."""
         if self.run_name:
             return self.run_name
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.base_model).name).strip("-") or "model"
+        name = Path(model or self.base_model or "model").name.removesuffix(".gguf")
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         return f"{base}-{stamp}"
 

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from ..runtime._llm2vec import EncodedText
     from ._distributed import Distributed
     from ._trainer import Precision, TrainOutcome
 
@@ -62,6 +63,7 @@ __all__ = [
     "backward_in_chunks",
     "encode_texts",
     "evaluate_retrieval",
+    "forward_groups",
     "info_nce",
     "train_embeddings",
 ]
@@ -94,7 +96,7 @@ class EmbeddingSpec:
             bidirectional=config.bidirectional,
             max_length=limit,
             model_type=str(getattr(model_config, "model_type", "") or ""),
-            model_id=config.base_model,
+            model_id=config.base_model or "",
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,11 +115,66 @@ def encode_texts(
     *,
     device: Any,
 ) -> torch.Tensor:
-    """Pooled vectors (float32, not normalised) of ``(instruction, text)`` items in one
-    padded forward batch, through the runtime's LLM2Vec core; gradients flow when enabled."""
-    from ..runtime._llm2vec import decoder_of, embed_padded, encode_inputs
+    """Pooled vectors (float32, not normalised) of ``(instruction, text)`` items, in order,
+    through the runtime's LLM2Vec core; gradients flow when enabled.
 
-    encoded = encode_inputs(
+    On the CPU the items run in length-sorted forward groups, each padded to its own
+    longest (:func:`forward_groups`): short queries padded to the long passages beside
+    them would cost the step compute and activation memory for nothing. A text's vector does not
+    depend on its batch mates (up to float rounding); dropout masks are drawn per
+    group, the same groups for the same items (GradCache's replay relies on it).
+    """
+    import torch
+
+    encoded = _encode(tokenizer, items, spec)
+    groups = forward_groups([len(e) for e in encoded], device=device)
+    if len(groups) == 1:
+        return _embed_encoded(model, tokenizer, encoded, spec, device=device)
+    parts = [
+        _embed_encoded(model, tokenizer, [encoded[i] for i in group], spec, device=device)
+        for group in groups
+    ]
+    order = torch.tensor([i for group in groups for i in group], device=parts[0].device)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+#: the fixed cost of one more forward (and backward) on the CPU, in padded tokens: on
+#: SmolLM2-135M at one thread a token costs ~15 ms and a forward's framework work a few
+#: tokens' worth; 64 leaves room for CPUs with many cores, where a token costs less
+FORWARD_COST_TOKENS = 64
+
+
+def forward_groups(lengths: Sequence[int], *, device: Any) -> list[list[int]]:
+    """Indices of texts cut into forward groups: sorted by length (longest first), cut
+    where the padding saved outweighs :data:`FORWARD_COST_TOKENS` a forward (optimal,
+    by dynamic programming over the cuts). On an accelerator one forward, in order:
+    there a forward's fixed cost outweighs the padding of one batch."""
+    if not str(device).startswith("cpu") or len(lengths) < 2:
+        return [list(range(len(lengths)))] if lengths else []
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    # a cut between two texts of the same length never pays: cut where the length drops
+    edges = [0] + [k for k in range(1, len(order)) if lengths[order[k]] != lengths[order[k - 1]]]
+    edges.append(len(order))
+    best = {0: 0}  # best[e]: the cheapest plan of the first e sorted texts
+    cut = {0: 0}
+    for b, j in enumerate(edges[1:], start=1):
+        best[j], cut[j] = min(
+            (best[i] + (j - i) * lengths[order[i]] + FORWARD_COST_TOKENS, i) for i in edges[:b]
+        )
+    groups: list[list[int]] = []
+    j = len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _encode(
+    tokenizer: Any, items: Sequence[tuple[str, str]], spec: EmbeddingSpec
+) -> list[EncodedText]:
+    from ..runtime._llm2vec import encode_inputs
+
+    return encode_inputs(
         tokenizer,
         list(items),
         pooling=spec.pooling,
@@ -126,6 +183,14 @@ def encode_texts(
         model_type=spec.model_type,
         model_id=spec.model_id,
     )
+
+
+def _embed_encoded(
+    model: Any, tokenizer: Any, encoded: Sequence[EncodedText], spec: EmbeddingSpec, *, device: Any
+) -> torch.Tensor:
+    """Pooled vectors of already tokenised texts, padded to their longest."""
+    from ..runtime._llm2vec import decoder_of, embed_padded
+
     return embed_padded(
         decoder_of(model),
         encoded,
@@ -304,22 +369,44 @@ def embedder(
     model: Any, tokenizer: Any, spec: EmbeddingSpec, *, device: Any, batch_size: int
 ) -> Callable[[Sequence[Any]], np.ndarray]:
     """``embed(texts or [instruction, text] pairs) -> normalised numpy vectors`` with the
-    model as it is now (eval mode is the caller's business)."""
+    model as it is now (eval mode is the caller's business).
+
+    The texts are tokenised once and run in length-sorted forward batches of at most
+    ``batch_size`` (the runtime's :func:`~mongars_llm.runtime._embedding.plan_chunks`),
+    each padded to its own longest, without autograd: a text's vector does not depend
+    on its batch mates (up to float rounding), so the order only saves padding.
+    """
 
     def embed(texts: Sequence[Any]) -> np.ndarray:
         import numpy as np
         import torch
 
+        from ..runtime._embedding import plan_chunks
         from ..runtime._llm2vec import normalise, normalise_inputs
 
         items = normalise_inputs(list(texts), None)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                vectors = encode_texts(model, tokenizer, chunk, spec, device=device)
-                out.append(normalise(vectors).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+        if not items:
+            return np.zeros((0, 0), dtype=np.float32)
+        encoded = _encode(tokenizer, items, spec)
+        lengths = [len(e) for e in encoded]
+        chunks = plan_chunks(
+            lengths,
+            batch_size=batch_size,
+            max_batch_tokens=batch_size * max(lengths),  # the size cap alone decides
+            batch_invariant=False,
+        )
+        out: np.ndarray | None = None
+        with torch.inference_mode():
+            for chunk in chunks:
+                vectors = _embed_encoded(
+                    model, tokenizer, [encoded[i] for i in chunk], spec, device=device
+                )
+                array = normalise(vectors).float().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(items), array.shape[1]), dtype=np.float32)
+                out[chunk] = array
+        assert out is not None
+        return out
 
     return embed
 
@@ -357,8 +444,10 @@ def evaluate_retrieval(
         if not adapter and hasattr(model, "disable_adapter")
         else contextlib.nullcontext()
     )
+    pairs = [e.as_row() for e in rows]
     with _eval_mode(model), disable:
-        result = evaluate_pairs(embed, [e.as_row() for e in rows], instruction=instruction)
+        # every text of one form in one call: the embedder sorts them all by length
+        result = evaluate_pairs(embed, pairs, instruction=instruction, batch_size=2 * len(pairs))
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dict(result).items()}
 
 

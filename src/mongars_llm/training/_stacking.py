@@ -12,6 +12,7 @@ serve it as any other adapter on the unmodified base weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,16 @@ from typing import Any
 
 from ..errors import BundleError, ConfigError
 
-__all__ = ["BaseAdapter", "concatenate_adapters", "merge_base_adapter", "resolve_base_adapter"]
+__all__ = [
+    "BaseAdapter",
+    "adapter_use",
+    "check_stackable",
+    "concatenate_adapters",
+    "describe_use",
+    "is_chat_adapter",
+    "merge_base_adapter",
+    "resolve_base_adapter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +77,24 @@ def resolve_base_adapter(reference: str, *, registry_path: Path) -> BaseAdapter:
         registry.verify(entry)
         path = registry.adapter_path(entry)
         label = f"{entry.name} {entry.version}"
+        use: str | None = entry.use
+        objective = entry.objective
+    else:
+        use, objective = adapter_use(path)
+    if is_chat_adapter(use, objective):
+        raise ConfigError(
+            f"base_adapter {label} is a {describe_use(use, objective)}, not an embedding adapter: "
+            "an embedding adapter trains on top of an embedding adapter (objective mntp, "
+            "contrastive or simcse, registered with use=embed); drop --base-adapter, or train "
+            "one with --objective mntp first"
+        )
     if not (path / _WEIGHTS).is_file():
         raise ConfigError(f"base_adapter {label}: {path} holds no {_WEIGHTS}")
     config = json.loads((path / _CONFIG).read_text(encoding="utf-8"))
+    try:
+        _refuse_unsupported(config, f"base_adapter {label}")
+    except BundleError as err:
+        raise ConfigError(str(err)) from err
     embedding_file = path / "llm2vec_config.json"
     embedding = (
         json.loads(embedding_file.read_text(encoding="utf-8")) if embedding_file.is_file() else {}
@@ -81,6 +106,71 @@ def resolve_base_adapter(reference: str, *, registry_path: Path) -> BaseAdapter:
         embedding=embedding,
         base_model=config.get("base_model_name_or_path"),
     )
+
+
+def adapter_use(folder: Path) -> tuple[str | None, str | None]:
+    """``(use, objective)`` of an adapter folder, as far as it says: an embedding adapter
+    carries ``llm2vec_config.json``; a bundle's ``adapter/`` has its run's
+    ``run_metadata.json`` beside it. ``(None, None)`` for a folder that says neither."""
+    embedding = folder / "llm2vec_config.json"
+    if embedding.is_file():
+        objective = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            objective = json.loads(embedding.read_text(encoding="utf-8")).get("objective")
+        return "embed", objective if isinstance(objective, str) else None
+    metadata = folder.parent / "run_metadata.json"
+    if metadata.is_file():
+        try:
+            run = json.loads(metadata.read_text(encoding="utf-8"))
+            use, objective = run.get("use"), run.get("objective")
+        except (OSError, ValueError, AttributeError):
+            return None, None
+        if isinstance(use, str):
+            return use, objective if isinstance(objective, str) else None
+    return None, None
+
+
+def is_chat_adapter(use: str | None, objective: str | None) -> bool:
+    """Whether an adapter says it is for chat: trained by ``sft``, or registered for
+    generation only. (A registry entry added by hand defaults to ``use=all`` with no
+    objective: that says nothing.)"""
+    return objective == "sft" or use == "generate"
+
+
+def describe_use(use: str | None, objective: str | None) -> str:
+    """``chat adapter (use=all, objective sft)``: how an error names a chat adapter."""
+    details = f"use={use or 'all'}" + (f", objective {objective}" if objective else "")
+    return f"chat adapter ({details})"
+
+
+def check_stackable(model: Any, adapter: BaseAdapter) -> None:
+    """Refuse, before training, a new LoRA (``model``, a peft model) that adapts other
+    layers than ``adapter``: the two could not be written as one adapter after the run."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter.path / _WEIGHTS), framework="pt") as weights:
+        lower = {k.rsplit(".lora_", 1)[0] for k in weights.keys() if ".lora_" in k}  # noqa: SIM118
+    upper = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    if lower != upper:
+        only_lower = sorted(lower - upper)
+        only_upper = sorted(upper - lower)
+        found = []
+        if only_lower:
+            found.append(f"only the base adapter adapts {_short(only_lower)}")
+        if only_upper:
+            found.append(f"only this run would adapt {_short(only_upper)}")
+        targets = sorted({m.rsplit(".", 1)[-1] for m in lower})
+        raise ConfigError(
+            f"base_adapter {adapter.label} adapts different layers than this run ("
+            + "; ".join(found)
+            + "): the two cannot be written as one adapter. Train with the base adapter's "
+            f"target_modules (--target-modules {','.join(targets)})"
+        )
+
+
+def _short(modules: list[str]) -> str:
+    names = [m.removeprefix("base_model.model.") for m in modules]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def merge_base_adapter(model: Any, adapter: BaseAdapter, *, base_model: str) -> Any:

@@ -398,29 +398,65 @@ def evaluate_distributed(
 
 
 # --------------------------------------------------------------- checkpoints
+#: the pickled RNG states of older checkpoints: never loaded (unpickling can run code)
+_LEGACY_RNG_GLOB = "rng_state*.pt"
+
+
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as plain JSON values (no pickle: a checkpoint never runs code)."""
     import numpy as np
     import torch
 
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": name,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: Any, source: Path) -> None:
+    """Restore what :func:`_rng_state` saved; anything malformed is a ``BundleError``."""
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        py, npy = state["python"], state["numpy"]
+        gauss = py["gauss_next"]
+        python_state = (
+            int(py["version"]),
+            tuple(int(v) for v in py["internal"]),
+            None if gauss is None else float(gauss),
+        )
+        numpy_state = (
+            str(npy["name"]),
+            np.asarray(npy["keys"], dtype=np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+        torch_state = torch.tensor(state["torch"], dtype=torch.uint8)
+        cuda_states = [torch.tensor(s, dtype=torch.uint8) for s in state.get("cuda", [])]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as err:
+        raise BundleError(
+            f"{source} is not a valid RNG state ({type(err).__name__}: {err}); the checkpoint "
+            "is damaged: resume from another one, or start the run again without --resume"
+        ) from err
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _trainable_state(model: Any) -> dict[str, Any]:
@@ -428,7 +464,7 @@ def _trainable_state(model: Any) -> dict[str, Any]:
 
 
 def _rng_file(dist: Distributed | None) -> str:
-    return "rng_state.pt" if dist is None else f"rng_state.rank{dist.rank}.pt"
+    return "rng_state.json" if dist is None else f"rng_state.rank{dist.rank}.json"
 
 
 def save_checkpoint(
@@ -459,7 +495,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if dist is not None:
         dist.barrier()
-    torch.save(_rng_state(), tmp / _rng_file(dist))
+    (tmp / _rng_file(dist)).write_text(json.dumps(_rng_state()), encoding="utf-8")
     if dist is not None:
         dist.barrier()
     if main:
@@ -534,38 +570,105 @@ def find_checkpoint(run_dir: Path, resume: bool | Path) -> Path | None:
     raise BundleError(f"{path} is not a training checkpoint (no trainer_state.json); {hint}")
 
 
-def load_checkpoint(
-    path: Path, *, model: Any, optimizer: Any, scheduler: Any, dist: Distributed | None = None
+def read_checkpoint(
+    path: Path, *, fingerprint: dict[str, Any], dist: Distributed | None = None
 ) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    saved: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
-    written_by, world = int(saved.get("world_size", 1)), dist.world_size if dist else 1
+    """The saved run state of checkpoint ``path`` (its ``trainer_state.json``), once it is
+    known to be safe and right to resume from: the format (an old checkpoint's pickled RNG
+    state is refused, never loaded), the number of processes and the run's fingerprint
+    (every setting that changes the result) are checked before any other file is read."""
+    legacy = sorted(p.name for p in path.glob(_LEGACY_RNG_GLOB))
+    if legacy and not any(path.glob("rng_state*.json")):
+        raise BundleError(
+            f"checkpoint {path} was written by an older mongars-llm: its RNG state "
+            f"({legacy[0]}) is a pickle, which is never loaded (unpickling a file can run "
+            "code). Start the run again without --resume (a new --run-name, or delete "
+            f"{path.parent}); checkpoints written now keep the RNG state as JSON"
+        )
+    try:
+        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {path / 'trainer_state.json'}: {err}") from err
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("fingerprint"), dict)
+        or not isinstance(saved.get("step"), int)
+        or not isinstance(saved.get("history"), list)
+    ):
+        raise BundleError(
+            f"{path / 'trainer_state.json'} is not a training state (step, history, "
+            "fingerprint); the checkpoint is damaged: resume from another one, or start the "
+            "run again without --resume"
+        )
+    written_by, world = saved.get("world_size", 1), dist.world_size if dist else 1
     if written_by != world:  # the data order and global batch depend on it
         raise BundleError(
             f"checkpoint {path} was written by a run of {written_by} process(es); this run "
             f"has {world}. Resume with --num-processes {written_by} (or the same accelerate "
             "launch), or start a new run: the global batch and the data order depend on it"
         )
-    tensors = load_file(str(path / "adapter_state.safetensors"))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != expected:
+    rng_file = path / _rng_file(dist)
+    if not rng_file.is_file():
+        raise BundleError(
+            f"checkpoint {path} has no {rng_file.name}; it is incomplete or damaged: resume "
+            "from another checkpoint, or start the run again without --resume"
+        )
+    was = saved["fingerprint"]
+    changed = [key for key in sorted({*fingerprint, *was}) if was.get(key) != fingerprint.get(key)]
+    if changed:
+        raise BundleError(
+            f"cannot resume from {path}: the run changed since it was written ("
+            + ", ".join(f"{key}: {was.get(key)!r} -> {fingerprint.get(key)!r}" for key in changed)
+            + "); resume with the settings it was written with, or start a new run (another "
+            "--run-name, without --resume)"
+        )
+    return saved
+
+
+def load_checkpoint(
+    path: Path, *, model: Any, optimizer: Any, scheduler: Any, dist: Distributed | None = None
+) -> None:
+    """Load the weights, optimizer, schedule and RNG states of a checkpoint that
+    :func:`read_checkpoint` accepted (no pickle runs code: optimizer and scheduler states
+    load with ``weights_only=True``, the RNG states are JSON)."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path / "adapter_state.safetensors"))
+    except Exception as err:  # safetensors raises its own error types
+        raise BundleError(f"cannot read {path / 'adapter_state.safetensors'}: {err}") from err
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrong = sorted(
+        n
+        for n in set(tensors) | set(params)
+        if n not in tensors or n not in params or tensors[n].shape != params[n].shape
+    )
+    if wrong:
         raise BundleError(
             f"checkpoint {path} does not match this adapter (different LoRA settings or base "
-            "model); resume with the config it was written with"
+            f"model; e.g. {wrong[0]}); resume with the config it was written with"
         )
-    device_tensors = {}
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        device_tensors[name] = tensor.to(params[name].device)
     with torch.no_grad():
-        for name, tensor in device_tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / _rng_file(dist), weights_only=False))
-    return saved
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    except Exception as err:  # an unpickling refusal, a missing file, a wrong shape
+        raise BundleError(
+            f"cannot load the optimizer/scheduler state of checkpoint {path}: {err}"
+        ) from err
+    rng_file = path / _rng_file(dist)
+    try:
+        rng = json.loads(rng_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(
+            f"{rng_file} is not a valid RNG state ({err}); the checkpoint is "
+            "damaged: resume from another one, or start the run again without "
+            "--resume"
+        ) from err
+    _set_rng_state(rng, rng_file)
 
 
 # --------------------------------------------------------------------- train
@@ -589,6 +692,47 @@ class StepResult:
     seen: int
     #: extra fields of the step's ``train_log.jsonl`` record
     record: dict[str, Any] = field(default_factory=dict)
+
+
+class ProgressLines:
+    """The progress bar's stand-in where stderr is no terminal (a log file, CI): one line
+    every ``every`` steps, and at the first and the last, with the loss, the time per step
+    and the time left. ``every=None``: silent."""
+
+    def __init__(self, desc: str, total: int, *, every: int | None, start: int = 0) -> None:
+        self.desc, self.total, self.every, self.start = desc, total, every, start
+        self.started = time.perf_counter()
+        if every is not None and start < total:
+            resumed = f", resumed at step {start}" if start else ""
+            self._print(f"{desc}: {total} step(s){resumed}; a line every {every} step(s)")
+
+    def step(self, step: int, loss: float) -> None:
+        if self.every is None:
+            return
+        if step % self.every and step not in (self.start + 1, self.total):
+            return
+        per_step = (time.perf_counter() - self.started) / max(step - self.start, 1)
+        left = per_step * (self.total - step)
+        self._print(
+            f"{self.desc}: step {step}/{self.total} ({100 * step // self.total}%), loss "
+            f"{loss:.4f}, {per_step:.2f} s/step"
+            + (f", about {_duration(left)} left" if step < self.total else "")
+        )
+
+    @staticmethod
+    def _print(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 class TrainingRun:
@@ -644,23 +788,15 @@ class TrainingRun:
         checkpoint = find_checkpoint(self.run_dir, self.config.resume)
         if checkpoint is None:
             return False
-        saved = load_checkpoint(
+        # checked before anything else of the checkpoint is read
+        saved = read_checkpoint(checkpoint, fingerprint=self.fingerprint, dist=self.dist)
+        load_checkpoint(
             checkpoint,
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             dist=self.dist,
         )
-        changed = {
-            k: (saved["fingerprint"].get(k), v)
-            for k, v in self.fingerprint.items()
-            if saved["fingerprint"].get(k) != v
-        }
-        if changed:
-            raise BundleError(
-                f"cannot resume from {checkpoint}: the run changed since it was written "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            )
         self.state = {**saved, "world_size": self.world}
         self.resumed_from = str(checkpoint)
         if self.main:
@@ -707,6 +843,12 @@ class TrainingRun:
         if log_file is not None:
             log_file.writelines(json.dumps(row) + "\n" for row in state["history"])
             log_file.flush()
+        lines = ProgressLines(
+            self.desc,
+            self.total_steps,
+            every=config.progress_every if self.main and bar.disable else None,
+            start=state["step"],
+        )
         try:
             while state["step"] < self.total_steps:
                 step = state["step"]
@@ -732,6 +874,7 @@ class TrainingRun:
                     log_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                lines.step(step, result.loss)
                 if self.main and (step % config.logging_steps == 0 or step == self.total_steps):
                     log_event(logger, "bundle_train_step", **record)
                 last = step == self.total_steps
