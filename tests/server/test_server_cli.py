@@ -64,6 +64,7 @@ def test_serve_command_serves_embeddings_only(
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
+        print(output)  # shown by pytest when the test fails
     assert "cli-secret-1" not in output
     assert output.count("Started server process") == workers, output
 
