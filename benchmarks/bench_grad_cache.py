@@ -43,19 +43,15 @@ def child(model_dir: str, data: str, batch_size: int, mini: int | None, threads:
     from transformers import AutoModelForCausalLM
 
     from mongars_llm.training._config import load_bundle_config
-    from mongars_llm.training._contrastive import (
-        EmbeddingSpec,
-        backward_in_chunks,
-        contrastive_objective,
-        encode_texts,
-    )
-    from mongars_llm.training._data import _load_tokenizer
+    from mongars_llm.training._contrastive import backward_in_chunks, contrastive_batch
+    from mongars_llm.training._model import build_peft_model
     from mongars_llm.training._pairs import PairExample
-    from mongars_llm.training._trainer import build_peft_model
+    from mongars_llm.training._records import load_tokenizer
+    from mongars_llm.training._vectors import EmbeddingSpec, encode_texts
 
     torch.set_num_threads(threads)
     config = load_bundle_config(base_model=model_dir, objective="contrastive", lora_dropout=0.0)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -64,7 +60,7 @@ def child(model_dir: str, data: str, batch_size: int, mini: int | None, threads:
     spec = EmbeddingSpec.of(config, model)
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()[:batch_size]]
     batch = [PairExample(line=i, **row) for i, row in enumerate(rows)]
-    objective = contrastive_objective(batch, config, device="cpu")
+    objective = contrastive_batch(batch, config, device="cpu")
     items = objective.items
     _reset_peak()
     before = _peak_kib()

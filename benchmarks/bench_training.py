@@ -26,7 +26,8 @@ DATA = ROOT / "examples" / "data" / "product_qa.jsonl"
 
 
 def _examples(tokenizer, max_seq_len: int):
-    from mongars_llm.training._data import load_examples, read_jsonl_rows
+    from mongars_llm.training._data import load_examples
+    from mongars_llm.training._jsonl import read_jsonl_rows
 
     _, examples = load_examples(
         read_jsonl_rows(DATA), source=str(DATA), tokenizer=tokenizer, max_seq_len=max_seq_len
@@ -57,14 +58,14 @@ def _config(base: Path, args: argparse.Namespace):
 
 
 def _fresh_peft_model(config):
-    from mongars_llm.training._trainer import build_peft_model, load_base_model, resolve_precision
+    from mongars_llm.training._model import build_peft_model, load_base_model, resolve_precision
 
     precision = resolve_precision(config)
     return build_peft_model(load_base_model(config, precision), config), precision
 
 
 def run_ours(config, examples, pad_id: int, workdir: Path) -> tuple[float, int]:
-    from mongars_llm.training._trainer import train
+    from mongars_llm.training._sft import train
 
     model, precision = _fresh_peft_model(config)
     started = time.perf_counter()

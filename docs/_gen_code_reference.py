@@ -129,6 +129,11 @@ def http_error_codes() -> dict[str, set[int]]:
                 codes[code].update(s for s in statuses if 100 <= s < 600)
     for code in LLMRuntimeError.CODES:  # runtime errors reach clients with their code
         codes.setdefault(code, set())
+    stack: list[type[LLMRuntimeError]] = [LLMRuntimeError]
+    while stack:  # ... and their class's status
+        cls = stack.pop()
+        codes[cls.default_code].add(cls.http_status)
+        stack.extend(cls.__subclasses__())
     return codes
 
 

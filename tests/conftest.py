@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,31 @@ def bundle_args() -> Callable[..., dict[str, Any]]:
         }
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tokenised_characters() -> Callable[[Any], AbstractContextManager[list[int]]]:
+    """``with tokenised_characters(tokenizer) as seen:`` ``seen`` gets the length in
+    characters of every text the tokenizer is called on (the real tokenizer runs; only
+    its calls are counted): proof that a long input was not tokenised whole."""
+
+    @contextmanager
+    def counting_calls(tokenizer: Any) -> Iterator[list[int]]:
+        cls = type(tokenizer)
+        original = cls.__call__
+        seen: list[int] = []
+
+        def counting(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(text, str):
+                seen.append(len(text))
+            elif isinstance(text, list):
+                seen.extend(len(t) for t in text if isinstance(t, str))
+            return original(self, text, *args, **kwargs)
+
+        cls.__call__ = counting
+        try:
+            yield seen
+        finally:
+            cls.__call__ = original
+
+    return counting_calls

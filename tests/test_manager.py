@@ -172,7 +172,7 @@ def test_manager_loads_a_manifest_path_and_the_configured_file(
     assert "models.yaml" in repr(configured)
 
 
-def test_provision_takes_a_manager_and_the_old_method_is_deprecated(
+def test_provision_takes_a_manager_and_ensure_models_installed_calls_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mongars_llm import provision
@@ -210,18 +210,3 @@ def test_provision_takes_a_manager_and_the_old_method_is_deprecated(
     assert [entry.role for entry in only] == ["general"] and only.ok
     with pytest.raises(UnknownRoleError):
         manager.ensure_models_installed(["nope"])
-
-
-def test_the_manager_layer_never_imports_provisioning() -> None:
-    """manager.py sits below provisioning/: importing it loads no provisioning module."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, mongars_llm.manager as m; m.ModelManager; "
-        "print(sorted(n for n in sys.modules if n.startswith('mongars_llm.provisioning')))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"

@@ -1,22 +1,23 @@
 """The whole exception tree of mongars-llm (standard library only).
 
 Every error says what failed, the offending value, and how to fix it. Each
-class also inherits from the builtin a caller would naturally catch::
+class also inherits from the builtin a caller would naturally catch, and says
+in ``http_status`` how the HTTP server answers it (500 unless shown)::
 
     MongarsError
     ├── ConfigError (ValueError)             bad settings or arguments
     │   ├── ManifestError                     manifest file: path + JSON path
     │   ├── UnknownProfileError (LookupError) lists the available profiles
-    │   └── UnknownRoleError (LookupError)    lists the known roles
+    │   └── UnknownRoleError (LookupError)    lists the known roles          404
     ├── MissingExtraError (ImportError)       names the `pip install` command
     ├── ProvisionError (RuntimeError)         a provider could not fetch/verify
     │   └── ProvisionLockTimeout (TimeoutError)
     ├── LLMRuntimeError (RuntimeError)        load/inference failure, stable `code`
-    │   ├── ModelLoadError                    load_failed
-    │   ├── InvalidInputError (ValueError)     invalid_input
-    │   │   └── InputTooLongError              input_too_long
-    │   ├── AdapterNotFoundError (LookupError) adapter_not_found
-    │   ├── UnsupportedError                   unsupported
+    │   ├── ModelLoadError                    load_failed        503
+    │   ├── InvalidInputError (ValueError)     invalid_input      400
+    │   │   └── InputTooLongError              input_too_long     413
+    │   ├── AdapterNotFoundError (LookupError) adapter_not_found  404
+    │   ├── UnsupportedError                   unsupported        400
     │   ├── GenerationError                    generation_failed
     │   ├── EmbeddingError                     embedding_failed
     │   └── RuntimeClosedError                 closed
@@ -56,6 +57,10 @@ __all__ = [
 
 class MongarsError(Exception):
     """Root of every error raised by mongars-llm."""
+
+    #: the HTTP status the server answers this error with: 4xx when the request is
+    #: at fault (never answered with the fallback reply), 5xx when the server is
+    http_status: ClassVar[int] = 500
 
 
 class ConfigError(MongarsError, ValueError):
@@ -117,6 +122,8 @@ class UnknownRoleError(ConfigError, LookupError):
             f"unknown role {role!r}{scope}; known roles: {', '.join(self.known) or '(none)'}"
         )
 
+    http_status = 404
+
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -170,6 +177,19 @@ class LLMRuntimeError(MongarsError, RuntimeError):
         super().__init__(message)
 
     @classmethod
+    def for_code(cls, code: str) -> type[LLMRuntimeError]:
+        """The class (``cls`` or a subclass) whose :attr:`default_code` is ``code``;
+        ``cls`` itself when none is (an error of the LLM2Vec core, which carries only
+        a code, becomes its class this way)."""
+        pending: list[type[LLMRuntimeError]] = [cls]
+        while pending:
+            kind = pending.pop()
+            if kind.default_code == code:
+                return kind
+            pending.extend(kind.__subclasses__())
+        return cls
+
+    @classmethod
     def wrap(cls, err: BaseException, what: str) -> LLMRuntimeError:
         """``err`` itself when it is already an :class:`LLMRuntimeError`, else a ``cls``
         saying ``what`` failed, caused by ``err`` (an error from torch or transformers)."""
@@ -184,6 +204,7 @@ class ModelLoadError(LLMRuntimeError):
     """The model, its tokenizer or an adapter could not be loaded."""
 
     default_code = "load_failed"
+    http_status = 503
 
 
 class InvalidInputError(LLMRuntimeError, ValueError):
@@ -191,6 +212,7 @@ class InvalidInputError(LLMRuntimeError, ValueError):
     ``param`` is the argument's name when there is one."""
 
     default_code = "invalid_input"
+    http_status = 400
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         self.param = param
@@ -201,12 +223,14 @@ class InputTooLongError(InvalidInputError):
     """The input has more tokens than the runtime's limit."""
 
     default_code = "input_too_long"
+    http_status = 413
 
 
 class AdapterNotFoundError(LLMRuntimeError, LookupError):
     """A call named an adapter that is not loaded."""
 
     default_code = "adapter_not_found"
+    http_status = 404
 
     def __str__(self) -> str:  # LookupError would otherwise repr() the message
         return str(self.args[0])
@@ -216,6 +240,7 @@ class UnsupportedError(LLMRuntimeError):
     """The model cannot do what was asked."""
 
     default_code = "unsupported"
+    http_status = 400
 
 
 class GenerationError(LLMRuntimeError):

@@ -7,17 +7,16 @@
 Layering: this module sits on the manifest layer (``manifest/``, ``settings``)
 and below provisioning. It says *which* models a profile uses and with which
 parameters; :func:`mongars_llm.provision` (``provisioning/``) puts them on disk
-and takes a manager (``provision(roles, manager=manager)``). Nothing here
-imports ``provisioning`` at module level: :meth:`~ModelManager.ensure_models_installed`
-(the same call, DESIGN §2) and the deprecated :meth:`~ModelManager.installed` and
-:meth:`~ModelManager.remove` import it when called.
+and takes a manager (``provision(roles, manager=manager)``). The one upward
+call, written as the single exception in docs/architecture.md and
+tests/test_layering.py, is :meth:`~ModelManager.ensure_models_installed` (the
+same call, DESIGN §2), which imports ``provisioning`` when called.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from .manifest.models import Profile
 from .settings import PROFILE_ENV_VARS, Settings, get_settings, resolve_profile_name
 
 if TYPE_CHECKING:
-    from .provisioning import InstalledModel, ProvisionReport
+    from .provisioning import ProvisionReport
 
 __all__ = ["ModelManager"]
 
@@ -152,30 +151,6 @@ class ModelManager:
         from .provisioning import provision
 
         return provision(roles, force=force, manager=self, **kwargs)
-
-    # ------------------------------------------------------------ deprecated
-    def installed(self) -> list[InstalledModel]:
-        """Deprecated: ``mongars_llm.provisioning.installed_models(manager=manager)``."""
-        _deprecated("installed()", "mongars_llm.provisioning.installed_models(manager=manager)")
-        from .provisioning import installed_models
-
-        return installed_models(manager=self)
-
-    def remove(self, target: str) -> list[InstalledModel]:
-        """Deprecated: ``mongars_llm.provisioning.remove_models(target, manager=manager)``."""
-        _deprecated("remove()", "mongars_llm.provisioning.remove_models(target, manager=manager)")
-        from .provisioning import remove_models
-
-        return remove_models(target, manager=self)
-
-
-def _deprecated(method: str, instead: str) -> None:
-    warnings.warn(
-        f"ModelManager.{method} is deprecated and will be removed in a future release; "
-        f"use {instead}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
 
 
 def _profile_chosen(explicit: str | None, settings: Settings) -> bool:

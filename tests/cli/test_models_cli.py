@@ -393,17 +393,19 @@ def test_the_python_api_lists_and_removes_installs(
     assert provision(["chat"], manager=manager)["chat"].action == "installed"
 
 
-def test_the_deprecated_manager_methods_still_work(
+def test_ensure_models_installed_puts_a_removed_install_back(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from mongars_llm import ModelManager
+    from mongars_llm.provisioning import installed_models, remove_models
 
     _provision(capsys)
     manager = ModelManager("llm_models.json", profile="t")
-    with pytest.deprecated_call(match=r"installed_models\(manager=manager\)"):
-        assert {model.roles for model in manager.installed()} == {("chat",), ("small",)}
-    with pytest.deprecated_call(match=r"remove_models\(target, manager=manager\)"):
-        (removed,) = manager.remove("chat")
+    assert {model.roles for model in installed_models(manager=manager)} == {
+        ("chat",),
+        ("small",),
+    }
+    (removed,) = remove_models("chat", manager=manager)
     assert not removed.path.exists()
     report = manager.ensure_models_installed(["chat"])
     assert report["chat"].action == "installed" and Path(str(report["chat"].path)).exists()

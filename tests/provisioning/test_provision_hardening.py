@@ -25,7 +25,7 @@ import pytest
 
 from mongars_llm.errors import ConfigError, ProvisionError
 from mongars_llm.provisioning import clear_cache, provision
-from mongars_llm.provisioning._adapters import safe_extract
+from mongars_llm.provisioning._adapter_sources import safe_extract
 from mongars_llm.settings import Settings
 
 from .conftest import Olah, write_manifest

@@ -131,7 +131,7 @@ def test_adapters_that_do_not_fit_are_refused_before_anything_is_allocated(
 
 
 def test_no_call_joins_the_gate_while_adapters_change() -> None:
-    from mongars_llm.runtime._adapters import ModeGate
+    from mongars_llm.runtime._adapter_stack import ModeGate
 
     switched: list[Any] = []
     gate = ModeGate(switched.append)

@@ -6,7 +6,7 @@ import inspect
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -173,13 +173,57 @@ def test_error_classes_are_exported_and_keep_their_codes() -> None:
         assert issubclass(cls, MongarsError)
 
 
-def test_the_runtime_does_not_import_the_application_layers() -> None:
+def test_importing_the_runtime_is_cheap() -> None:
+    """Torch and transformers load with the first model; the manifest and provisioning
+    with the first role (their imports sit in functions: tests/test_layering.py reads
+    them all)."""
     code = (
-        "import sys, mongars_llm.runtime._runtime; "
+        "import sys, mongars_llm.runtime, mongars_llm.runtime._runtime; "
         "print(sorted(m for m in sys.modules if m.startswith(('mongars_llm.manager', "
-        "'mongars_llm.provisioning', 'mongars_llm._compose', 'torch'))))"
+        "'mongars_llm.provisioning', 'torch', 'transformers'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _subclasses(cls: type[E]) -> list[type[E]]:
+    found: list[type[E]] = []
+    pending = [cls]
+    while pending:
+        kind = pending.pop()
+        found.append(kind)
+        pending.extend(kind.__subclasses__())
+    return found
+
+
+def test_every_error_class_says_its_http_status() -> None:
+    classes = [c for c in _subclasses(MongarsError) if c.__module__ == "mongars_llm.errors"]
+    assert len(classes) >= 20  # the whole tree of errors.py
+    for cls in classes:
+        assert type(cls.http_status) is int and 400 <= cls.http_status < 600, cls
+    expected = {
+        "InvalidInputError": 400,
+        "InputTooLongError": 413,
+        "AdapterNotFoundError": 404,
+        "UnsupportedError": 400,
+        "ModelLoadError": 503,
+        "UnknownRoleError": 404,
+        "GenerationError": 500,
+        "RuntimeClosedError": 500,
+        "ConfigError": 500,
+    }
+    assert {name: getattr(mongars_llm, name).http_status for name in expected} == expected
+
+
+def test_each_runtime_code_names_one_class() -> None:
+    runtime_classes = _subclasses(LLMRuntimeError)
+    codes = [cls.default_code for cls in runtime_classes]
+    assert len(codes) == len(set(codes)) and set(codes) <= set(LLMRuntimeError.CODES)
+    for cls in runtime_classes:
+        assert LLMRuntimeError.for_code(cls.default_code) is cls
+    assert LLMRuntimeError.for_code("no_such_code") is LLMRuntimeError

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -13,27 +11,6 @@ from mongars_llm.errors import InputTooLongError
 from mongars_llm.runtime._bounds import MARGIN, over_limit_prefix
 
 LONG = "ab cd " * 33_333  # 199,998 characters
-
-
-@contextmanager
-def tokenised_characters(tokenizer: Any) -> Iterator[list[int]]:
-    """The characters of every text the (real) tokenizer is called on."""
-    cls = type(tokenizer)
-    original = cls.__call__
-    seen: list[int] = []
-
-    def counting(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(text, str):
-            seen.append(len(text))
-        elif isinstance(text, list):
-            seen.extend(len(t) for t in text if isinstance(t, str))
-        return original(self, text, *args, **kwargs)
-
-    cls.__call__ = counting
-    try:
-        yield seen
-    finally:
-        cls.__call__ = original
 
 
 def test_a_prefix_over_the_limit_is_found_without_the_whole_text() -> None:
@@ -50,14 +27,18 @@ def test_a_prefix_over_the_limit_is_found_without_the_whole_text() -> None:
     assert over_limit_prefix(count, "x" * 10_000, 100) is None  # one long token: whole text
 
 
-def test_embedding_a_text_far_over_the_limit_is_refused_after_a_prefix(runtime: Any) -> None:
+def test_embedding_a_text_far_over_the_limit_is_refused_after_a_prefix(
+    runtime: Any, tokenised_characters: Any
+) -> None:
     with tokenised_characters(runtime.tokenizer) as seen, pytest.raises(InputTooLongError) as err:
         runtime.embed([LONG], truncate=False)
     assert f"more than max_length={runtime.max_length} tokens" in str(err.value)
     assert sum(seen) < 100_000  # of 199,998
 
 
-def test_truncating_a_text_far_over_the_limit_gives_the_same_vector(runtime: Any) -> None:
+def test_truncating_a_text_far_over_the_limit_gives_the_same_vector(
+    runtime: Any, tokenised_characters: Any
+) -> None:
     """The prefix keeps the text's first tokens: the vector is the one of the whole
     text cut by the tokenizer (computed on a prefix short enough to tokenise whole)."""
     short = LONG[: 4 * runtime.max_length]  # over the limit, under the first prefix tried
@@ -68,7 +49,9 @@ def test_truncating_a_text_far_over_the_limit_gives_the_same_vector(runtime: Any
     np.testing.assert_allclose(vector, runtime.embed([short]), atol=1e-5)
 
 
-def test_a_prompt_far_over_the_limit_is_refused_after_a_prefix(runtime: Any) -> None:
+def test_a_prompt_far_over_the_limit_is_refused_after_a_prefix(
+    runtime: Any, tokenised_characters: Any
+) -> None:
     match = "MONGARS_MODEL__MAX_INPUT_TOKENS"
     for prompt in (LONG, [{"role": "user", "content": LONG}]):
         with tokenised_characters(runtime.tokenizer) as seen:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mongars_llm.runtime._embedding import plan_packed
+from mongars_llm.runtime._embed_plan import plan_packed
 
 from .conftest import runtime_settings
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the server tests (constants, settings, a slow Ollama stand-in)."""
+"""Helpers shared by the server tests (constants, settings, a slow Ollama stand-in, LoRA
+adapters, and what a server answers them: a vector, a greedy reply)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 from pydantic import SecretStr
 
 from mongars_llm.settings import ModelSettings, Settings
@@ -129,3 +132,33 @@ def make_lora_adapter(base: Path, out: Path, seed: int) -> Path:
 #: what the registry records for adapters made by :func:`make_lora_adapter`
 def lora_compatibility(base: Path) -> dict[str, Any]:
     return {"base_model": str(base), "r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+def vector_of(http: httpx.Client, model: str) -> np.ndarray:
+    """The vector the server at ``http`` gives ``model`` for one fixed text."""
+    response = http.post(
+        "/v1/embeddings",
+        json={"model": model, "input": "which adapter answers?", "encoding_format": "float"},
+    )
+    assert response.status_code == 200, response.text
+    return np.array(response.json()["data"][0]["embedding"])
+
+
+def chat_response(http: httpx.Client, model: str) -> httpx.Response:
+    """``model``'s greedy answer (8 tokens at most) to one fixed question."""
+    return http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "which adapter answers?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+    )
+
+
+def chat_reply(http: httpx.Client, model: str) -> str:
+    """The text of :func:`chat_response`, which must be a 200."""
+    response = chat_response(http, model)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])

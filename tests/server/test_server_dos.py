@@ -15,8 +15,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -144,35 +143,13 @@ def test_connections_beyond_the_cap_are_answered_503_at_once(
 # ----------------------------------------------------------------- tokenising
 
 
-@contextmanager
-def _counting_tokenised_characters(tokenizer: Any) -> Iterator[list[int]]:
-    """Record the characters of every text the tokenizer is called on (the real
-    tokenizer runs; only its calls are counted)."""
-    cls = type(tokenizer)
-    original = cls.__call__
-    seen: list[int] = []
-
-    def counting(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(text, str):
-            seen.append(len(text))
-        elif isinstance(text, list):
-            seen.extend(len(t) for t in text if isinstance(t, str))
-        return original(self, text, *args, **kwargs)
-
-    cls.__call__ = counting
-    try:
-        yield seen
-    finally:
-        cls.__call__ = original
-
-
 def test_embedding_inputs_far_over_the_limit_are_refused_without_tokenising_them(
-    live_server: Any, runtime: Any
+    live_server: Any, runtime: Any, tokenised_characters: Any
 ) -> None:
     """40 inputs of 200,000 characters (8 MB): the 413 used to come after 17-33 s of
     tokenising all of them, holding a gigabyte; now after a few thousand characters."""
     body = {"model": "embedding", "input": ["ab cd " * 33_333] * 40}
-    with _counting_tokenised_characters(runtime.tokenizer) as seen:
+    with tokenised_characters(runtime.tokenizer) as seen:
         response = httpx.post(f"{live_server.url}/v1/embeddings", json=body, timeout=300)
     assert response.status_code == 413, response.text
     error = response.json()["error"]
@@ -233,10 +210,10 @@ def test_prompts_are_prepared_off_the_event_loop(live_server: Any, runtime: Any)
 
 
 def test_a_chat_prompt_far_over_the_limit_is_refused_after_a_prefix(
-    live_server: Any, runtime: Any
+    live_server: Any, runtime: Any, tokenised_characters: Any
 ) -> None:
     content = "ab cd " * 33_000  # 198,000 characters, under MONGARS_SERVER_MAX_INPUT_CHARS
-    with _counting_tokenised_characters(runtime.tokenizer) as seen:
+    with tokenised_characters(runtime.tokenizer) as seen:
         response = httpx.post(
             f"{live_server.url}/v1/chat/completions",
             json={"model": "general", "messages": [{"role": "user", "content": content}]},

@@ -9,15 +9,14 @@ real registry written by the registry API, real LoRA adapters.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from serving_support import lora_compatibility, make_lora_adapter, make_settings
+from serving_support import chat_reply, lora_compatibility, make_lora_adapter, vector_of
 
 from mongars_llm.cli import main
 from mongars_llm.registry import AdapterRegistry, digest_tree
@@ -27,29 +26,6 @@ pytestmark = pytest.mark.serve
 #: how long a change in the registry may take to reach the server: generous, because
 #: waiting ends as soon as it arrives (the server polls every 0.1 s)
 FOLLOW_TIMEOUT_S = 120.0
-
-
-@pytest.fixture
-def private_runtime(tiny_model_dir: Path, server_settings: Any) -> Iterator[Any]:
-    """A runtime of its own: this test loads and unloads adapters in it."""
-    from mongars_llm.runtime import UnifiedLLMRuntime
-
-    runtime = UnifiedLLMRuntime.from_pretrained(
-        tiny_model_dir, device="cpu", dtype="float32", settings=server_settings
-    )
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-def _embedding(http: httpx.Client, model: str) -> np.ndarray:
-    response = http.post(
-        "/v1/embeddings",
-        json={"model": model, "input": "which adapter answers?", "encoding_format": "float"},
-    )
-    assert response.status_code == 200, response.text
-    return np.array(response.json()["data"][0]["embedding"])
 
 
 def _wait_for(http: httpx.Client, condition: Callable[[set[str]], bool]) -> set[str]:
@@ -69,48 +45,40 @@ def _promote(registry: AdapterRegistry, version: str, capsys: pytest.CaptureFixt
 
 
 def test_candidates_wait_for_promotion_and_promoted_versions_go_live(
-    tmp_path: Path,
     tiny_model_dir: Path,
-    manifest_path: Path,
-    manager: Any,
-    private_runtime: Any,
-    serve: Callable[..., AbstractContextManager[Any]],
+    adapters: list[Path],
+    adapter_registry: AdapterRegistry,
+    registry_server: Any,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from mongars_llm.server import ServerConfig, create_app
-
-    settings = make_settings(tmp_path, tiny_model_dir, manifest_path)
-    registry = AdapterRegistry(settings.llm_adapter_registry_path)
+    registry = adapter_registry
     compatibility = lora_compatibility(tiny_model_dir)
-    adapters = [make_lora_adapter(tiny_model_dir, tmp_path / f"a{i}", seed=i) for i in (1, 2)]
-
     first = registry.register(adapters[0], name="support", compatibility=compatibility)
     assert first.status == "candidate"
-    app = create_app(settings, private_runtime, manager, config=ServerConfig(registry_poll_s=0.1))
-    with serve(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+    with registry_server() as (http, _):
         # a candidate is loaded for requests that name it, and only for them
         _wait_for(http, lambda ids: "embedding:support-v1" in ids)
-        base = _embedding(http, "embedding:base")
-        v1 = _embedding(http, "embedding:support-v1")
+        base = vector_of(http, "embedding:base")
+        v1 = vector_of(http, "embedding:support-v1")
         assert not np.allclose(v1, base)
-        np.testing.assert_allclose(_embedding(http, "embedding:latest"), v1, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(_embedding(http, "embedding"), base, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding:latest"), v1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding"), base, rtol=1e-5, atol=1e-6)
         assert "embedding:promoted" not in _wait_for(http, lambda ids: True)
 
         # promoted: it goes live for every request that names no adapter
         _promote(registry, "1", capsys)
         _wait_for(http, lambda ids: "embedding:promoted" in ids)
-        np.testing.assert_allclose(_embedding(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
 
         # a newer candidate does not replace the live version
         registry.register(adapters[1], name="support", compatibility=compatibility)
         _wait_for(http, lambda ids: "embedding:support-v2" in ids)
-        v2 = _embedding(http, "embedding:support-v2")
+        v2 = vector_of(http, "embedding:support-v2")
         assert not np.allclose(v2, v1)
-        np.testing.assert_allclose(_embedding(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(_embedding(http, "embedding:promoted"), v1, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(_embedding(http, "embedding:latest"), v2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding:promoted"), v1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding:latest"), v2, rtol=1e-5, atol=1e-6)
         chat = http.post(
             "/v1/chat/completions",
             json={
@@ -125,13 +93,13 @@ def test_candidates_wait_for_promotion_and_promoted_versions_go_live(
         _promote(registry, "2", capsys)
         ids = _wait_for(http, lambda ids: "embedding:support-v1" not in ids)
         assert "embedding:support-v2" in ids
-        np.testing.assert_allclose(_embedding(http, "embedding"), v2, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(_embedding(http, "embedding:base"), base, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding"), v2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding:base"), base, rtol=1e-5, atol=1e-6)
 
         # retiring the live version takes requests back to the base weights
         registry.retire("2")
         _wait_for(http, lambda ids: "embedding:support-v2" not in ids)
-        np.testing.assert_allclose(_embedding(http, "embedding"), base, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(vector_of(http, "embedding"), base, rtol=1e-5, atol=1e-6)
 
         # a promoted version whose files fail their digests never goes live
         _promote(registry, "1", capsys)
@@ -148,36 +116,17 @@ def test_candidates_wait_for_promotion_and_promoted_versions_go_live(
             time.sleep(0.05)
         ids = {card["id"] for card in http.get("/v1/models").json()["data"]}
         assert f"embedding:support-v{bad.version}" not in ids
-        np.testing.assert_allclose(_embedding(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
-
-
-def _chat(http: httpx.Client, model: str) -> str:
-    response = http.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "which adapter answers?"}],
-            "max_tokens": 6,
-            "temperature": 0,
-        },
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["choices"][0]["message"]["content"])
+        np.testing.assert_allclose(vector_of(http, "embedding"), v1, rtol=1e-5, atol=1e-6)
 
 
 def test_a_promoted_embedding_adapter_goes_live_for_embeddings_only(
     tmp_path: Path,
     tiny_model_dir: Path,
-    manifest_path: Path,
-    manager: Any,
-    private_runtime: Any,
-    serve: Callable[..., AbstractContextManager[Any]],
+    adapter_registry: AdapterRegistry,
+    registry_server: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mongars_llm.server import ServerConfig, create_app
-
-    settings = make_settings(tmp_path, tiny_model_dir, manifest_path)
-    registry = AdapterRegistry(settings.llm_adapter_registry_path)
+    registry = adapter_registry
     adapter = make_lora_adapter(tiny_model_dir, tmp_path / "embed", seed=3)
     registry.register(
         adapter,
@@ -186,11 +135,13 @@ def test_a_promoted_embedding_adapter_goes_live_for_embeddings_only(
         use="embed",
         objective="contrastive",
     )
-    app = create_app(settings, private_runtime, manager, config=ServerConfig(registry_poll_s=0.1))
-    with serve(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+    with registry_server() as (http, _):
         _wait_for(http, lambda ids: "embedding:support-v1" in ids)
-        base_vector, base_reply = _embedding(http, "embedding:base"), _chat(http, "general:base")
-        assert not np.allclose(_embedding(http, "embedding:support-v1"), base_vector)
+        base_vector, base_reply = (
+            vector_of(http, "embedding:base"),
+            chat_reply(http, "general:base"),
+        )
+        assert not np.allclose(vector_of(http, "embedding:support-v1"), base_vector)
         # an embedding adapter named in a chat request: a 400 that names the right route
         wrong = http.post(
             "/v1/chat/completions",
@@ -200,6 +151,6 @@ def test_a_promoted_embedding_adapter_goes_live_for_embeddings_only(
         assert "/v1/embeddings" in wrong.json()["error"]["message"]
         _promote(registry, "1", capsys)
         _wait_for(http, lambda ids: "embedding:promoted" in ids)
-        live = _embedding(http, "embedding")
+        live = vector_of(http, "embedding")
         assert not np.allclose(live, base_vector)  # embeddings use the live adapter
-        assert _chat(http, "general") == base_reply  # chat never sees an embedding adapter
+        assert chat_reply(http, "general") == base_reply  # chat never sees an embedding adapter

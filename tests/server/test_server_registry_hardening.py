@@ -13,15 +13,14 @@ import concurrent.futures
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from serving_support import lora_compatibility, make_lora_adapter, make_settings
+from serving_support import chat_reply, chat_response, lora_compatibility, vector_of
 
 from mongars_llm.registry import AdapterRegistry
 
@@ -30,51 +29,6 @@ pytestmark = pytest.mark.serve
 #: how long a registry change may take to reach the server: waiting ends when it arrives
 FOLLOW_TIMEOUT_S = 120.0
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture
-def private_runtime(tiny_model_dir: Path, server_settings: Any) -> Iterator[Any]:
-    from mongars_llm.runtime import UnifiedLLMRuntime
-
-    runtime = UnifiedLLMRuntime.from_pretrained(
-        tiny_model_dir, device="cpu", dtype="float32", settings=server_settings
-    )
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-@pytest.fixture
-def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return [make_lora_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in (1, 2)]
-
-
-@pytest.fixture
-def server(
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    manifest_path: Path,
-    manager: Any,
-    private_runtime: Any,
-    serve: Callable[..., AbstractContextManager[Any]],
-) -> Callable[[], AbstractContextManager[tuple[httpx.Client, AdapterRegistry]]]:
-    """``with server() as (http, registry):`` a server polling its registry every 0.1 s."""
-    from mongars_llm.server import ServerConfig, create_app
-
-    settings = make_settings(tmp_path, tiny_model_dir, manifest_path)
-    registry = AdapterRegistry(settings.llm_adapter_registry_path)
-
-    @contextmanager
-    def run() -> Iterator[tuple[httpx.Client, AdapterRegistry]]:
-        app = create_app(
-            settings, private_runtime, manager, config=ServerConfig(registry_poll_s=0.1)
-        )
-        with serve(app) as live, httpx.Client(base_url=live.url, timeout=120) as http:
-            yield http, registry
-
-    return run
 
 
 def _register(registry: AdapterRegistry, folder: Path, **kwargs: Any) -> str:
@@ -88,33 +42,6 @@ def _listed(http: httpx.Client, model: str) -> None:
     """Wait until the server follows the registry up to ``model`` (a new version)."""
     ids = lambda: {card["id"] for card in http.get("/v1/models").json()["data"]}  # noqa: E731
     _wait(f"listed {model}", lambda: model in ids())
-
-
-def _embedding(http: httpx.Client, model: str) -> np.ndarray:
-    response = http.post(
-        "/v1/embeddings",
-        json={"model": model, "input": "which adapter answers?", "encoding_format": "float"},
-    )
-    assert response.status_code == 200, response.text
-    return np.array(response.json()["data"][0]["embedding"])
-
-
-def _chat(http: httpx.Client, model: str) -> httpx.Response:
-    return http.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "which adapter answers?"}],
-            "max_tokens": 8,
-            "temperature": 0,
-        },
-    )
-
-
-def _reply(http: httpx.Client, model: str) -> str:
-    response = _chat(http, model)
-    assert response.status_code == 200, response.text
-    return str(response.json()["choices"][0]["message"]["content"])
 
 
 def _registry_status(http: httpx.Client) -> dict[str, Any]:
@@ -139,15 +66,15 @@ def _failed_versions(http: httpx.Client) -> set[str]:
 
 
 def test_promoting_a_loaded_version_whose_weights_were_swapped_never_serves_them(
-    server: Any, adapters: list[Path], tmp_path: Path
+    registry_server: Any, adapters: list[Path], tmp_path: Path
 ) -> None:
     good = tmp_path / "good.safetensors"
     shutil.copy(adapters[0] / WEIGHTS, good)
-    with server() as (http, registry):
+    with registry_server() as (http, registry):
         v1 = _register(registry, adapters[0])
         _listed(http, "embedding:support-v1")
-        base = _embedding(http, "embedding:base")
-        v1_vector = _embedding(http, "embedding:support-v1")  # loads (and checks) v1
+        base = vector_of(http, "embedding:base")
+        v1_vector = vector_of(http, "embedding:support-v1")  # loads (and checks) v1
         swapped_vector = None
         # the files change on disk after the server loaded them: another adapter's weights
         folder = registry.adapter_path(v1)
@@ -156,7 +83,7 @@ def test_promoting_a_loaded_version_whose_weights_were_swapped_never_serves_them
 
         def settled() -> bool:
             nonlocal swapped_vector
-            live = _embedding(http, "embedding")
+            live = vector_of(http, "embedding")
             if not _same(live, base):
                 swapped_vector = live  # it went live: with the swapped weights or not
                 return True
@@ -169,16 +96,17 @@ def test_promoting_a_loaded_version_whose_weights_were_swapped_never_serves_them
         failure = next(f for f in status["failed"] if f["version"] == v1)
         assert WEIGHTS in failure["error"] and "recorded" in failure["error"]
         # the verified weights loaded before the swap still answer requests that name them
-        assert _same(_embedding(http, "embedding:support-v1"), v1_vector)
+        assert _same(vector_of(http, "embedding:support-v1"), v1_vector)
 
         # a hand-added checksum key outside the adapter folder is checked at promotion too
         shutil.copy(good, folder / WEIGHTS)  # the right weights again
         _wait(
-            "took the fixed version live", lambda: _same(_embedding(http, "embedding"), v1_vector)
+            "took the fixed version live",
+            lambda: _same(vector_of(http, "embedding"), v1_vector),
         )
         v2 = _register(registry, adapters[1])
         _listed(http, "embedding:support-v2")
-        assert not _same(_embedding(http, "embedding:support-v2"), v1_vector)  # v2 loaded
+        assert not _same(vector_of(http, "embedding:support-v2"), v1_vector)  # v2 loaded
         manifest_file = registry.manifest_path
         manifest = json.loads(manifest_file.read_text())
         for entry in manifest["entries"]:
@@ -190,19 +118,19 @@ def test_promoting_a_loaded_version_whose_weights_were_swapped_never_serves_them
         assert "'../../etc/hostname'" in next(
             f["error"] for f in _registry_status(http)["failed"] if f["version"] == v2
         )
-        assert _same(_embedding(http, "embedding"), v1_vector)  # the previous live version
+        assert _same(vector_of(http, "embedding"), v1_vector)  # the previous live version
 
 
 def test_a_version_that_failed_is_retried_once_fixed_and_readyz_shows_the_divergence(
-    server: Any, adapters: list[Path], tmp_path: Path
+    registry_server: Any, adapters: list[Path], tmp_path: Path
 ) -> None:
     good = tmp_path / "good.safetensors"
     shutil.copy(adapters[0] / WEIGHTS, good)
-    with server() as (http, registry):
-        base = _embedding(http, "embedding:base")
+    with registry_server() as (http, registry):
+        base = vector_of(http, "embedding:base")
         v1 = _register(registry, adapters[0])
         _listed(http, "embedding:support-v1")
-        v1_vector = _embedding(http, "embedding:support-v1")
+        v1_vector = vector_of(http, "embedding:support-v1")
         shutil.copy(adapters[1] / WEIGHTS, adapters[0] / WEIGHTS)  # damaged on disk
         _register(registry, adapters[1], name="other")  # v2: v1 is no longer a candidate
         _wait("unloaded v1", lambda: "embedding:support-v1" not in http.get("/v1/models").text)
@@ -212,23 +140,23 @@ def test_a_version_that_failed_is_retried_once_fixed_and_readyz_shows_the_diverg
         assert status["promoted"] == v1 and status["live"] is None and status["in_sync"] is False
         registered = {r["version"]: r for r in status["registered"]}
         assert registered[v1]["loaded"] is False and registered[v1]["status"] == "promoted"
-        assert _same(_embedding(http, "embedding"), base)
+        assert _same(vector_of(http, "embedding"), base)
         # the files are restored; the registry itself does not change: the server retries
         shutil.copy(good, adapters[0] / WEIGHTS)
         _wait("retried the fixed version", lambda: _registry_status(http)["live"] == v1)
         status = _registry_status(http)
         assert status["in_sync"] is True and status["failed"] == []
-        assert _same(_embedding(http, "embedding"), v1_vector)
+        assert _same(vector_of(http, "embedding"), v1_vector)
 
 
 def test_candidates_load_on_first_use_after_a_rank_and_shape_check(
-    server: Any, adapters: list[Path], tmp_path: Path
+    registry_server: Any, adapters: list[Path], tmp_path: Path
 ) -> None:
     huge = tmp_path / "huge"
     shutil.copytree(adapters[0], huge)
     config = json.loads((huge / "adapter_config.json").read_text())
     (huge / "adapter_config.json").write_text(json.dumps({**config, "r": 1_000_000}))
-    with server() as (http, registry):
+    with registry_server() as (http, registry):
         v1 = _register(registry, huge)  # digests of the edited files: they verify
         _wait(
             "listed the candidate",
@@ -247,28 +175,29 @@ def test_candidates_load_on_first_use_after_a_rank_and_shape_check(
         assert again.status_code == 500 and "rank r=1000000" in again.text
         v2 = _register(registry, adapters[1])
         _listed(http, "embedding:support-v2")
-        assert not _same(_embedding(http, "embedding:latest"), _embedding(http, "embedding:base"))
+        assert not _same(vector_of(http, "embedding:latest"), vector_of(http, "embedding:base"))
         registered = {r["version"]: r for r in _registry_status(http)["registered"]}
         assert registered[v2]["loaded"] is True
 
 
 def test_latest_in_a_chat_request_is_the_newest_chat_adapter(
-    server: Any, adapters: list[Path]
+    registry_server: Any, adapters: list[Path]
 ) -> None:
-    with server() as (http, registry):
+    with registry_server() as (http, registry):
         chat = _register(registry, adapters[0], name="helper")
         embed = _register(
             registry, adapters[1], name="finder", use="embed", objective="contrastive"
         )
         _listed(http, f"embedding:finder-v{embed}")
-        helper_reply = _reply(http, f"general:helper-v{chat}")
-        assert helper_reply != _reply(http, "general:base")
-        assert _reply(http, "general:latest") == helper_reply  # not the newer embed adapter
+        helper_reply = chat_reply(http, f"general:helper-v{chat}")
+        assert helper_reply != chat_reply(http, "general:base")
+        assert chat_reply(http, "general:latest") == helper_reply  # not the newer embed adapter
         assert _same(
-            _embedding(http, "embedding:latest"), _embedding(http, f"embedding:finder-v{embed}")
+            vector_of(http, "embedding:latest"),
+            vector_of(http, f"embedding:finder-v{embed}"),
         )
         for model in ("general:finder", f"general:finder-v{embed}"):
-            wrong = _chat(http, model)
+            wrong = chat_response(http, model)
             assert wrong.status_code == 400, wrong.text
             error = wrong.json()["error"]
             assert error["code"] == "adapter_wrong_use" and "use='embed'" in error["message"]
@@ -276,15 +205,15 @@ def test_latest_in_a_chat_request_is_the_newest_chat_adapter(
 
 
 def test_greedy_replies_are_never_torn_while_versions_are_promoted_and_retired(
-    server: Any, adapters: list[Path]
+    registry_server: Any, adapters: list[Path]
 ) -> None:
-    with server() as (http, registry):
+    with registry_server() as (http, registry):
         v1 = _register(registry, adapters[0])
         _listed(http, f"general:support-v{v1}")
-        expected = {_reply(http, "general:base"), _reply(http, "general:latest")}
+        expected = {chat_reply(http, "general:base"), chat_reply(http, "general:latest")}
         v2 = _register(registry, adapters[1], name="other")
         _listed(http, f"general:other-v{v2}")
-        expected.add(_reply(http, f"general:other-v{v2}"))
+        expected.add(chat_reply(http, f"general:other-v{v2}"))
         assert len(expected) == 3  # re-registered copies below answer as v1 and v2 do
 
         def v3() -> None:
@@ -301,7 +230,7 @@ def test_greedy_replies_are_never_torn_while_versions_are_promoted_and_retired(
         replies: list[str] = []
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             for action in actions:
-                running = [pool.submit(_reply, http, "general") for _ in range(16)]
+                running = [pool.submit(chat_reply, http, "general") for _ in range(16)]
                 action()
                 replies.extend(f.result() for f in running)
         torn = [r for r in replies if r not in expected]

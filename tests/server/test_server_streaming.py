@@ -20,7 +20,16 @@ import httpx
 import pytest
 from serving_support import MAX_NEW_TOKENS
 
-from mongars_llm.errors import LLMRuntimeError
+from mongars_llm.errors import (
+    AdapterNotFoundError,
+    GenerationError,
+    InputTooLongError,
+    InvalidInputError,
+    LLMRuntimeError,
+    ModelLoadError,
+    RuntimeClosedError,
+    UnsupportedError,
+)
 from mongars_llm.server import create_app
 
 pytestmark = pytest.mark.serve
@@ -216,15 +225,48 @@ def test_without_a_fallback_reply_the_failure_is_a_structured_500(
 
 @pytest.mark.parametrize("path", ENDPOINTS)
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize(("code", "status"), [("invalid_input", 400), ("input_too_long", 413)])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (InvalidInputError, 400),
+        (InputTooLongError, 413),
+        (AdapterNotFoundError, 404),
+        (UnsupportedError, 400),
+    ],
+)
 def test_client_errors_from_the_runtime_are_never_the_fallback(
-    servers: dict[str, Any], fail: FailingRuntime, path: str, stream: bool, code: str, status: int
+    servers: dict[str, Any],
+    fail: FailingRuntime,
+    path: str,
+    stream: bool,
+    error: type[LLMRuntimeError],
+    status: int,
 ) -> None:
-    fail.error = LLMRuntimeError(f"the input is refused ({code})", code=code)
+    fail.error = error(f"the input is refused ({error.default_code})")
     response = post(servers["fallback"], path, stream=stream)
-    assert response.status_code == status
+    assert response.status_code == status == error.http_status
     assert "x-mongars-fallback" not in response.headers
-    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["code"] == error.default_code
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("error", [ModelLoadError, GenerationError, RuntimeClosedError])
+def test_server_errors_from_the_runtime_answer_their_class_status(
+    servers: dict[str, Any], fail: FailingRuntime, stream: bool, error: type[LLMRuntimeError]
+) -> None:
+    fail.error = error(f"the server failed ({error.default_code})")
+    response = post(servers["plain"], "/v1/chat/completions", stream=stream)
+    assert response.status_code == error.http_status
+    assert response.json()["error"] == {
+        "message": f"the server failed ({error.default_code})",
+        "type": "server_error",
+        "param": None,
+        "code": error.default_code,
+    }
+    assert ("retry-after" in response.headers) == (error.http_status == 503)
+    fallback = post(servers["fallback"], "/v1/chat/completions", stream=stream)
+    assert fallback.status_code == 200
+    assert fallback.headers["x-mongars-fallback"] == error.default_code
 
 
 def test_a_failed_completion_of_several_prompts_falls_back_for_each(

@@ -17,17 +17,16 @@ import pytest
 import torch
 
 from mongars_llm.training._config import load_bundle_config
-from mongars_llm.training._contrastive import (
+from mongars_llm.training._contrastive import _contrastive_micro_batch, contrastive_batch
+from mongars_llm.training._model import build_peft_model
+from mongars_llm.training._pairs import PairExample
+from mongars_llm.training._vectors import (
     EmbeddingSpec,
-    _contrastive_micro_batch,
-    contrastive_objective,
     embedder,
     encode_texts,
     evaluate_retrieval,
     forward_groups,
 )
-from mongars_llm.training._pairs import PairExample
-from mongars_llm.training._trainer import build_peft_model
 
 WORDS = ["the", "brown", "fox", "runs", "over", "two", "low", "dogs", "and", "cat", "maps", "text"]
 
@@ -74,7 +73,7 @@ def _fed_tokens(model: Any) -> Iterator[list[int]]:
 
 
 def _real_tokens(tokenizer: Any, items: list[tuple[str, str]], spec: EmbeddingSpec) -> int:
-    from mongars_llm.training._contrastive import _encode
+    from mongars_llm.training._vectors import _encode
 
     return sum(len(e) for e in _encode(tokenizer, items, spec))
 
@@ -82,7 +81,7 @@ def _real_tokens(tokenizer: Any, items: list[tuple[str, str]], spec: EmbeddingSp
 def test_a_step_does_not_pad_queries_to_the_passages(tiny_base: Path, tiny_tokenizer: Any) -> None:
     model, config, spec = _model(tiny_base)
     pairs = _pairs()
-    items = contrastive_objective(pairs, config, device="cpu").items
+    items = contrastive_batch(pairs, config, device="cpu").items
     real = _real_tokens(tiny_tokenizer, items, spec)
     with _fed_tokens(model) as fed:
         loss = _contrastive_micro_batch(
@@ -96,10 +95,10 @@ def test_a_step_does_not_pad_queries_to_the_passages(tiny_base: Path, tiny_token
 def test_the_grouped_step_has_the_loss_and_gradient_of_one_padded_batch(
     tiny_base: Path, tiny_tokenizer: Any
 ) -> None:
-    from mongars_llm.training._contrastive import _embed_encoded, _encode
+    from mongars_llm.training._vectors import _embed_encoded, _encode
 
     model, config, spec = _model(tiny_base)
-    objective = contrastive_objective(_pairs(), config, device="cpu")
+    objective = contrastive_batch(_pairs(), config, device="cpu")
     assert len(forward_groups([len(e) for e in _encode(tiny_tokenizer, objective.items, spec)],
                               device="cpu")) > 1  # fmt: skip
     whole = objective.loss(

@@ -9,8 +9,9 @@ import pytest
 
 from mongars_llm.errors import DatasetError
 from mongars_llm.training import LengthStats, build_bundle, validate_dataset
-from mongars_llm.training._data import IGNORE_INDEX, load_examples, read_jsonl_rows
-from mongars_llm.training._trainer import collate
+from mongars_llm.training._batches import collate
+from mongars_llm.training._data import IGNORE_INDEX, load_examples
+from mongars_llm.training._jsonl import read_jsonl_rows
 
 GOOD = {"prompt": "What is LoRA?", "completion": " A low-rank adapter."}
 MIXED_LINES = [

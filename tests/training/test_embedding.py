@@ -15,7 +15,7 @@ import pytest
 from mongars_llm.errors import DatasetError
 from mongars_llm.registry import AdapterRegistry
 from mongars_llm.training import build_bundle
-from mongars_llm.training._data import _load_tokenizer
+from mongars_llm.training._records import load_tokenizer
 
 GOOD = {"query": "find dog fox", "positive": "the passage on fox dog is here."}
 PAIR_LINES = [
@@ -180,13 +180,13 @@ def test_the_trainers_vectors_are_the_runtimes(contrastive: Any, bidirectional: 
     """Training and serving embed the same way: the trainer's encode path (eval mode)
     and the runtime's ``embed`` with the adapter give the same vectors."""
     from mongars_llm.runtime import UnifiedLLMRuntime
-    from mongars_llm.training._contrastive import EmbeddingSpec, embedder
+    from mongars_llm.training._vectors import EmbeddingSpec, embedder
 
     model = contrastive.model
     model.eval()
     spec = EmbeddingSpec.of(contrastive.config, model)
     spec = dataclasses.replace(spec, bidirectional=bidirectional)
-    tokenizer = _load_tokenizer(contrastive.run_dir / "tokenizer")
+    tokenizer = load_tokenizer(contrastive.run_dir / "tokenizer")
     trained = embedder(model, tokenizer, spec, device="cpu", batch_size=8)(TEXTS)
     rt = UnifiedLLMRuntime.from_pretrained(
         contrastive.config.base_model,

@@ -12,14 +12,10 @@ import torch
 from mongars_llm.errors import ConfigError
 from mongars_llm.training import build_bundle
 from mongars_llm.training._config import load_bundle_config
-from mongars_llm.training._contrastive import (
-    EmbeddingSpec,
-    backward_in_chunks,
-    contrastive_objective,
-    encode_texts,
-)
+from mongars_llm.training._contrastive import backward_in_chunks, contrastive_batch
+from mongars_llm.training._model import build_peft_model
 from mongars_llm.training._pairs import PairExample
-from mongars_llm.training._trainer import build_peft_model
+from mongars_llm.training._vectors import EmbeddingSpec, encode_texts
 
 
 def _model(tiny_base: Path, *, lora_dropout: float) -> Any:
@@ -53,7 +49,7 @@ def test_chunked_gradient_equals_the_whole_batch(
     tiny_base: Path, tiny_tokenizer: Any, make_pairs
 ) -> None:
     model, config, spec = _model(tiny_base, lora_dropout=0.0)
-    objective = contrastive_objective(_batch(make_pairs), config, device="cpu")
+    objective = contrastive_batch(_batch(make_pairs), config, device="cpu")
     items, loss_of = objective.items, objective.loss
     assert len(items) == 36  # 12 queries, 12 positives, 12 hard negatives
     whole = loss_of(encode_texts(model, tiny_tokenizer, items, spec, device="cpu"))
@@ -74,7 +70,7 @@ def test_the_second_pass_replays_the_dropout_masks(
     """With dropout on, the recomputed chunk must see the masks of the first pass, or the
     gradient belongs to other vectors than the loss: one chunk equals the plain step."""
     model, config, spec = _model(tiny_base, lora_dropout=0.3)
-    objective = contrastive_objective(_batch(make_pairs), config, device="cpu")
+    objective = contrastive_batch(_batch(make_pairs), config, device="cpu")
     items, loss_of = objective.items, objective.loss
     torch.manual_seed(1)
     plain = loss_of(encode_texts(model, tiny_tokenizer, items, spec, device="cpu"))

@@ -139,9 +139,9 @@ def test_a_resumed_mntp_run_ends_where_a_straight_run_ends(
 
 def _interrupt_after(steps: int, build: Any) -> Any:
     """Run ``build`` and press Ctrl-C once ``steps`` optimisation steps are done."""
-    from mongars_llm.training import _trainer
+    from mongars_llm.training import _run
 
-    original = _trainer.TrainingRun.run
+    original = _run.TrainingRun.run
 
     def run(self: Any, step_fn: Any, **kwargs: Any) -> None:
         def counted(step: int) -> Any:
@@ -151,11 +151,11 @@ def _interrupt_after(steps: int, build: Any) -> Any:
 
         original(self, counted, **kwargs)
 
-    _trainer.TrainingRun.run = run  # type: ignore[method-assign]
+    _run.TrainingRun.run = run  # type: ignore[method-assign]
     try:
         return build()
     finally:
-        _trainer.TrainingRun.run = original  # type: ignore[method-assign]
+        _run.TrainingRun.run = original  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------------ stacking
@@ -195,14 +195,14 @@ def test_the_stacked_adapter_embeds_as_it_was_trained(stacked: Any) -> None:
     weights; their vectors are the trainer's (mntp merged into the base, contrastive LoRA
     on top)."""
     from mongars_llm.runtime import UnifiedLLMRuntime
-    from mongars_llm.training._contrastive import EmbeddingSpec, embedder
-    from mongars_llm.training._data import _load_tokenizer
+    from mongars_llm.training._records import load_tokenizer
+    from mongars_llm.training._vectors import EmbeddingSpec, embedder
 
     texts = ["find dog fox", "the passage on fox dog is here.", "cat map"]
     model = stacked.model
     model.eval()
     spec = EmbeddingSpec.of(stacked.config, model)
-    tokenizer = _load_tokenizer(stacked.run_dir / "tokenizer")
+    tokenizer = load_tokenizer(stacked.run_dir / "tokenizer")
     trained = embedder(model, tokenizer, spec, device="cpu", batch_size=8)(texts)
     registry = AdapterRegistry(stacked.config.registry_path)
     rt = UnifiedLLMRuntime.from_pretrained(

@@ -4,7 +4,7 @@ The pairs file is read as ``bundle build --objective contrastive`` reads it; the
 model loads as ``mongars-llm embed`` loads it (a role, or ``--base-model``); the
 base is evaluated first, then the adapter is loaded beside it (``use="embed"``)
 and the same pairs are evaluated again. Metrics: see
-``mongars_llm.training._retrieval``.
+:func:`mongars_llm.training.retrieval_metrics`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _resolve_adapter(
                 f"--adapter {args.adapter}: the folder has no adapter_config.json; give a peft "
                 "adapter folder (a bundle's adapter/) or a registry name"
             )
-        from ..training._stacking import adapter_use
+        from ..training import adapter_use
 
         _refuse_chat_adapter(args.adapter, *adapter_use(folder))
         return folder, str(folder), None, {}
@@ -140,7 +140,7 @@ def _resolve_adapter(
 
 def _refuse_chat_adapter(reference: str, use: str | None, objective: str | None) -> None:
     """Retrieval figures mean something for an embedding adapter only (``use=embed``)."""
-    from ..training._stacking import describe_use, is_chat_adapter
+    from ..training import describe_use, is_chat_adapter
 
     if not is_chat_adapter(use, objective):
         return
@@ -154,7 +154,7 @@ def _refuse_chat_adapter(reference: str, use: str | None, objective: str | None)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..training._retrieval import evaluate_pairs, read_pairs
+    from ..training import evaluate_pairs, read_pairs
     from ._runtime import load_runtime
 
     if args.batch_size < 1:

@@ -32,9 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..testing import example_dataset_path, fact_dataset_paths
+
+if TYPE_CHECKING:
+    from ..training import BundleResult
 
 __all__ = [
     "REAL_MODEL_INSTALL",
@@ -374,19 +377,26 @@ class _Demo:
             "parameters": sum(p.numel() for p in runtime.model.parameters()),
         }
 
-    def train(self) -> dict[str, Any]:
+    def _build_bundle(self, **config: Any) -> BundleResult:
+        """``build_bundle`` on the demo's model, into its work dir, seeded, with no bar (the
+        runtime is released first: training loads its own copy)."""
         from ..training import build_bundle
 
         self.release()
-        result = build_bundle(
-            dataset_path=self.plan.dataset,
-            eval_dataset_path=self.plan.eval_dataset,
+        return build_bundle(
             base_model=str(self.state["model_path"]),
             output_dir=self.workdir / "runs",
             registry_path=self.workdir / "models" / "encoders",
-            run_name="demo",
             seed=0,
             progress=False,
+            **config,
+        )
+
+    def train(self) -> dict[str, Any]:
+        result = self._build_bundle(
+            dataset_path=self.plan.dataset,
+            eval_dataset_path=self.plan.eval_dataset,
+            run_name="demo",
             **self.plan.training,
         )
         self.state["bundle"] = result
@@ -469,22 +479,14 @@ class _Demo:
         adapter in the runtime (embeddings only: chat stays as it was)."""
         import numpy as np
 
-        from ..training import build_bundle
-
         train, held_out = (
             Path(str(resources.files("mongars_llm") / "_data" / n)) for n in SEARCH_PAIRS
         )
-        self.release()
-        result = build_bundle(
+        result = self._build_bundle(
             objective="contrastive",
             dataset_path=train,
             eval_dataset_path=held_out,
-            base_model=str(self.state["model_path"]),
-            output_dir=self.workdir / "runs",
-            registry_path=self.workdir / "models" / "encoders",
             run_name="demo-search",
-            seed=0,
-            progress=False,
             **self.plan.embedding_training,
         )
         base, tuned = result.metrics["retrieval_base"], result.metrics["retrieval"]

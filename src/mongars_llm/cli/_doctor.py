@@ -94,7 +94,7 @@ def _cpu_threads(settings: Settings) -> dict[str, Any]:
     try:
         import torch
 
-        from ..runtime._loading import choose_cpu_threads, usable_cpus
+        from ..runtime import choose_cpu_threads, usable_cpus
     except Exception as err:  # a broken torch install is a finding, not a crash
         return {"runtime": None, "torch_default": None, "why": f"torch failed to import: {err}"}
     threads, why = choose_cpu_threads(settings.model.cpu_threads)

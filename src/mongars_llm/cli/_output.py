@@ -1,7 +1,9 @@
-"""Shared output helpers for CLI commands: one JSON document, or a readable table."""
+"""Shared helpers of the CLI commands: one JSON document, a readable table, text safe for a
+terminal, and the ``--help`` pieces every command has (examples, a group of subcommands)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -10,7 +12,7 @@ from typing import Any, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["examples", "print_json", "print_table", "terminal_safe", "valid_text"]
+__all__ = ["command_group", "examples", "print_json", "print_table", "terminal_safe", "valid_text"]
 
 #: C0 controls but tab and newline, DEL, and C1 controls: a terminal acts on them
 #: (ESC [ 2 J clears the screen, OSC 52 writes the clipboard) instead of showing them
@@ -44,10 +46,18 @@ def valid_text(text: str, where: str) -> str:
     )
 
 
+def command_group(
+    subparsers: argparse._SubParsersAction, name: str, **parser_options: Any
+) -> argparse._SubParsersAction:
+    """Add ``mongars-llm <name> COMMAND``: its subcommands' ``add_parser``. Given no
+    command, it prints its help on stderr and exits 2 (a usage error)."""
+    parser = subparsers.add_parser(name, **parser_options)
+    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), 2)[1])
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+
 def examples(*lines: str, note: str | None = None) -> dict[str, Any]:
     """``add_parser`` keywords for an ``examples:`` epilog kept as written in ``--help``."""
-    import argparse
-
     text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
     if note:
         text += "\n\n" + note

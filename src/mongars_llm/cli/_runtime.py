@@ -199,21 +199,24 @@ def _choose_adapter(
 
 def _folder_adapter(folder: Path) -> AdapterChoice:
     """An adapter folder; ``llm2vec_config.json`` (written by embedding runs) marks an
-    embedding adapter and says how it embeds."""
-    import json
+    embedding adapter and says how it embeds (one that cannot be read marks nothing; a
+    wrong one is a :class:`ConfigError`)."""
+    from ..runtime import EmbeddingConfig
 
     folder = folder.resolve()
     try:
-        trained = json.loads((folder / "llm2vec_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        trained = EmbeddingConfig.read(folder)
+    except OSError:
         trained = None
-    if not isinstance(trained, dict):
+    except ValueError as err:
+        raise ConfigError(f"--adapter: {err}") from err
+    if trained is None:
         return AdapterChoice(name=folder.name, path=folder, label=str(folder))
     embedding = {
-        "pooling": trained.get("pooling") or trained.get("pooling_mode"),
-        "bidirectional": trained.get("bidirectional"),
-        "instruction": trained.get("instruction"),
-        "objective": trained.get("objective"),
+        "pooling": trained.pooling,
+        "bidirectional": trained.bidirectional,
+        "instruction": trained.instruction,
+        "objective": trained.objective,
     }
     return AdapterChoice(
         name=folder.name, path=folder, use="embed", label=str(folder), embedding=embedding
@@ -245,7 +248,7 @@ def _check_model(args: argparse.Namespace, manager: ModelManager) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    from ..provisioning._local_copy import provisioned_copy
+    from ..provisioning import provisioned_copy
 
     if provisioned_copy(source, settings=manager.settings) is not None:
         return

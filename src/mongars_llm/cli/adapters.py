@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._output import examples, print_json, print_table
+from ._output import command_group, examples, print_json, print_table
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -87,7 +87,8 @@ def _set_status(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "adapters",
         help="list and manage the adapter registry",
         description="The adapter registry (MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user "
@@ -100,8 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm adapters retire 2 --registry-path ./registry",
         ),
     )
-    commands = parser.add_subparsers(dest="adapters_command", metavar="COMMAND")
-    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(

@@ -7,109 +7,130 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import DatasetError
+from ..training import BundleConfig
 from ._bundle_eval import add_eval_parser
-from ._output import examples, print_json
+from ._output import command_group, examples, print_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: steps between two progress lines when stderr is not a terminal (the bar's stand-in)
 PROGRESS_EVERY = 10
 
-# flag -> BundleConfig field for the plain value options (None = not given)
-_VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--dataset-path", "dataset_path", Path, "training JSONL file"),
-    ("--dataset-id", "dataset_id", str, "Hugging Face dataset id (needs the [train] extra)"),
-    ("--dataset-split", "dataset_split", str, "split of --dataset-id (default: train)"),
-    ("--dataset-config", "dataset_config", str, "configuration name of --dataset-id"),
-    ("--eval-dataset-path", "eval_dataset_path", Path, "eval JSONL file"),
-    ("--eval-dataset-id", "eval_dataset_id", str, "Hugging Face dataset id for eval"),
-    ("--eval-dataset-split", "eval_dataset_split", str, "split of --eval-dataset-id"),
-    ("--eval-fraction", "eval_fraction", float, "held-out share when no eval set (0.1)"),
-    (
-        "--base-model",
-        "base_model",
-        str,
-        "the model to fine-tune: a Hub id (org/name), a checkpoint folder, a .gguf or pkg:// "
-        "file, or a role of the active profile (provisioned first). Default: the profile's "
-        "'general' role, the model `mongars-llm chat` loads: without CUDA the built-in 'smol' "
-        "profile's SmolLM2-135M, with CUDA 'default' (dphn/Dolphin-X1-8B); choose the profile "
-        "with LLM_MODELS_PROFILE",
-    ),
-    ("--base-model-revision", "base_model_revision", str, "branch, tag or commit to pin"),
-    ("--output-dir", "output_dir", Path, "parent of run directories (<registry>/runs)"),
-    (
-        "--registry-path",
-        "registry_path",
-        Path,
-        "adapter registry (MONGARS_LLM_ADAPTER_REGISTRY_PATH, else the user data dir's encoders/)",
-    ),
-    ("--run-name", "run_name", str, "run directory name (generated when unset)"),
-    ("--adapter-name", "adapter_name", str, "registry name (the run name when unset)"),
-    ("--epochs", "epochs", float, "passes over the data (1)"),
-    ("--max-steps", "max_steps", int, "optimizer steps; overrides --epochs"),
-    ("--batch-size", "batch_size", int, "records per micro-batch (4)"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (1)"),
-    ("--learning-rate", "learning_rate", float, "peak learning rate (2e-4; 3e-4 for embeddings)"),
-    (
-        "--lr-scheduler",
-        "lr_scheduler",
-        str,
-        "linear | cosine | constant | constant_with_warmup (linear; constant for embeddings)",
-    ),
-    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps (0)"),
-    ("--lora-r", "lora_r", int, "LoRA rank (8)"),
-    ("--lora-alpha", "lora_alpha", int, "LoRA alpha (16)"),
-    ("--lora-dropout", "lora_dropout", float, "LoRA dropout (0.05)"),
-    ("--max-seq-len", "max_seq_len", int, "longest record in tokens (1024)"),
-    ("--overlong", "overlong", str, "records over --max-seq-len: error | truncate"),
-    ("--seed", "seed", int, "random seed (42)"),
-    ("--precision", "precision", str, "auto | fp32 | bf16 | fp16"),
-    ("--device", "device", str, "cpu | cuda | cuda:N (auto)"),
-    ("--save-steps", "save_steps", int, "checkpoint every N steps (for --resume)"),
-    (
-        "--progress-every",
-        "progress_every",
-        int,
-        f"when stderr is no terminal (no progress bar): a progress line every N steps "
-        f"({PROGRESS_EVERY})",
-    ),
-    ("--eval-steps", "eval_steps", int, "also evaluate every N steps"),
-    (
-        "--objective",
-        "objective",
-        str,
-        "sft (chat LoRA, the default) | contrastive (query/positive pairs) | simcse (texts) | "
-        "mntp (texts; masked next-token prediction, bidirectional): the last three train an "
-        "embedding adapter (use=embed)",
-    ),
-    (
-        "--base-adapter",
-        "base_adapter",
-        str,
-        "embedding objectives: train on top of this adapter (registered name or folder), "
-        "e.g. contrastive on top of mntp, as LLM2Vec stacks them",
-    ),
-    ("--mask-probability", "mask_probability", float, "mntp: share of tokens predicted (0.2)"),
-    (
-        "--mini-batch-size",
-        "mini_batch_size",
-        int,
-        "contrastive/simcse: embed each batch in chunks of N texts (GradCache): a larger "
-        "batch of negatives in bounded memory",
-    ),
-    ("--pooling", "pooling", str, "embedding objectives: mean | weighted_mean | ... (mean)"),
-    ("--instruction", "instruction", str, "contrastive: instruction for queries without one"),
-    ("--temperature", "temperature", float, "embedding objectives: InfoNCE temperature (0.05)"),
-    (
-        "--num-processes",
-        "num_processes",
-        int,
-        "train in N local processes (DDP; gloo on CPU); global batch = "
-        "batch size x N x grad accum (1). Under accelerate launch, leave it out",
-    ),
-]
+# flag (--field-name) -> its help where the field's description does not fit a flag (it names
+# other fields, or the CLI says more); None: the description. Type, choices and the default
+# shown come from the BundleConfig field; the parsed default is None (not given: a --config
+# file's value, else the field's default)
+_VALUE_FLAGS: dict[str, str | None] = {
+    "dataset_path": None,
+    "dataset_id": "Hugging Face dataset id (needs the [train] extra)",
+    "dataset_split": "split of --dataset-id",
+    "dataset_config": "configuration name of --dataset-id",
+    "eval_dataset_path": "eval JSONL file",
+    "eval_dataset_id": "Hugging Face dataset id for eval",
+    "eval_dataset_split": "split of --eval-dataset-id",
+    "eval_fraction": None,
+    "base_model": "the model to fine-tune: a Hub id (org/name), a checkpoint folder, a .gguf or "
+    "pkg:// file, or a role of the active profile (provisioned first). Default: the profile's "
+    "'general' role, the model `mongars-llm chat` loads: without CUDA the built-in 'smol' "
+    "profile's SmolLM2-135M, with CUDA 'default' (dphn/Dolphin-X1-8B); choose the profile with "
+    "LLM_MODELS_PROFILE",
+    "base_model_revision": None,
+    "output_dir": None,
+    "registry_path": None,
+    "run_name": None,
+    "adapter_name": None,
+    "epochs": "passes over the data",
+    "max_steps": "optimizer steps; overrides --epochs",
+    "batch_size": "records per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "learning_rate": "peak learning rate",
+    "lr_scheduler": "learning-rate schedule",
+    "warmup_steps": "linear warm-up steps",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "max_seq_len": "longest record in tokens",
+    "overlong": "records over --max-seq-len: an error, or truncated",
+    "seed": "random seed",
+    "precision": None,
+    "device": None,
+    "save_steps": "checkpoint every N steps (for --resume)",
+    "progress_every": "when stderr is no terminal (no progress bar): a progress line every N "
+    f"steps ({PROGRESS_EVERY})",
+    "eval_steps": None,
+    "objective": None,
+    "base_adapter": None,
+    "mask_probability": None,
+    "mini_batch_size": "contrastive/simcse: embed each batch in chunks of N texts (GradCache): a "
+    "larger batch of negatives in bounded memory",
+    "pooling": None,
+    "instruction": None,
+    "temperature": "embedding objectives: InfoNCE temperature",
+    "num_processes": "train in N local processes (DDP; gloo on CPU); global batch = batch size "
+    "x N x grad accum. Under accelerate launch, leave it out",
+}
+#: the on/off flags (`--dry-run`): given, they set the field true; help as above
+_SWITCHES: dict[str, str | None] = {
+    "qlora": None,
+    "bidirectional": "embedding objectives: bidirectional attention (as the role's embedding "
+    "setting; mntp always)",
+    "gradient_checkpointing": "embedding objectives: recompute activations in backward (less "
+    "memory)",
+    "dry_run": None,
+    "skip_invalid": "drop invalid records instead of failing",
+    "verbose": "also show the libraries' loading bars for a small local base model (hidden "
+    "otherwise; downloads keep theirs)",
+}
+
+
+#: the config the embedding objectives start from: --help shows where its defaults differ
+_EMBEDDING_DEFAULTS = BundleConfig(objective="contrastive", registry_path=Path())
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _help(field: str, text: str | None = None) -> str:
+    """``text`` (else the field's description as a flag's help) and the field's default, with
+    the embedding objectives' where it differs: ``peak learning rate (default: 0.0002;
+    0.0003 for the embedding objectives)``."""
+    info = BundleConfig.model_fields[field]
+    if text is None:
+        text = (info.description or "").rstrip(".")
+        first = text.split(" ", 1)[0]
+        if first[1:].islower():  # "Training JSONL file" -> "training ...", not "InfoNCE"
+            text = text[0].lower() + text[1:]
+    notes = []
+    if info.default_factory is None:  # registry_path: the settings' (its text says which)
+        if info.default is not None and info.default is not False:
+            notes.append(f"default: {_shown(info.default)}")
+        embedding = getattr(_EMBEDDING_DEFAULTS, field)
+        if field != "objective" and embedding != info.default:
+            notes.append(f"{_shown(embedding)} for the embedding objectives")
+    text += f" ({'; '.join(notes)})" if notes else ""
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _type_and_choices(field: str) -> tuple[Any, tuple[str, ...] | None]:
+    """The flag's value type (``Path | None`` -> ``Path``) and a ``Literal``'s choices."""
+    kind = BundleConfig.model_fields[field].annotation
+    if get_origin(kind) in (Union, UnionType):
+        (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+    if get_origin(kind) is Literal:
+        return str, get_args(kind)
+    return kind, None
 
 
 _RETRIEVAL_KEYS = ("mrr@10", "recall@1", "recall@10", "ndcg@10")
@@ -122,19 +143,12 @@ def _target_modules(value: str) -> list[str]:
 def _build(args: argparse.Namespace) -> int:
     from ..training import build_bundle
 
-    overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _VALUE_FLAGS}
+    overrides: dict[str, Any] = {field: getattr(args, field) for field in _VALUE_FLAGS}
     if args.target_modules:
         overrides["target_modules"] = [m for group in args.target_modules for m in group]
-    for flag in (
-        "dry_run",
-        "skip_invalid",
-        "qlora",
-        "bidirectional",
-        "gradient_checkpointing",
-        "verbose",
-    ):
-        if getattr(args, flag):
-            overrides[flag] = True
+    for field in _SWITCHES:
+        if getattr(args, field):
+            overrides[field] = True
     if args.no_register:
         overrides["register_adapter"] = False
     if args.resume is not None:
@@ -222,7 +236,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ..export import export_wrapper
-    from ..runtime._loading import no_loading_bars
+    from ..runtime import no_loading_bars
 
     with nullcontext() if args.verbose else no_loading_bars():
         out = export_wrapper(
@@ -239,7 +253,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "bundle",
         help="build LoRA training bundles and export wrappers",
         description="Validate a dataset, LoRA/QLoRA fine-tune, export and register (docs/training.md).",
@@ -248,8 +263,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm bundle export-wrapper RUN_DIR --merge",
         ),
     )
-    commands = parser.add_subparsers(dest="bundle_command", metavar="COMMAND")
-    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
 
     build = commands.add_parser(
         "build",
@@ -268,14 +281,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     build.add_argument("--config", type=Path, help="bundle config file (JSON or YAML)")
-    for flag, field, kind, text in _VALUE_FLAGS:
-        build.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    for field, text in _VALUE_FLAGS.items():
+        kind, choices = _type_and_choices(field)
+        build.add_argument(
+            _flag(field), type=kind, choices=choices, default=None, help=_help(field, text)
+        )
     build.add_argument(
         "--target-modules",
         type=_target_modules,
         action="append",
         metavar="NAMES",
-        help="modules to adapt, comma-separated (q_proj,v_proj) or all-linear",
+        help=_help(
+            "target_modules", "modules to adapt, comma-separated (q_proj,v_proj) or all-linear"
+        ),
     )
     build.add_argument(
         "--resume",
@@ -286,28 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from the run's newest checkpoint, or the one given: a checkpoint "
         "folder, or a step of this run's (10, step-10)",
     )
-    build.add_argument("--qlora", action="store_true", help="4-bit base (CUDA + bitsandbytes)")
-    build.add_argument(
-        "--bidirectional",
-        action="store_true",
-        help="embedding objectives: bidirectional attention (as the role's embedding setting)",
-    )
-    build.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="embedding objectives: recompute activations in backward (less memory)",
-    )
-    build.add_argument("--dry-run", action="store_true", help="check the data, write the summary")
-    build.add_argument(
-        "--skip-invalid", action="store_true", help="drop invalid records instead of failing"
-    )
+    for field, text in _SWITCHES.items():
+        build.add_argument(_flag(field), action="store_true", help=_help(field, text))
     build.add_argument("--no-register", action="store_true", help="do not touch the registry")
-    build.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show the libraries' loading bars for a small local base model (hidden "
-        "otherwise; downloads keep theirs)",
-    )
     build.add_argument(
         "--json",
         action="store_true",

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, LLMRuntimeError
+from ..errors import ConfigError, InputTooLongError, LLMRuntimeError
 from ._output import print_json, terminal_safe, valid_text
 from ._runtime import add_runtime_arguments, plan_runtime, sampling_error
 
@@ -87,7 +87,7 @@ FLAGS = {
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags given, checked before the model loads (a usage error, exit 2)."""
     from ..errors import InvalidInputError
-    from ..runtime._params import SamplingParams
+    from ..runtime import SamplingParams
 
     options = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     try:
@@ -243,7 +243,9 @@ def _interactive(
             reply = _stream_reply(runtime, system + history, options)
         except LLMRuntimeError as err:
             history.pop()
-            hint = " (/clear starts a new conversation)" if err.code == "input_too_long" else ""
+            hint = (
+                " (/clear starts a new conversation)" if isinstance(err, InputTooLongError) else ""
+            )
             print(f"mongars-llm: error: {err}{hint}", file=sys.stderr, flush=True)
             continue
         history.append({"role": "assistant", "content": reply})

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._output import examples, print_json
+from ._output import command_group, examples, print_json
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -147,7 +147,8 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "manifest",
         help="validate a model manifest or export its JSON Schema",
         description="Validate a model manifest (JSON or YAML) or export its JSON Schema.",
@@ -156,8 +157,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm manifest schema -o configs/llm_models.schema.json",
         ),
     )
-    commands = parser.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND")
-    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
 
     validate = commands.add_parser(
         "validate",

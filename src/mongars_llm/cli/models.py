@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MongarsError
-from ._output import examples, print_json, print_table
+from ._output import command_group, examples, print_json, print_table
 
 if TYPE_CHECKING:
     from ..manager import ModelManager
@@ -251,7 +251,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "models",
         help="list profiles and roles, show resolved parameters, list or remove installs",
         description="Inspect the manifest's profiles and the resolved roles of a profile; "
@@ -263,8 +264,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm models rm general --dry-run",
         ),
     )
-    commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
-    parser.set_defaults(handler=lambda _args: (parser.print_help(sys.stderr), EXIT_USAGE)[1])
 
     list_parser = commands.add_parser(
         "list",

@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "serve", feature="mongars-llm serve")
     # flags become environment variables so that every worker/replica sees the same settings
     os.environ.update(_environment(args))
-    from ..server._auth import check_credentials
+    from ..server import check_credentials
     from ..settings import get_settings
 
     settings = get_settings(reload=True)
@@ -146,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
             embeddings_only=args.embeddings_only,
         )
         return 0
-    from ..server._http import uvicorn_options  # request heads bounded in size and time
+    from ..server import uvicorn_options  # request heads bounded in size and time
 
     level = _uvicorn_log_level()
     if args.workers > 1:

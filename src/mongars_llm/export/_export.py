@@ -27,6 +27,7 @@ from .._fs import atomic_write_bytes, atomic_write_json
 from .._version import __version__
 from ..errors import BundleError
 from ..logging import log_event
+from ..runtime import DEFAULT_POOLING
 
 __all__ = [
     "DEFAULT_WRAPPER_CONFIG",
@@ -58,7 +59,7 @@ DEFAULT_WRAPPER_CONFIG: dict[str, Any] = {
         "stop": [],
     },
     "embedding": {
-        "pooling": "mean",
+        "pooling": DEFAULT_POOLING,
         "normalize": True,
         "instruction": None,
         "bidirectional": False,
@@ -224,7 +225,7 @@ def _write_merged(
             f"cannot load the base model {base['id']!r} to merge the adapter: {err}; pass "
             "base_model_id= to point at a reachable copy"
         ) from err
-    from ..runtime._adapters import quiet_peft_deprecations
+    from ..runtime import quiet_peft_deprecations
 
     with quiet_peft_deprecations():
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

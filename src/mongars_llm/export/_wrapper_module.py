@@ -235,7 +235,7 @@ class Wrapper:
         import torch
 
         options = self.config.get("embedding", {})
-        pooling = pooling or options.get("pooling") or "mean"
+        pooling = pooling or options.get("pooling") or _l2v.DEFAULT_POOLING
         normalize = options.get("normalize", True) if normalize is None else normalize
         if bidirectional is None:
             bidirectional = bool(options.get("bidirectional", False))

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from .._sampling import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
 from .providers import is_known_provider, known_providers
 
 __all__ = [
@@ -104,7 +105,10 @@ class SamplingParameters(_Strict):
     ``max_new_tokens``; provider-specific extras go in ``options``."""
 
     temperature: float | None = Field(
-        None, ge=0.0, le=2.0, description="Sampling temperature; 0 means greedy decoding."
+        None,
+        ge=0.0,
+        description="Sampling temperature; 0 means greedy decoding (a value above 0 is at "
+        f"least {MIN_TEMPERATURE:g}).",
     )
     top_p: float | None = Field(
         None,
@@ -133,7 +137,10 @@ class SamplingParameters(_Strict):
         None, ge=-2.0, le=2.0, description="OpenAI-style frequency penalty."
     )
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="Random seed for reproducible sampling."
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Random seed for reproducible sampling (a signed or unsigned 64-bit integer).",
     )
     stop: list[Annotated[VerbatimText, StringConstraints(min_length=1)]] | None = Field(
         None,
@@ -156,6 +163,16 @@ class SamplingParameters(_Strict):
                 node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
             )
             stack.extend((child, depth + 1) for child in children)
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_samples(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature={value!r} is too small to sample with (the smallest is "
+                f"{MIN_TEMPERATURE:g}); use 0 for greedy decoding"
+            )
         return value
 
     @field_validator("stop", mode="before")

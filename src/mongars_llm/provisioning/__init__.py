@@ -13,14 +13,14 @@ roles a profile has) and below the runtime, the server and the CLI.
 (``provision(roles, manager=manager)``) or for one it builds from
 ``profile``/``manifest``/``settings``. Modules: ``_provision`` (the orchestrator:
 cache, single-flight, locks, lock file), ``_base`` (the provider interface and
-registry), one module per provider, ``_gguf`` (GGUF -> transformers), ``_adapters``,
+registry), one module per provider, ``_gguf`` (GGUF -> transformers), ``_adapter_sources``,
 ``_installed`` (list and remove installs), ``_staging`` (staging folders and
 leftovers of killed runs).
 """
 
 from __future__ import annotations
 
-from ._adapters import safe_extract, tree_sha256
+from ._adapter_sources import safe_extract, tree_sha256
 from ._base import (
     ENTRY_POINT_GROUP,
     FetchResult,

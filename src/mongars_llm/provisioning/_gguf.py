@@ -8,13 +8,22 @@ models dir::
     <folder>/tokenizer.json, tokenizer_config.json, chat_template.jinja
     <folder>/.mongars-complete.json    marker: source, sha256, architecture, types
 
-transformers (with the ``gguf`` package, extra ``[gguf]``) reads the file and
-de-quantises every tensor; the weights are saved as safetensors in float32 for
-quantised files (in the file's own float type otherwise). The tokenizer and its
-chat template come from the GGUF's metadata. Before the slow part runs, the
-file's header is read here (a few milliseconds, no dependency) so an
-architecture or a quantisation type that transformers cannot de-quantise fails
-with a message naming it.
+The weights are saved as safetensors in float32 for quantised files (in the
+file's own float type otherwise). The tokenizer and its chat template come from
+the GGUF's metadata. Before the slow part runs, the file's header and tensor
+table are read here (a few milliseconds, no dependency) so an architecture or a
+quantisation type that transformers cannot de-quantise fails with a message
+naming it.
+
+For the architectures transformers loads with no weight conversion of its own
+(``llama``, ``mistral``, ``qwen2``) the conversion streams: transformers parses
+the metadata once (the config), and each tensor is de-quantised by the ``gguf``
+package from the memory-mapped file, fixed up by transformers' GGUF tensor
+processor and written at its place in ``model.safetensors``: the same bytes
+``from_pretrained(gguf_file=...)`` + ``save_pretrained`` write, without ever
+holding the float32 model. Other architectures go through exactly that
+``from_pretrained`` + ``save_pretrained`` (with the ``gguf`` package, extra
+``[gguf]``).
 
 A conversion writes into a hidden staging folder and is renamed into place only
 when complete, so an interrupted one never looks installed; both GGUF providers
@@ -77,6 +86,8 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 # ggml tensor types that are plain floats (not block-quantised)
 _FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 28: "F64"}
+_FLOAT_SIZES = {0: 4, 1: 2, 30: 2, 28: 8}
+_MAX_DIMS = 8  # ggml tensors have at most 4 dimensions
 _MAX_STRING = 1 << 26  # a metadata string longer than 64 MiB means a corrupt header
 _MAX_NESTING = 16  # arrays of arrays: llama.cpp writes one level; deeper means a corrupt header
 
@@ -92,6 +103,8 @@ class GgufHeader:
     tensor_types: dict[str, int]  # ggml type name -> number of tensors
     n_elements: int  # weights in all tensors
     metadata: dict[str, Any] = field(repr=False)  # scalar and string values only
+    #: the tensor table, in file order; offsets are absolute (from the start of the file)
+    tensors: tuple[GgufTensorInfo, ...] = field(default=(), repr=False)
 
     @property
     def quantized(self) -> bool:
@@ -108,6 +121,17 @@ class GgufHeader:
     def converted_bytes(self) -> int:
         """About the size of the converted weights."""
         return self.n_elements * (4 if self.float_dtype == "float32" else 2)
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """Where one tensor's bytes are in a GGUF file and how they are stored."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order (ggml writes the fastest-moving dimension first)
+    type_id: int  # the ggml type
+    offset: int  # from the start of the file
+    nbytes: int  # 0 for a type this module cannot size (the conversion refuses it first)
 
 
 @dataclass(frozen=True)
@@ -192,15 +216,28 @@ def _parse_header(path: Path, handle: BinaryIO) -> GgufHeader:
             skip_value(kind)
     types: Counter[str] = Counter()
     elements = 0
+    table: list[tuple[str, tuple[int, ...], int, int, int]] = []
     for _ in range(n_tensors):
-        handle.seek(read("Q"), os.SEEK_CUR)  # name
+        tensor_name = read_string()
         n_dims = read("I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"a tensor of {n_dims} dimensions")
+        dims = struct.unpack(f"<{n_dims}Q", handle.read(8 * n_dims))
         count = 1
-        for dim in struct.unpack(f"<{n_dims}Q", handle.read(8 * n_dims)):
+        for dim in dims:
             count *= dim
         elements += count
-        types[_type_name(read("I"))] += 1
-        handle.seek(8, os.SEEK_CUR)  # offset
+        kind = read("I")
+        types[_type_name(kind)] += 1
+        table.append((tensor_name, tuple(reversed(dims)), kind, read("Q"), count))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise ValueError(f"general.alignment is {alignment!r}")
+    data_start = -(-handle.tell() // alignment) * alignment
+    tensors = tuple(
+        GgufTensorInfo(tensor_name, shape, kind, data_start + offset, _tensor_bytes(kind, count))
+        for tensor_name, shape, kind, offset, count in table
+    )
     architecture = metadata.get("general.architecture")
     if not isinstance(architecture, str) or not architecture:
         raise ProvisionError(f"{path} has no general.architecture in its metadata")
@@ -213,7 +250,21 @@ def _parse_header(path: Path, handle: BinaryIO) -> GgufHeader:
         tensor_types=dict(sorted(types.items())),
         n_elements=elements,
         metadata=metadata,
+        tensors=tensors,
     )
+
+
+def _tensor_bytes(kind: int, count: int) -> int:
+    """Bytes that ``count`` values of ggml type ``kind`` take in the file (0: unknown type)."""
+    if kind in _FLOAT_SIZES:
+        return count * _FLOAT_SIZES[kind]
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except Exception:  # gguf missing, or a type newer than it
+        return 0
+    return count // block * size
 
 
 def _type_name(kind: int) -> str:
@@ -268,7 +319,8 @@ def _dequantizable(type_name: str) -> bool:
 
 
 def check_convertible(header: GgufHeader) -> None:
-    """Raise a :class:`ProvisionError` naming what transformers cannot de-quantise."""
+    """Raise a :class:`ProvisionError` naming what transformers cannot de-quantise, or
+    saying the file is truncated (its tensor table points past its end)."""
     _require_gguf()
     known = supported_architectures()
     if header.architecture not in known:
@@ -284,6 +336,15 @@ def check_convertible(header: GgufHeader) -> None:
             f"{header.path}: quantisation type(s) {', '.join(bad)} cannot be de-quantised by the "
             "installed gguf package; use a file quantised with another type (Q4_0, Q4_1, Q4_K_M, "
             "Q5_K_M, Q8_0, F16...) or upgrade gguf"
+        )
+    try:
+        size = header.path.stat().st_size
+    except OSError as err:
+        raise ProvisionError(f"cannot read the GGUF file {header.path}: {err}") from err
+    if any(t.offset + t.nbytes > size for t in header.tensors):
+        raise ProvisionError(
+            f"{header.path} is truncated (its tensor data ends before its last tensor); "
+            "download it again"
         )
 
 
@@ -369,7 +430,7 @@ def write_converted(
     folder.mkdir(parents=True, exist_ok=True)
     dtype = header.float_dtype
     try:
-        _convert(source, folder, dtype)
+        _convert(source, folder, dtype, header)
     except ProvisionError:
         raise
     except Exception as err:
@@ -424,7 +485,223 @@ def write_converted(
     )
 
 
-def _convert(source: Path, folder: Path, dtype: str) -> None:
+#: ``model_type``s converted tensor by tensor here (see :func:`_convert`): transformers
+#: loads them through its GGUF tensor processors with no other weight conversion, so the
+#: stream writes what ``from_pretrained`` + ``save_pretrained`` would. Others go through
+#: transformers whole.
+_STREAMED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+def _convert(source: Path, folder: Path, dtype: str, header: GgufHeader | None = None) -> None:
+    """Write the transformers folder for ``source``: streamed when it can, else whole.
+
+    The streamed conversion parses the file's metadata once (transformers'
+    ``load_gguf_checkpoint`` without tensors: the config and what picks the
+    tokenizer) and then de-quantises one tensor at a time straight from the
+    memory-mapped file into ``model.safetensors``, so neither the whole float
+    state dict nor a model is ever in memory. The other path (architectures
+    transformers loads with weight conversions of its own) loads the model with
+    ``from_pretrained`` and saves it.
+    """
+    header = header or read_gguf_header(source)
+    plan = _stream_plan(source, header, dtype)
+    if plan is None:
+        _convert_with_transformers(source, folder, dtype)
+        return
+    tokenizer = _load_tokenizer(source, plan.config.model_type)
+    _check_template(tokenizer, source)  # before the slow part
+    _write_streamed(source, folder / "model.safetensors", plan)
+    config = plan.config
+    config.dtype = dtype  # what from_pretrained(dtype=...) then save_pretrained record
+    config.architectures = [plan.model_class.__name__]
+    config.name_or_path = source.stem
+    config.save_pretrained(folder)
+    if plan.generation_config is not None:
+        plan.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _check_config(folder)
+
+
+def _load_tokenizer(source: Path, model_type: str | None = None) -> Any:
+    """The file's tokenizer; with ``model_type`` (known from a parsed config) its class is
+    picked from it, sparing ``AutoTokenizer`` a second parse of the metadata."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": source.name}
+    if model_type is not None:
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+        if TOKENIZER_MAPPING_NAMES.get(model_type):
+            kwargs["tokenizer_type"] = model_type
+    return AutoTokenizer.from_pretrained(str(source.parent), **kwargs)
+
+
+@dataclass
+class _StreamPlan:
+    """What the streamed conversion writes: every saved tensor, where it comes from."""
+
+    config: Any  # the transformers config, from the one parse of the metadata
+    dtype: Any  # torch.dtype
+    processor: Any  # transformers' GGUF TensorProcessor for the architecture
+    gguf_to_hf: dict[str, str]  # GGUF tensor name -> transformers parameter name
+    shapes: dict[str, tuple[int, ...]]  # every tensor save_pretrained writes -> its shape
+    sources: list[GgufTensorInfo]  # the file's tensors that map to a saved one, file order
+    model_class: Any
+    generation_config: Any
+    parsed: dict[str, Any]  # load_gguf_checkpoint's result (the processors may use it)
+
+
+def _stream_plan(source: Path, header: GgufHeader, dtype_name: str) -> _StreamPlan | None:
+    """Map the file's tensors onto the model's saved weights; ``None`` when the file is not
+    streamed (another architecture, or tensors that do not cover the weights exactly)."""
+    if not header.tensors or not all(t.nbytes for t in header.tensors):
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    parsed_config = load_gguf_checkpoint(str(source), return_tensors=False)["config"]
+    if parsed_config.get("model_type") not in _STREAMED_MODEL_TYPES:
+        return None
+    config = AutoConfig.for_model(**parsed_config)
+    dtype = getattr(torch, dtype_name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    # the per-tensor fix-ups transformers applies (llama.cpp's q/k row permutation)
+    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=parsed_config)
+    gguf_to_hf = get_gguf_hf_weights_map(model, processor)
+    # what save_pretrained writes: the state dict less the second name of a tied weight
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    sources = [t for t in header.tensors if gguf_to_hf.get(t.name) in shapes]
+    if sorted(gguf_to_hf[t.name] for t in sources) != sorted(shapes):
+        return None  # a weight missing from the file, or two tensors for one weight
+    generation_config = model.generation_config if model.can_generate() else None
+    return _StreamPlan(
+        config=config,
+        dtype=dtype,
+        processor=processor,
+        gguf_to_hf=gguf_to_hf,
+        shapes=shapes,
+        sources=sources,
+        model_class=type(model),
+        generation_config=generation_config,
+        parsed={"config": parsed_config},
+    )
+
+
+def _write_streamed(source: Path, path: Path, plan: _StreamPlan) -> None:
+    """De-quantise the planned tensors one at a time into one safetensors file at ``path``.
+
+    The layout is the one ``safetensors`` writes (tensors sorted by name, all of
+    one dtype here), so the file is byte-for-byte what ``save_pretrained`` saves;
+    the header is written first from the planned shapes, then each tensor at its
+    offset as it is de-quantised from the memory-mapped GGUF.
+    """
+    import numpy as np
+    import torch
+
+    gguf = _require_gguf()
+    element = torch.empty((), dtype=plan.dtype).element_size()
+    offsets = _write_safetensors_header(path, plan.shapes, plan.dtype, {"format": "pt"})
+    data = np.memmap(source, mode="r", dtype=np.uint8)
+    try:
+        with open(path, "r+b") as out:
+            for info in plan.sources:
+                raw = data[info.offset : info.offset + info.nbytes]
+                if info.type_id in _FLOAT_SIZES:
+                    stored = raw.reshape(*info.shape[:-1], -1)
+                else:  # rows of blocks, as gguf.GGUFReader hands them over
+                    stored = raw.reshape(*info.shape[:-1], info.nbytes // _rows(info.shape))
+                weights = gguf.dequantize(stored, gguf.GGMLQuantizationType(info.type_id))
+                result = plan.processor.process(
+                    weights=weights,
+                    name=info.name,
+                    tensor_key_mapping=plan.gguf_to_hf,
+                    parsed_parameters=plan.parsed,
+                )
+                name = plan.gguf_to_hf.get(result.name or "")
+                if name not in offsets:
+                    raise ProvisionError(f"{source}: tensor {info.name} maps to no weight")
+                tensor = torch.from_numpy(np.copy(result.weights)).to(plan.dtype)
+                if tuple(tensor.shape) != plan.shapes[name]:
+                    raise ProvisionError(
+                        f"{source}: tensor {info.name} has shape {tuple(tensor.shape)}, "
+                        f"the model's {name} {plan.shapes[name]}"
+                    )
+                start, end = offsets[name]
+                payload = tensor.contiguous().view(torch.uint8).numpy()
+                if payload.nbytes != end - start or tensor.element_size() != element:
+                    raise ProvisionError(f"{source}: tensor {info.name} has an unexpected size")
+                out.seek(start)
+                out.write(payload.data)
+                del weights, result, tensor, payload
+    finally:
+        del data
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    return rows
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _write_safetensors_header(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtype: Any, metadata: dict[str, str]
+) -> dict[str, tuple[int, int]]:
+    """Create ``path`` at its full size with a safetensors header; return each tensor's
+    absolute ``(start, end)`` byte range. Same bytes as ``safetensors.torch.save_file``
+    for tensors of one dtype: names sorted, compact JSON padded with spaces to 8 bytes."""
+    import torch
+
+    dtype_name = _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+    element = torch.empty((), dtype=dtype).element_size()
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    position = 0
+    relative: dict[str, tuple[int, int]] = {}
+    for name in sorted(shapes):
+        count = 1
+        for dim in shapes[name]:
+            count *= dim
+        relative[name] = (position, position + count * element)
+        entries[name] = {
+            "dtype": dtype_name,
+            "shape": list(shapes[name]),
+            "data_offsets": list(relative[name]),
+        }
+        position += count * element
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    base = 8 + len(head)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(head)))
+        out.write(head)
+        out.truncate(base + position)
+    return {name: (base + a, base + b) for name, (a, b) in relative.items()}
+
+
+def _check_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    if not isinstance(config, dict) or "quantization_config" in config:
+        raise ProvisionError(f"the converted config.json in {folder} still names a quantisation")
+
+
+def _convert_with_transformers(source: Path, folder: Path, dtype: str) -> None:
+    """The whole-model conversion: ``from_pretrained(gguf_file=...)`` then ``save_pretrained``."""
     import inspect
 
     import torch
@@ -447,9 +724,7 @@ def _convert(source: Path, folder: Path, dtype: str) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     del model
     tokenizer.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if not isinstance(config, dict) or "quantization_config" in config:
-        raise ProvisionError(f"the converted config.json in {folder} still names a quantisation")
+    _check_config(folder)
 
 
 def _check_template(tokenizer: Any, source: Path) -> None:

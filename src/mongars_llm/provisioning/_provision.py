@@ -29,7 +29,7 @@ from .._fs import file_lock, human_bytes
 from ..errors import ConfigError, ProvisionError, ProvisionLockTimeout
 from ..logging import log_event
 from ..manager import ModelManager
-from ._adapters import plan_adapters, provision_adapters
+from ._adapter_sources import plan_adapters, provision_adapters
 from ._base import Provider, ProvisionRequest, get_provider
 from ._lockfile import LOCK_FILE_NAME, LockedRole, lock_record, read_lock, update_lock
 from ._report import ProgressEvent, ProvisionEntry, ProvisionReport
@@ -37,7 +37,7 @@ from ._singleflight import SingleFlight
 from ._staging import remove_stale_work
 
 if TYPE_CHECKING:
-    from ..manifest.models import Manifest
+    from ..manifest.models import Manifest, RoleEntry
     from ..settings import Settings
 
 __all__ = ["aprovision", "clear_cache", "provision"]
@@ -244,14 +244,7 @@ def _provision_role(
     try:
         provider = get_provider(entry.provider)
     except ConfigError as err:
-        failed = ProvisionEntry(
-            role=role.role,
-            model=entry.name,
-            provider=entry.provider,
-            action="failed",
-            error=str(err),
-            profile=role.profile,
-        )
+        failed = _failed(role.role, entry, role.profile, err)
         _log(failed)
         return failed
     request = ProvisionRequest(
@@ -304,17 +297,22 @@ def _run(provider: Provider, request: ProvisionRequest, pin: LockedRole | None) 
             ):
                 result = _provider_run(provider, request, pin)
     except Exception as err:
-        result = ProvisionEntry(
-            role=request.role,
-            model=entry.name,
-            provider=entry.provider,
-            action="failed",
-            error=str(err) or type(err).__name__,
-            profile=request.profile,
-        )
+        result = _failed(request.role, entry, request.profile, err)
     result = result.replace(seconds=round(time.monotonic() - started, 3))
     request.report("done", detail=result.action)
     return result
+
+
+def _failed(role: str, entry: RoleEntry, profile: str | None, err: Exception) -> ProvisionEntry:
+    """The ``failed`` entry of a role; ``err`` says why."""
+    return ProvisionEntry(
+        role=role,
+        model=entry.name,
+        provider=entry.provider,
+        action="failed",
+        error=str(err) or type(err).__name__,
+        profile=profile,
+    )
 
 
 def _provider_run(

@@ -33,7 +33,7 @@ from ._staging import clear_work, replace_dir, staging_path
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["MARKER_NAME", "HuggingFaceProvider", "free_disk_bytes"]
+__all__ = ["MARKER_NAME", "HuggingFaceProvider", "disk_plan", "free_disk_bytes"]
 
 MARKER_NAME = ".mongars-complete.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -296,14 +296,11 @@ class HuggingFaceProvider(Provider):
     # ------------------------------------------------------------ dry run
     def plan(self, request: ProvisionRequest, resolution: Resolution) -> ProvisionPlan:
         files = self.remote_files(request, resolution)
-        total = sum(int(f.size or 0) for f in files)
-        free = free_disk_bytes(request.settings.resolved_models_dir)
-        return ProvisionPlan(
-            files=tuple(PlannedFile(f.path, f.size) for f in files),
-            bytes=total,
-            free_bytes=free,
-            enough_disk=free is None or free >= total,
+        return disk_plan(
+            request,
+            sum(int(f.size or 0) for f in files),
             target=str(resolution.path),
+            files=tuple(PlannedFile(f.path, f.size) for f in files),
         )
 
     # ------------------------------------------------------------ fetch
@@ -511,6 +508,24 @@ def _verify_against_marker(path: Path) -> str:
             raise ProvisionError(f"{file} does not match its recorded checksum")
     _check_config(path / "config.json", str(marker.get("repo_id")))
     return f"{len(files)} files match the checksums recorded at install time (offline)"
+
+
+def disk_plan(
+    request: ProvisionRequest,
+    total: int,
+    *,
+    target: str,
+    files: tuple[PlannedFile, ...] = (),
+) -> ProvisionPlan:
+    """A dry run's plan for writing ``total`` bytes into the models dir: is there room?"""
+    free = free_disk_bytes(request.settings.resolved_models_dir)
+    return ProvisionPlan(
+        files=files,
+        bytes=total,
+        free_bytes=free,
+        enough_disk=free is None or free >= total,
+        target=target,
+    )
 
 
 def free_disk_bytes(path: Path) -> int | None:

@@ -166,17 +166,10 @@ class LocalProvider(Provider):
         source = resolution.details.get("source")
         if source is None:
             return ProvisionPlan(target=str(resolution.path))
-        from .huggingface import free_disk_bytes
+        from .huggingface import disk_plan
 
-        header = _gguf.read_gguf_header(source)
-        total = header.converted_bytes
-        free = free_disk_bytes(request.settings.resolved_models_dir)
-        return ProvisionPlan(
-            bytes=total,
-            free_bytes=free,
-            enough_disk=free is None or free >= total,
-            target=str(resolution.path),
-        )
+        total = _gguf.read_gguf_header(source).converted_bytes
+        return disk_plan(request, total, target=str(resolution.path))
 
 
 def package_file(name: str, *, role: str | None = None) -> Path:

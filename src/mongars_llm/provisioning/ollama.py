@@ -444,16 +444,10 @@ class OllamaProvider(Provider):
             return ProvisionPlan(
                 target=f"ollama://{request.settings.ollama_host}/{resolution.model}"
             )
-        from .huggingface import free_disk_bytes
+        from .huggingface import disk_plan
 
         total = _gguf.read_gguf_header(blob).converted_bytes
-        free = free_disk_bytes(request.settings.resolved_models_dir)
-        return ProvisionPlan(
-            bytes=total,
-            free_bytes=free,
-            enough_disk=free is None or free >= total,
-            target=str(resolution.path),
-        )
+        return disk_plan(request, total, target=str(resolution.path))
 
 
 def name_parts(name: str) -> list[str]:

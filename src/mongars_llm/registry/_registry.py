@@ -355,15 +355,15 @@ class AdapterRegistry:
         version = getattr(manifest, field)
         if version is None:
             return None
-        for entry in manifest.entries:
-            if entry.version == version:
-                return entry
-        known = ", ".join(e.version for e in manifest.entries) or "none"
-        raise RegistryError(
-            f"{self.manifest_path}: {field!r} names version {version!r}, which is not among its "
-            f"entries (known: {known}); the file was edited or damaged: set {field!r} to a "
-            "known version (or null), or restore the file from a backup"
-        )
+        try:
+            return self._find(manifest, version)
+        except RegistryError:
+            known = ", ".join(e.version for e in manifest.entries) or "none"
+            raise RegistryError(
+                f"{self.manifest_path}: {field!r} names version {version!r}, which is not among "
+                f"its entries (known: {known}); the file was edited or damaged: set {field!r} to "
+                "a known version (or null), or restore the file from a backup"
+            ) from None
 
     def _file_in(self, root: Path, key: str, version: str) -> Path:
         """The file a checksum key names, proven to lie inside the adapter folder ``root``."""

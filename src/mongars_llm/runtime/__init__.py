@@ -12,16 +12,21 @@ Where things live (private modules):
 - ``_runtime``: :class:`UnifiedLLMRuntime`, the facade every call goes through;
 - ``_loading``: what loads (adapters, provisioned copies, LLM2Vec layouts) and
   how (device, dtype, 4-bit, CPU threads);
-- ``_adapters``: the LoRA adapters on the one model and the gate that switches them;
+- ``_adapter_stack``: the LoRA adapters on the one model and the gate that switches them;
 - ``_params`` / ``_generator`` / ``_decoding``: sampling parameters and their
   bounds; the generation path (role defaults, batching, ``llm_generate``); the
   torch side of one batched ``model.generate``;
-- ``_embedder`` / ``_embedding`` / ``_llm2vec``: the embedding path; forward-batch
+- ``_embedder`` / ``_embed_plan`` / ``_llm2vec``: the embedding path; forward-batch
   planning; the LLM2Vec core shared with the exported wrapper;
-- ``_batching``: the micro-batcher; ``_types``: results and streams.
+- ``_batching``: the micro-batcher; ``_types``: results and streams;
+- ``_compose``: a runtime for a manifest role (provisioned first), a role's
+  sampling defaults, and the process-wide runtime (``from_role``/``shared``).
+  It reaches the manifest (``manager``) and ``provisioning``, both below the
+  runtime, only when called (``_loading`` reads provisioned copies the same way).
 
-Building a runtime from a manifest role, and the process-wide runtime, are the
-application layer's (:mod:`mongars_llm._compose`).
+Other packages (the server, the CLI, training, export) import what they use from
+here, never from a private module (``tests/test_layering.py``); names whose module
+imports torch load on first access.
 """
 
 from __future__ import annotations
@@ -30,30 +35,87 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LLMRuntimeError
-from ._llm2vec import POOLING_MODES, EmbeddingWarning
-from ._types import AsyncGenerationStream, Generation, GenerationStream, Usage
+from ._llm2vec import (
+    DEFAULT_POOLING,
+    POOLING_MODES,
+    EmbeddingConfig,
+    EmbeddingInputError,
+    EmbeddingWarning,
+    EncodedText,
+    decoder_of,
+    embed_padded,
+    encode_inputs,
+    normalise,
+    normalise_inputs,
+    pooling_mode,
+    run_decoder,
+)
+from ._types import AsyncGenerationStream, FinishReason, Generation, GenerationStream, Usage
 
+# names other packages use (the server, the CLI, training, export) load with the
+# module that defines them: ``_loading`` imports torch
 _LAZY = {
     "UnifiedLLMRuntime": "mongars_llm.runtime._runtime",
     "QuantizationFallbackWarning": "mongars_llm.runtime._loading",
+    "choose_cpu_threads": "mongars_llm.runtime._loading",
     "cpu_supports_bf16": "mongars_llm.runtime._loading",
+    "no_loading_bars": "mongars_llm.runtime._loading",
+    "quiet_loading_bars": "mongars_llm.runtime._loading",
+    "usable_cpus": "mongars_llm.runtime._loading",
+    "quiet_peft_deprecations": "mongars_llm.runtime._adapter_stack",
+    "over_limit_prefix": "mongars_llm.runtime._bounds",
+    "plan_chunks": "mongars_llm.runtime._embed_plan",
+    "SamplingKwargs": "mongars_llm.runtime._params",
+    "SamplingParams": "mongars_llm.runtime._params",
 }
 
 __all__ = [
+    "DEFAULT_POOLING",
     "POOLING_MODES",
     "AsyncGenerationStream",
+    "EmbeddingConfig",
+    "EmbeddingInputError",
     "EmbeddingWarning",
+    "EncodedText",
+    "FinishReason",
     "Generation",
     "GenerationStream",
     "LLMRuntimeError",
     "QuantizationFallbackWarning",
+    "SamplingKwargs",
+    "SamplingParams",
     "UnifiedLLMRuntime",
     "Usage",
+    "choose_cpu_threads",
     "cpu_supports_bf16",
+    "decoder_of",
+    "embed_padded",
+    "encode_inputs",
+    "no_loading_bars",
+    "normalise",
+    "normalise_inputs",
+    "over_limit_prefix",
+    "plan_chunks",
+    "pooling_mode",
+    "quiet_loading_bars",
+    "quiet_peft_deprecations",
+    "run_decoder",
+    "usable_cpus",
 ]
 
 if TYPE_CHECKING:
-    from ._loading import QuantizationFallbackWarning, cpu_supports_bf16
+    from ._adapter_stack import quiet_peft_deprecations
+    from ._bounds import over_limit_prefix
+    from ._embed_plan import plan_chunks
+    from ._loading import (
+        QuantizationFallbackWarning,
+        choose_cpu_threads,
+        cpu_supports_bf16,
+        no_loading_bars,
+        quiet_loading_bars,
+        usable_cpus,
+    )
+    from ._params import SamplingKwargs, SamplingParams
     from ._runtime import UnifiedLLMRuntime
 
 

@@ -10,7 +10,7 @@ and the LLM2Vec core (:mod:`._llm2vec`, which computes the vectors):
    mode the tokenizer cannot serve and warns, once, about a surprising one;
 2. it queues the request on its micro-batcher; the worker thread tokenises
    (so callers and the event loop only queue), plans forward batches
-   (:mod:`._embedding`: length-sorted chunks, or packed rows of short texts),
+   (:mod:`._embed_plan`: length-sorted chunks, or packed rows of short texts),
    runs them with the adapters the call asked for, checks the vectors are
    finite and logs one ``llm_embed`` event per micro-batch.
 
@@ -35,21 +35,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (
-    EmbeddingError,
-    InputTooLongError,
-    InvalidInputError,
-    LLMRuntimeError,
-    UnsupportedError,
-)
+from ..errors import EmbeddingError, InvalidInputError, LLMRuntimeError
 from ..logging import log_event
 from ._batching import BatchStats, MicroBatcher, Pending
 from ._llm2vec import (
-    POOLING_MODES,
+    DEFAULT_POOLING,
     EmbeddingInputError,
     EmbeddingWarning,
+    Pooling,
     check_pooling,
     normalise_inputs,
+    pooling_mode,
 )
 from ._params import check_text
 
@@ -107,18 +103,14 @@ EMBED_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(E
 class EmbedDefaults:
     """What a call that leaves an option unset gets (the runtime's settings)."""
 
-    pooling: str = "mean"
+    pooling: str = DEFAULT_POOLING
     bidirectional: bool = False
     normalize: bool = True
     batch_invariant: bool = False
     instruction: str | None = None
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLING_MODES:
-            raise InvalidInputError(
-                f"unknown pooling {self.pooling!r}; use one of {', '.join(POOLING_MODES)}",
-                param="pooling",
-            )
+        known_pooling(self.pooling)
 
 
 @dataclass(frozen=True)
@@ -153,16 +145,19 @@ class _Queued(Pending):
         return self.request.params
 
 
-_ERRORS: dict[str, type[InvalidInputError] | type[UnsupportedError]] = {
-    "invalid_input": InvalidInputError,
-    "input_too_long": InputTooLongError,
-    "unsupported": UnsupportedError,
-}
+def known_pooling(pooling: Any) -> Pooling:
+    """``pooling`` when it names a pooling mode, else :class:`InvalidInputError`
+    (the core's :func:`~._llm2vec.pooling_mode` check, as the library's error)."""
+    try:
+        return pooling_mode(pooling)
+    except EmbeddingInputError as err:
+        raise library_error(err) from err
 
 
 def library_error(err: EmbeddingInputError) -> LLMRuntimeError:
-    """The library's error for an error of the LLM2Vec core (same message and code)."""
-    kind = _ERRORS.get(err.code, InvalidInputError)
+    """The library's error for an error of the LLM2Vec core (same message and code:
+    the class is the one whose ``default_code`` it is)."""
+    kind = LLMRuntimeError.for_code(err.code)
     error: LLMRuntimeError
     if issubclass(kind, InvalidInputError):
         error = kind(str(err), param=err.param)
@@ -271,11 +266,7 @@ class Embedder:
     def _check_pooling(self, pooling: str) -> None:
         """Refuse a pooling the tokenizer cannot serve; warn once about a surprising one
         (the tokenizer is checked once per mode)."""
-        if pooling not in POOLING_MODES:
-            raise InvalidInputError(
-                f"unknown pooling {pooling!r}; use one of {', '.join(POOLING_MODES)}",
-                param="pooling",
-            )
+        known_pooling(pooling)  # before caching: unknown names never fill the cache
         with self._checks_lock:
             if pooling not in self._pooling_checks:
                 outcome: EmbeddingInputError | str | None
@@ -413,7 +404,7 @@ class Embedder:
         import numpy as np
         import torch
 
-        from ._embedding import plan_chunks, plan_packed
+        from ._embed_plan import plan_chunks, plan_packed
         from ._llm2vec import decoder_of, embed_packed, embed_padded, normalise
 
         settings = self._settings.model

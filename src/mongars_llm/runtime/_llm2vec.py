@@ -54,6 +54,13 @@ llm2vec computes correctly):
   Mistral tokenizer whose EOS is ``</s>``, as llm2vec); where llm2vec would
   append something else, :func:`check_pooling` says so.
 
+The settings that say how an adapter's vectors are made (pooling,
+attention, length, normalisation, instruction) are one
+:class:`EmbeddingConfig`, which reads and writes the adapter folder's
+``llm2vec_config.json`` (:data:`CONFIG_FILE`): training writes it, the
+runtime, the CLI and a stacked training run read it. :func:`pooling_mode` is
+the one check of a pooling name, :data:`DEFAULT_POOLING` the one default.
+
 Errors are :class:`EmbeddingInputError` (a ``ValueError`` with a ``code``:
 ``invalid_input``, ``input_too_long`` or ``unsupported``); the runtime turns
 them into its own error classes, the wrapper lets them through.
@@ -61,16 +68,22 @@ them into its own error classes, the wrapper lets them through.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_POOLING",
     "LLM2VEC_PROMPTS",
     "POOLING_MODES",
+    "EmbeddingConfig",
     "EmbeddingInputError",
     "EmbeddingWarning",
     "EncodedText",
@@ -89,6 +102,7 @@ __all__ = [
     "normalise",
     "normalise_inputs",
     "pool",
+    "pooling_mode",
     "run_decoder",
     "run_packed",
     "trim_words",
@@ -97,6 +111,10 @@ __all__ = [
 Pooling = Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"]
 #: the pooling modes, in the order the docs list them (the one place they are spelled)
 POOLING_MODES: tuple[str, ...] = get_args(Pooling)
+#: the pooling of a role, an adapter or a call that names none (the one place it is spelled)
+DEFAULT_POOLING: Pooling = "mean"
+#: the file in an embedding adapter's folder that says how its vectors are made
+CONFIG_FILE = "llm2vec_config.json"
 SpanRule = Literal["count", "offsets"]
 
 # Prompt formats llm2vec 0.2.3 applies to its published instruct bases, by model id.
@@ -133,6 +151,159 @@ class EmbeddingInputError(ValueError):
 
 class EmbeddingWarning(UserWarning):
     """An embedding option that works, but perhaps not as the caller expects."""
+
+
+def pooling_mode(value: Any, *, where: str = "") -> Pooling:
+    """``value`` when it names a pooling mode, else :class:`EmbeddingInputError`
+    (``param="pooling"``); ``where`` (a file, say) starts the message."""
+    if not isinstance(value, str) or value not in POOLING_MODES:
+        prefix = f"{where}: " if where else ""
+        raise EmbeddingInputError(
+            f"{prefix}unknown pooling {value!r}; use one of {', '.join(POOLING_MODES)}",
+            param="pooling",
+        )
+    return cast(Pooling, value)
+
+
+def _is_length(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+# what each checked setting must be: (test, what the message says it must be)
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "bidirectional": (lambda v: isinstance(v, bool), "true or false"),
+    "normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "max_length": (_is_length, "an integer >= 1 or null"),
+    "instruction": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "objective": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How an embedding adapter's vectors are made; the owner of ``llm2vec_config.json``.
+
+    As sentence-transformers' ``Pooling`` module owns its config file, this
+    class owns the file an embedding run writes into its adapter folder
+    (:meth:`write`) and that the runtime, the CLI and a stacked run read
+    (:meth:`read`). It is frozen and checks itself: a wrong value is an
+    :class:`EmbeddingInputError` (a ``ValueError`` whose ``param`` is the key)
+    that names the file it came from.
+
+    The file spells the pooling twice, llm2vec's ``pooling_mode`` and
+    ``pooling`` (both are written; either is read, and two that disagree are
+    refused). Keys this class does not model (``temperature``,
+    ``mask_probability``, ``stacked_on``...) stay in :attr:`extra` and are
+    written back as read. A key that is absent, or ``null`` for ``pooling``,
+    ``bidirectional`` and ``normalize``, takes the default below.
+    """
+
+    pooling: Pooling = DEFAULT_POOLING
+    #: bidirectional attention for embedding calls (chat stays causal)
+    bidirectional: bool = False
+    #: most tokens per text (an embedding run records its limit); ``None``: the runtime's
+    max_length: int | None = None
+    #: L2-normalise the vectors
+    normalize: bool = True
+    #: the query instruction the adapter was trained with; ``None``: none
+    instruction: str | None = None
+    #: the objective of the run that wrote the file (``mntp``, ``contrastive``, ``simcse``)
+    objective: str | None = None
+    #: the file's other keys, written back unchanged (not hashed)
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        pooling_mode(self.pooling)
+        for name, (test, expected) in _CHECKS.items():
+            value = getattr(self, name)
+            if not test(value):
+                raise EmbeddingInputError(
+                    f"{name} must be {expected}, got {value!r:.80}", param=name
+                )
+        extra = dict(self.extra)
+        clash = sorted(set(extra) & ({f.name for f in fields(self)} | {"pooling_mode"}))
+        if clash:
+            raise EmbeddingInputError(
+                f"extra holds {', '.join(clash)}, which are settings: pass them as such",
+                param=clash[0],
+            )
+        object.__setattr__(self, "extra", extra)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "") -> EmbeddingConfig:
+        """The settings in ``data`` (an ``llm2vec_config.json`` object, or a role's
+        embedding options); ``source`` (a file) starts the message of an error."""
+        prefix = f"{source}: " if source else ""
+        if not isinstance(data, Mapping):
+            raise EmbeddingInputError(
+                f"{prefix}expected a JSON object of embedding settings, got {type(data).__name__}"
+            )
+        values = dict(data)
+        named, mode = values.pop("pooling", None), values.pop("pooling_mode", None)
+        if named is not None and mode is not None and named != mode:
+            raise EmbeddingInputError(
+                f"{prefix}pooling {named!r} and pooling_mode {mode!r} disagree; keep one",
+                param="pooling",
+            )
+        pooling = pooling_mode(
+            named if named is not None else DEFAULT_POOLING if mode is None else mode,
+            where=source,
+        )
+        settings: dict[str, Any] = {}
+        for name, (test, expected) in _CHECKS.items():
+            if name not in values:
+                continue
+            value = values.pop(name)
+            if value is None and name in ("bidirectional", "normalize"):
+                continue
+            if not test(value):
+                raise EmbeddingInputError(
+                    f"{prefix}{name} must be {expected}, got {value!r:.80}", param=name
+                )
+            settings[name] = value
+        return cls(pooling=pooling, **settings, extra=values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's JSON object, keys in the order embedding runs have written them."""
+        out: dict[str, Any] = {"pooling_mode": self.pooling, "max_length": self.max_length}
+        if self.objective is not None:
+            out["objective"] = self.objective
+        out.update(
+            pooling=self.pooling,
+            bidirectional=self.bidirectional,
+            instruction=self.instruction,
+            normalize=self.normalize,
+        )
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> EmbeddingConfig | None:
+        """The settings in ``folder``'s ``llm2vec_config.json``; ``None`` when it has
+        none (a folder that is not an embedding adapter's). A file that is not JSON,
+        or holds a wrong value, is an :class:`EmbeddingInputError` naming it."""
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EmbeddingInputError(f"{path}: not a JSON file ({err})") from err
+        return cls.from_dict(data, source=str(path))
+
+    def write(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``folder/llm2vec_config.json`` (a temporary file moved into place, so a
+        reader never sees half of it); returns its path."""
+        path = Path(folder) / CONFIG_FILE
+        partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.partial")
+        try:
+            partial.write_text(
+                json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
+            )
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
 
 
 @dataclass
@@ -255,11 +426,7 @@ def check_pooling(
     suffix is not what llm2vec 0.2.3 appends, e.g. a ChatML model whose EOS is
     ``<|im_end|>``; otherwise ``None``.
     """
-    if pooling not in POOLING_MODES:
-        raise EmbeddingInputError(
-            f"unknown pooling {pooling!r}; use one of {', '.join(POOLING_MODES)}",
-            param="pooling",
-        )
+    pooling_mode(pooling)
     prompt = LLM2VEC_PROMPTS.get(model_id)
     if pooling == "bos_token":
         string, _ = compose("", "a", pooling=pooling, prompt=prompt)
@@ -471,7 +638,8 @@ def run_decoder(
     out = decoder(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
     )
-    return out.last_hidden_state
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
 
 
 @dataclass
@@ -604,9 +772,8 @@ def pool(
         hits = torch.where(hits.any(-1, keepdim=True), hits, attention)
         first = torch.argmax(hits.int(), dim=-1)
         return h[batch, first]
-    raise EmbeddingInputError(
-        f"unknown pooling {mode!r}; use one of {', '.join(POOLING_MODES)}", param="pooling"
-    )
+    pooling_mode(mode)
+    raise AssertionError(f"pooling {mode!r} has no branch in pool()")  # pragma: no cover
 
 
 def normalise(vectors: torch.Tensor) -> torch.Tensor:

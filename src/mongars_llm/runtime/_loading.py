@@ -32,6 +32,7 @@ from ..logging import log_event
 
 if TYPE_CHECKING:
     from ..settings import Settings
+    from ._llm2vec import EmbeddingConfig
 
 __all__ = [
     "AdapterSpec",
@@ -45,6 +46,7 @@ __all__ = [
     "load_causal_lm",
     "no_loading_bars",
     "plan_load",
+    "quiet_loading_bars",
     "resolve_checkpoint",
     "use_cpu_threads",
 ]
@@ -325,14 +327,6 @@ def detect_llm2vec_layout(path: str | Path) -> Llm2VecLayout | None:
     return Llm2VecLayout(base=base, adapter_dir=adapter_dir)
 
 
-def read_llm2vec_config(path: str | Path) -> dict[str, Any]:
-    """``llm2vec_config.json`` of an adapter folder (``pooling_mode``, ``max_length``), or {}."""
-    config_path = Path(path) / "llm2vec_config.json"
-    if config_path.is_file():
-        return dict(json.loads(config_path.read_text(encoding="utf-8")))
-    return {}
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """What one ``from_pretrained`` call loads, once LLM2Vec layouts are unfolded."""
@@ -370,12 +364,13 @@ def resolve_checkpoint(
     holding a LoRA adapter (``adapter_config.json``), such as a published
     LLM2Vec MNTP repo, loads as its base model plus that adapter (named
     ``"mntp"``, ``use="embed"``), with the adapter folder's tokenizer when it
-    has one; ``bidirectional=None`` then means on. ``llm2vec_config.json`` of
-    every ``use="embed"`` adapter supplies ``pooling`` and ``max_length`` when
-    they are ``None``.
+    has one; ``bidirectional=None`` then means on. The ``llm2vec_config.json``
+    (:class:`~._llm2vec.EmbeddingConfig`) of the last ``use="embed"`` adapter
+    that has one supplies ``pooling`` and ``max_length`` when they are ``None``;
+    a wrong one is an :class:`InvalidInputError` naming the file.
     """
     from .._sources import check_model_source
-    from ..provisioning._local_copy import provisioned_copy
+    from ..provisioning import provisioned_copy
 
     source = check_model_source(path_or_repo, error=ModelLoadError)  # a missing folder
     specs = adapter_specs(adapters)
@@ -403,21 +398,34 @@ def resolve_checkpoint(
             source = str(base_copy.path)
         if bidirectional is None:
             bidirectional = True
-    llm2vec_config: dict[str, Any] = {}
-    for spec in specs:
-        if spec.use == "embed" and Path(spec.path).is_dir():
-            llm2vec_config.update(read_llm2vec_config(spec.path))
+    trained = _trained_embedding(specs)
     return Checkpoint(
         source=source,
         revision=revision,
         tokenizer_source=tokenizer_source,
         prompt_model_id=prompt_model_id,
         adapters=tuple(specs),
-        pooling=pooling or llm2vec_config.get("pooling_mode") or "mean",
-        max_length=max_length or llm2vec_config.get("max_length"),
+        pooling=pooling or trained.pooling,
+        max_length=max_length or trained.max_length,
         bidirectional=bool(bidirectional),
         llm2vec=layout is not None,
     )
+
+
+def _trained_embedding(specs: list[AdapterSpec]) -> EmbeddingConfig:
+    """The embedding settings of the last ``use="embed"`` adapter folder that has an
+    ``llm2vec_config.json``, else the defaults."""
+    from ._embedder import library_error
+    from ._llm2vec import EmbeddingConfig, EmbeddingInputError
+
+    trained = EmbeddingConfig()
+    for spec in specs:
+        if spec.use == "embed" and Path(spec.path).is_dir():
+            try:
+                trained = EmbeddingConfig.read(spec.path) or trained
+            except EmbeddingInputError as err:
+                raise library_error(err) from err
+    return trained
 
 
 def load_causal_lm(
@@ -446,7 +454,7 @@ def load_causal_lm(
         kwargs["quantization_config"] = plan.quantization_config
         kwargs["device_map"] = {"": plan.device}
     try:
-        with _quiet_loading_bars(source):
+        with quiet_loading_bars(source):
             tokenizer = AutoTokenizer.from_pretrained(
                 tokenizer_source or source,
                 trust_remote_code=trust_remote_code,
@@ -506,7 +514,7 @@ def no_loading_bars() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_loading_bars(source: str) -> Iterator[None]:
+def quiet_loading_bars(source: str) -> Iterator[None]:
     """:func:`no_loading_bars` for a local model under :data:`QUIET_LOAD_BYTES`."""
     folder = Path(source).expanduser()
     weights = 0

@@ -5,8 +5,11 @@
 ``temperature``, ``top_p``, ``top_k``, ``stop``, ``adapter``, ``seed``,
 ``repetition_penalty``). Building one validates every value, so a bad value
 fails at the call with an :class:`~mongars_llm.errors.InvalidInputError` that
-names the argument, not later inside torch. :class:`RoleDefaults` carries a
-manifest role's defaults, which fill in what the call left unset.
+names the argument, not later inside torch. :class:`SamplingKwargs` types the
+same names as keyword arguments (``**kwargs: Unpack[SamplingKwargs]``).
+:class:`RoleDefaults` carries a manifest role's defaults, which fill in what
+the call left unset. The bounds are :mod:`mongars_llm._sampling`'s, which the
+manifest checks too.
 
 Standard library only: the HTTP layer can validate with it without torch.
 """
@@ -19,8 +22,9 @@ import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
+from .._sampling import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
 from ..errors import InvalidInputError
 
 __all__ = [
@@ -30,15 +34,10 @@ __all__ = [
     "SEED_MIN",
     "RoleDefaults",
     "RoleResolver",
+    "SamplingKwargs",
     "SamplingParams",
     "check_text",
 ]
-
-#: the smallest temperature that still samples: below it the logits overflow (0 is greedy)
-MIN_TEMPERATURE = 1e-5
-#: the seeds torch's generator takes
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-
 
 #: a lone UTF-16 surrogate: never part of valid text in a Python str
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -171,9 +170,34 @@ class SamplingParams:
         }
         return dataclasses.replace(self, **fill) if fill else self
 
+    def as_kwargs(self) -> SamplingKwargs:
+        """The parameters that are set, as the keyword arguments of the generation calls."""
+        given = {name: getattr(self, name) for name in SAMPLING_NAMES}
+        return cast(SamplingKwargs, {k: v for k, v in given.items() if v is not None})
+
 
 #: the sampling keyword arguments of the generation calls, in signature order
 SAMPLING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+class SamplingKwargs(TypedDict, total=False):
+    """The sampling keyword arguments of ``generate_batch``/``stream``/``agenerate``/
+    ``astream`` (``**kwargs: Unpack[SamplingKwargs]``), so that a type checker
+    sees a wrong name or type at the call.
+
+    The same names and types as :class:`SamplingParams`'s fields (a test keeps
+    the two in step); the values are checked when the call builds its
+    ``SamplingParams``.
+    """
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    stop: str | Sequence[str] | None
+    adapter: str | Sequence[str] | None
+    seed: int | None
+    repetition_penalty: float | None
 
 
 @dataclass(frozen=True)

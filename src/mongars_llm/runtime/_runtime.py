@@ -1,7 +1,7 @@
 """``UnifiedLLMRuntime``: one copy of the weights for chat and LLM2Vec embeddings.
 
 The class is a thin typed facade. It owns the loaded model, tokenizer and
-adapter stack (:mod:`._adapters`) and hands each call to the component that
+adapter stack (:mod:`._adapter_stack`) and hands each call to the component that
 does the work:
 
 - loading: :mod:`._loading` decides what loads (adapters, provisioned copies,
@@ -10,8 +10,8 @@ does the work:
   :class:`~._generator.Generator`, from typed :class:`~._params.SamplingParams`;
 - ``embed``/``aembed``: the :class:`~._embedder.Embedder`, from typed
   :class:`~._embedder.EmbedOptions`, over the LLM2Vec core (:mod:`._llm2vec`);
-- ``from_role``/``shared``/``ashared``/``reset_shared``: the application layer
-  (:mod:`mongars_llm._compose`), which reads the manifest and provisions.
+- ``from_role``/``shared``/``ashared``/``reset_shared``: :mod:`._compose`, which
+  reads the manifest (through the runtime's ``manager``) and provisions.
 
 Failures are :class:`~mongars_llm.errors.LLMRuntimeError` subclasses with a
 stable ``code``. This module imports neither torch nor transformers at import
@@ -36,16 +36,17 @@ from ..errors import (
     RuntimeClosedError,
 )
 from ..logging import log_event
-from ._embedder import EmbedDefaults, Embedder, EmbedOptions
+from ._embedder import EmbedDefaults, Embedder, EmbedOptions, known_pooling
 from ._generator import Generator
-from ._llm2vec import Pooling
-from ._params import RoleDefaults, SamplingParams
+from ._llm2vec import DEFAULT_POOLING, Pooling
+from ._params import RoleDefaults, SamplingKwargs, SamplingParams
 from ._types import AsyncGenerationStream, Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     import numpy as np
+    from typing_extensions import Unpack
 
     from ..manager import ModelManager
     from ..settings import Settings
@@ -81,7 +82,7 @@ class UnifiedLLMRuntime:
         quantization: str | None,
         settings: Settings,
         manager: ModelManager | None = None,
-        pooling: str = "mean",
+        pooling: str = DEFAULT_POOLING,
         bidirectional: bool = False,
         normalize: bool = True,
         max_length: int | None = None,
@@ -89,14 +90,9 @@ class UnifiedLLMRuntime:
         instruction: str | None = None,
         prompt_model_id: str | None = None,
     ) -> None:
-        from ._adapters import AdapterStack
-        from ._llm2vec import POOLING_MODES
+        from ._adapter_stack import AdapterStack
 
-        if pooling not in POOLING_MODES:
-            raise InvalidInputError(
-                f"unknown pooling {pooling!r}; use one of {', '.join(POOLING_MODES)}",
-                param="pooling",
-            )
+        known_pooling(pooling)  # before anything is built
         self._model = model
         self._tokenizer = tokenizer
         self._tokenizer_lock = threading.RLock()
@@ -159,7 +155,7 @@ class UnifiedLLMRuntime:
         device: str | None = None,
         dtype: Any = None,
         quantize_4bit: bool | None = None,
-        pooling: Pooling | None = "mean",
+        pooling: Pooling | None = DEFAULT_POOLING,
         bidirectional: bool | None = False,
         max_length: int | None = None,
         adapters: AdapterSpecLike | None = None,
@@ -261,8 +257,8 @@ class UnifiedLLMRuntime:
         """Provision a manifest role (default ``general``, else the profile's first
         role) and load it with its adapters and embedding options; sampling
         defaults then come from that role. An unknown role is a ``ConfigError``
-        listing the known ones. (See :func:`mongars_llm._compose.runtime_for_role`.)"""
-        from .._compose import runtime_for_role
+        listing the known ones. (See :func:`._compose.runtime_for_role`.)"""
+        from ._compose import runtime_for_role
 
         return runtime_for_role(
             role,
@@ -283,21 +279,21 @@ class UnifiedLLMRuntime:
         that role's adapters and embedding options. A failed load raises
         ``ModelLoadError`` (code ``load_failed``) and is retried on the next call.
         """
-        from .._compose import shared_runtime
+        from ._compose import shared_runtime
 
         return shared_runtime(settings, runtime_cls=cls)
 
     @classmethod
     async def ashared(cls, settings: Settings | None = None) -> UnifiedLLMRuntime:
         """:meth:`shared` without blocking the event loop (loading runs in a thread)."""
-        from .._compose import ashared_runtime
+        from ._compose import ashared_runtime
 
         return await ashared_runtime(settings, runtime_cls=cls)
 
     @classmethod
     def reset_shared(cls) -> None:
         """Close and forget the process-wide runtime (for tests and reloads)."""
-        from .._compose import reset_shared_runtime
+        from ._compose import reset_shared_runtime
 
         reset_shared_runtime()
 
@@ -387,9 +383,9 @@ class UnifiedLLMRuntime:
         return self._generator.count_tokens(text_or_messages)
 
     def _role_defaults(self, role: str) -> RoleDefaults:
-        """The defaults of a role a call names, read from the manifest by the
-        application layer (through :attr:`manager`)."""
-        from .._compose import role_defaults
+        """The defaults of a role a call names, read from the manifest through
+        :attr:`manager` (:func:`._compose.role_defaults`)."""
+        from ._compose import role_defaults
 
         return role_defaults(self, role)
 
@@ -397,7 +393,8 @@ class UnifiedLLMRuntime:
     def _submit(
         self,
         prompt_or_messages: Any,
-        options: Mapping[str, Any],
+        role: str | None,
+        options: SamplingKwargs,
         stream: GenerationStream | None = None,
         *,
         defer: bool = False,
@@ -405,8 +402,7 @@ class UnifiedLLMRuntime:
         """Queue one generation from ``role`` + sampling keyword arguments (an unknown
         name is a ``TypeError``, as for :meth:`generate`); ``defer``: prepare the
         prompt on a worker thread (the async API)."""
-        role = options.get("role")
-        params = SamplingParams.from_kwargs({k: v for k, v in options.items() if k != "role"})
+        params = SamplingParams.from_kwargs(options)
         self._check_open()
         return self._generator.submit(
             prompt_or_messages, params, role=role, stream=stream, defer=defer
@@ -447,32 +443,56 @@ class UnifiedLLMRuntime:
         future = self._generator.submit(prompt_or_messages, params, role=role)
         return cast(Generation, future.result())
 
-    def generate_batch(self, prompts: Sequence[Any], **kwargs: Any) -> list[Generation]:
+    def generate_batch(
+        self,
+        prompts: Sequence[Any],
+        *,
+        role: str | None = None,
+        **kwargs: Unpack[SamplingKwargs],
+    ) -> list[Generation]:
         """:meth:`generate` for many prompts at once (batched on the model), in order."""
         if isinstance(prompts, str) or not prompts:
             raise InvalidInputError(
                 "generate_batch needs a non-empty list of prompts or message lists",
                 param="prompts",
             )
-        futures = [self._submit(p, kwargs) for p in prompts]
+        futures = [self._submit(p, role, kwargs) for p in prompts]
         return [cast(Generation, f.result()) for f in futures]
 
-    def stream(self, prompt_or_messages: Any, **kwargs: Any) -> GenerationStream:
+    def stream(
+        self,
+        prompt_or_messages: Any,
+        *,
+        role: str | None = None,
+        **kwargs: Unpack[SamplingKwargs],
+    ) -> GenerationStream:
         """Like :meth:`generate` but returns a :class:`GenerationStream` of text deltas."""
         stream = GenerationStream()
-        self._submit(prompt_or_messages, kwargs, stream)
+        self._submit(prompt_or_messages, role, kwargs, stream)
         return stream
 
-    async def agenerate(self, prompt_or_messages: Any, **kwargs: Any) -> Generation:
+    async def agenerate(
+        self,
+        prompt_or_messages: Any,
+        *,
+        role: str | None = None,
+        **kwargs: Unpack[SamplingKwargs],
+    ) -> Generation:
         """:meth:`generate` without blocking the event loop (micro-batched with others)."""
-        future = self._submit(prompt_or_messages, kwargs, defer=True)
+        future = self._submit(prompt_or_messages, role, kwargs, defer=True)
         return cast(Generation, await asyncio.wrap_future(future))
 
-    def astream(self, prompt_or_messages: Any, **kwargs: Any) -> AsyncGenerationStream:
+    def astream(
+        self,
+        prompt_or_messages: Any,
+        *,
+        role: str | None = None,
+        **kwargs: Unpack[SamplingKwargs],
+    ) -> AsyncGenerationStream:
         """Async iterator of text deltas; ``.result`` holds the final Generation after it."""
         loop = asyncio.get_running_loop()
         stream = GenerationStream()
-        self._submit(prompt_or_messages, kwargs, stream, defer=True)
+        self._submit(prompt_or_messages, role, kwargs, stream, defer=True)
         async_stream = AsyncGenerationStream(stream, loop)
         threading.Thread(target=async_stream._pump, name="mongars-astream", daemon=True).start()
         return async_stream

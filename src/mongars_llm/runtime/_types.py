@@ -14,7 +14,7 @@ from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
     from ..settings import Settings
-    from ._adapters import AdapterStack
+    from ._adapter_stack import AdapterStack
 
 __all__ = ["AsyncGenerationStream", "Generation", "GenerationStream", "LoadedModel", "Usage"]
 

@@ -18,16 +18,22 @@ _LAZY: dict[str, str] = {
     "ServerConfig": "mongars_llm.server._config",
     "BackgroundServer": "mongars_llm.server._background",
     "serve_in_background": "mongars_llm.server._background",
-    "RegistryWatcher": "mongars_llm.server._adapters",
+    "RegistryWatcher": "mongars_llm.server._registry_watcher",
+    # used by ``mongars-llm serve`` before it starts the server
+    "check_credentials": "mongars_llm.server._auth",
+    "uvicorn_options": "mongars_llm.server._http",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
-    from ._adapters import RegistryWatcher  # noqa: F401
-    from ._app import create_app  # noqa: F401
-    from ._background import BackgroundServer, serve_in_background  # noqa: F401
-    from ._config import ServerConfig  # noqa: F401
+    from ._app import create_app as create_app
+    from ._auth import check_credentials as check_credentials
+    from ._background import BackgroundServer as BackgroundServer
+    from ._background import serve_in_background as serve_in_background
+    from ._config import ServerConfig as ServerConfig
+    from ._http import uvicorn_options as uvicorn_options
+    from ._registry_watcher import RegistryWatcher as RegistryWatcher
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,8 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _state(request: Request) -> ServerState:
-    return request.app.state.mongars
+    state: ServerState = request.app.state.mongars
+    return state
 
 
 def _job_or_404(state: ServerState, job_id: str) -> Any:

@@ -2,7 +2,9 @@
 
 ``{"error": {"message", "type", "param", "code"}}`` is used for our own errors,
 FastAPI's validation errors (422), unknown routes (404), runtime failures and
-anything unexpected (500, with no internals in the body).
+anything unexpected (500, with no internals in the body). A library error's
+status is its class's :attr:`~mongars_llm.errors.MongarsError.http_status`;
+its ``code`` stays in the body.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-__all__ = ["APIError", "error_body", "install_error_handlers", "runtime_error_to_api"]
+__all__ = [
+    "APIError",
+    "error_body",
+    "install_error_handlers",
+    "is_client_error",
+    "runtime_error_to_api",
+]
 
 logger = logging.getLogger("mongars_llm.server")
 
@@ -37,20 +45,11 @@ _TYPE_BY_STATUS = {
     503: "overloaded_error",
 }
 
-# LLMRuntimeError.code -> HTTP status
-_RUNTIME_STATUS = {
-    "invalid_input": 400,
-    "input_too_long": 413,
-    "adapter_not_found": 404,
-    "unsupported": 400,  # as the server's own "unsupported" answers
-    "overloaded": 503,
-    "load_failed": 503,
-}
 
-#: runtime codes that are the client's fault: never answered with the fallback reply
-CLIENT_RUNTIME_CODES = frozenset(
-    {"invalid_input", "input_too_long", "adapter_not_found", "unsupported"}
-)
+def is_client_error(err: MongarsError) -> bool:
+    """Whether ``err`` is the request's fault (a 4xx ``http_status``): never answered
+    with the fallback reply."""
+    return err.http_status < 500
 
 
 class APIError(Exception):
@@ -88,12 +87,11 @@ def error_body(
 
 
 def runtime_error_to_api(err: LLMRuntimeError, *, retry_after: int = 1) -> APIError:
-    """The HTTP answer for a runtime failure (its ``code`` is kept)."""
-    status = _RUNTIME_STATUS.get(err.code, 500)
+    """The HTTP answer for a runtime failure: its class's ``http_status``, its ``code``
+    kept (a 503 says when to retry)."""
+    status = err.http_status
     headers = {"Retry-After": str(retry_after)} if status == 503 else None
-    kind = None
-    if status >= 500:
-        kind = "overloaded_error" if err.code == "overloaded" else "server_error"
+    kind = "server_error" if status >= 500 else None
     return APIError(status, str(err), code=err.code, headers=headers, type=kind)
 
 
@@ -181,7 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownRoleError)
     async def _unknown_role(_: Request, exc: UnknownRoleError) -> JSONResponse:
-        return APIError(404, str(exc), code="model_not_found", param="model").response()
+        return APIError(exc.http_status, str(exc), code="model_not_found", param="model").response()
 
     @app.exception_handler(ConfigError)
     async def _config(_: Request, exc: ConfigError) -> JSONResponse:
@@ -192,7 +190,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MongarsError)
     async def _mongars(_: Request, exc: MongarsError) -> JSONResponse:
         logger.error("request failed: %s", exc)
-        return APIError(500, str(exc), code=type(exc).__name__).response()
+        return APIError(exc.http_status, str(exc), code=type(exc).__name__).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -51,7 +51,8 @@ _INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _state(request: Request) -> ServerState:
-    return request.app.state.mongars
+    state: ServerState = request.app.state.mongars
+    return state
 
 
 def _stream_or_json(description: str) -> dict[int | str, dict[str, Any]]:

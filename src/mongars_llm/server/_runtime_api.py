@@ -4,8 +4,11 @@ The server layer is typed against this protocol, not against
 :class:`~mongars_llm.runtime.UnifiedLLMRuntime`, so that it names exactly the
 members it relies on (and imports no torch). The real runtime satisfies it
 structurally: mypy checks that at the bottom of this module, and a test checks
-it at run time. :class:`GenerateOptions` and :class:`EmbedOptions` are the
-keyword arguments the routes pass to ``agenerate``/``astream`` and ``aembed``.
+it at run time. :class:`GenerateOptions` and :class:`EmbedKwargs` are the
+keyword arguments the routes pass to ``agenerate``/``astream`` and ``aembed``;
+the sampling ones are the runtime's own
+:class:`~mongars_llm.runtime._params.SamplingKwargs`, so mypy checks each name
+and type the server passes.
 """
 
 from __future__ import annotations
@@ -14,33 +17,30 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
+from ..runtime import SamplingKwargs
+
 if TYPE_CHECKING:
     import numpy as np
+    from typing_extensions import Unpack
 
     from ..manifest.models import Pooling
     from ..runtime import Generation
 
-__all__ = ["EmbedOptions", "GenerateOptions", "Prompt", "RuntimeAPI", "TextStream"]
+__all__ = ["EmbedKwargs", "GenerateOptions", "Prompt", "RuntimeAPI", "TextStream"]
 
 #: a raw text prompt, or chat messages (``[{"role": ..., "content": ...}]``)
 Prompt = str | list[dict[str, str]]
 
 
-class GenerateOptions(TypedDict):
-    """The sampling keywords of one chat or text completion (``None``: the role's default)."""
+class GenerateOptions(SamplingKwargs, total=False):
+    """The keywords of one chat or text completion: the role, and the sampling
+    arguments it sets (absent ones take the role's defaults). ``adapter`` is a
+    runtime adapter name, or ``()`` for no adapter at all (``role:base``)."""
 
     role: str | None
-    max_new_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    stop: list[str] | None
-    #: a runtime adapter name; ``()`` selects no adapter at all (``role:base``)
-    adapter: str | tuple[()] | None
-    seed: int | None
 
 
-class EmbedOptions(TypedDict, total=False):
+class EmbedKwargs(TypedDict, total=False):
     """The keywords of one embeddings call; absent ones take the runtime's defaults."""
 
     instruction: str | None
@@ -90,33 +90,11 @@ class RuntimeAPI(Protocol):
     def count_tokens(self, text: str, /) -> int: ...
 
     async def agenerate(
-        self,
-        prompt: Prompt,
-        /,
-        *,
-        role: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        adapter: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        self, prompt: Prompt, /, *, role: str | None = None, **kwargs: Unpack[SamplingKwargs]
     ) -> Generation: ...
 
     def astream(
-        self,
-        prompt: Prompt,
-        /,
-        *,
-        role: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        adapter: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        self, prompt: Prompt, /, *, role: str | None = None, **kwargs: Unpack[SamplingKwargs]
     ) -> TextStream: ...
 
     async def aembed(

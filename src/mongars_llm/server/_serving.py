@@ -5,8 +5,8 @@ chat or text completion is answered with ``settings.fallback_reply`` when one
 is configured: a normal-looking completion (``finish_reason="stop"``, zero
 usage, ``system_fingerprint="mongars-fallback"``) marked by the
 ``X-Mongars-Fallback: <code>`` header and ``Cache-Control: no-store``. Client
-errors (:data:`~._errors.CLIENT_RUNTIME_CODES`, and every check of
-:mod:`._validation`, made before the runtime is called) are never papered over.
+errors (a 4xx ``http_status``, :func:`~._errors.is_client_error`, and every check
+of :mod:`._validation`, made before the runtime is called) are never papered over.
 
 **Streaming.** :func:`stream_generation` serves ``stream=true`` for both chat
 and text completions; a :class:`ChunkFormat` says how the endpoint writes its
@@ -30,16 +30,16 @@ from pydantic import BaseModel
 
 from ..errors import LLMRuntimeError
 from ..logging import log_event
-from ._errors import CLIENT_RUNTIME_CODES, error_body, runtime_error_to_api
+from ._errors import error_body, is_client_error, runtime_error_to_api
 from ._runtime_api import GenerateOptions, Prompt, RuntimeAPI, TextStream
 from ._state import ServerState
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage
+from .protocol import ModelCard, ModelList, UsageInfo
 
 if TYPE_CHECKING:
     from typing import Self
 
+    from ..runtime import FinishReason, SamplingParams
     from ..runtime import Usage as RuntimeUsage
-    from ..runtime._types import FinishReason
 
 __all__ = [
     "FALLBACK_FINGERPRINT",
@@ -61,7 +61,7 @@ logger = logging.getLogger("mongars_llm.server")
 FALLBACK_FINGERPRINT = "mongars-fallback"
 _DONE = "data: [DONE]\n\n"
 #: the usage of a fallback answer
-NO_USAGE = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+NO_USAGE = UsageInfo(prompt_tokens=0, completion_tokens=0, total_tokens=0)
 
 
 def new_id(prefix: str) -> str:
@@ -84,27 +84,18 @@ def list_models(state: ServerState) -> ModelList:
 
 
 def sampling_options(
-    body: ChatCompletionRequest | CompletionRequest,
-    role: str | None,
-    adapter: str | tuple[()] | None,
-    max_tokens: int | None,
+    params: SamplingParams, role: str | None, adapter: str | tuple[()] | None
 ) -> GenerateOptions:
-    """The runtime keywords of a (checked) chat or text completion request."""
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return GenerateOptions(
-        role=role,
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        stop=stop or None,
-        adapter=adapter,
-        seed=body.seed,
-    )
+    """The runtime keywords of a chat or text completion: its checked sampling
+    parameters (:func:`~._validation.check_sampling`), role and adapter."""
+    options = GenerateOptions(role=role, **params.as_kwargs())
+    if adapter is not None:
+        options["adapter"] = adapter
+    return options
 
 
-def wire_usage(usage: RuntimeUsage) -> Usage:
-    return Usage(
+def wire_usage(usage: RuntimeUsage) -> UsageInfo:
+    return UsageInfo(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
@@ -117,7 +108,7 @@ def wire_usage(usage: RuntimeUsage) -> Usage:
 def fallback_or_raise(state: ServerState, err: LLMRuntimeError) -> str:
     """The fallback text for a server-side failure, else raise the structured error."""
     reply = state.settings.fallback_reply
-    client_error = err.code in CLIENT_RUNTIME_CODES
+    client_error = is_client_error(err)
     log_event(
         logger,
         "server_runtime_error",
@@ -158,7 +149,7 @@ class ChunkFormat(Protocol):
 
     def finish(self, reason: FinishReason) -> str: ...
 
-    def usage(self, usage: Usage) -> str:
+    def usage(self, usage: UsageInfo) -> str:
         """The last event before ``[DONE]`` when ``stream_options.include_usage`` is set."""
         ...
 

@@ -33,11 +33,11 @@ from .protocol import (
     ChatCompletionResponse,
     DeltaMessage,
     ResponseMessage,
-    Usage,
+    UsageInfo,
 )
 
 if TYPE_CHECKING:
-    from ..runtime._types import FinishReason
+    from ..runtime import FinishReason
 
 __all__ = ["create_chat_completion"]
 
@@ -45,11 +45,11 @@ __all__ = ["create_chat_completion"]
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest) -> Any:
     """A :class:`ChatCompletionResponse`, a fallback ``JSONResponse``, or an event stream."""
     max_tokens = body.max_completion_tokens or body.max_tokens
-    check_sampling(body, state, max_tokens)
+    params = check_sampling(body, state, max_tokens)
     check_chat_options(body)
     messages = chat_messages(body, state)
     role, adapter = await state.select_model(body.model, body.adapter, kind="chat")
-    options = sampling_options(body, role, adapter, max_tokens)
+    options = sampling_options(params, role, adapter)
     completion_id = new_id("chatcmpl")
     if body.stream:
 
@@ -86,7 +86,7 @@ def _response(
     model: str,
     text: str,
     finish_reason: FinishReason,
-    usage: Usage,
+    usage: UsageInfo,
     *,
     fingerprint: str | None = None,
 ) -> ChatCompletionResponse:
@@ -123,7 +123,7 @@ class ChatChunks:
     def finish(self, reason: FinishReason) -> str:
         return self._chunk(DeltaMessage(), reason)
 
-    def usage(self, usage: Usage) -> str:
+    def usage(self, usage: UsageInfo) -> str:
         return sse(
             ChatCompletionChunk(
                 id=self.completion_id,

@@ -33,21 +33,21 @@ from ._validation import (
     completion_prompts,
     unsupported,
 )
-from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 
 if TYPE_CHECKING:
-    from ..runtime._types import FinishReason
+    from ..runtime import FinishReason
 
 __all__ = ["create_completion"]
 
 
 async def create_completion(state: ServerState, body: CompletionRequest) -> Any:
     """A :class:`CompletionResponse`, a fallback ``JSONResponse``, or an event stream."""
-    check_sampling(body, state, body.max_tokens)
+    params = check_sampling(body, state, body.max_tokens)
     check_completion_options(body)
     prompts = completion_prompts(body, state)
     role, adapter = await state.select_model(body.model, body.adapter, kind="chat")
-    options = sampling_options(body, role, adapter, body.max_tokens)
+    options = sampling_options(params, role, adapter)
     completion_id = new_id("cmpl")
     if body.stream:
         if len(prompts) != 1:
@@ -95,7 +95,7 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Any:
             )
             for i, g in enumerate(generations)
         ],
-        usage=Usage(
+        usage=UsageInfo(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
@@ -137,10 +137,10 @@ class CompletionChunks:
     def finish(self, reason: FinishReason) -> str:
         return self._event([CompletionChoice(index=0, text="", finish_reason=reason)])
 
-    def usage(self, usage: Usage) -> str:
+    def usage(self, usage: UsageInfo) -> str:
         return self._event([], usage)
 
-    def _event(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+    def _event(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         return sse(
             CompletionResponse(
                 id=self.completion_id,

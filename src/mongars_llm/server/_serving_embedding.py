@@ -19,9 +19,9 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from ..logging import log_event
-from ..runtime._bounds import over_limit_prefix
+from ..runtime import over_limit_prefix
 from ._errors import APIError
-from ._runtime_api import EmbedOptions, RuntimeAPI
+from ._runtime_api import EmbedKwargs, RuntimeAPI
 from ._state import ServerState
 from ._validation import Item, check_chars, check_dimensions, check_token_ids, embedding_inputs
 from .protocol import EmbeddingRequest
@@ -89,10 +89,10 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONR
     )
 
 
-def _embedding_options(resolved: ResolvedRole | None, instruction: str | None) -> EmbedOptions:
+def _embedding_options(resolved: ResolvedRole | None, instruction: str | None) -> EmbedKwargs:
     """The role's embedding options that its manifest entry sets explicitly (the
     runtime's own defaults apply to the rest); the request's instruction wins."""
-    options = EmbedOptions()
+    options = EmbedKwargs()
     if resolved is not None:
         configured = resolved.entry.embedding
         chosen = configured.model_fields_set

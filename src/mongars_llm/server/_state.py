@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LLMRuntimeError, UnknownRoleError
+from ..errors import ModelLoadError, UnknownRoleError
 from ..logging import log_event
 from ..settings import Settings
 from ._config import ServerConfig
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..manifest import ResolvedRole
-    from ._adapters import AdapterKind, RegistryWatcher
+    from ._registry_watcher import AdapterKind, RegistryWatcher
     from ._runtime_api import RuntimeAPI
 
 __all__ = ["BASE_ADAPTER", "EmbedFn", "ServerState"]
@@ -130,9 +130,7 @@ class ServerState:
             return self.runtime
         retry = {"Retry-After": str(self.config.retry_after_s)}
         if self.load_error is not None:
-            raise LLMRuntimeError(
-                f"the model failed to load: {self.load_error}", code="load_failed"
-            ) from None
+            raise ModelLoadError(f"the model failed to load: {self.load_error}") from None
         raise APIError(
             503,
             "the model is still loading; retry shortly (GET /readyz says when it is ready)",
@@ -145,7 +143,7 @@ class ServerState:
         poll = self.config.registry_poll_s
         if poll is None or self.runtime is None or self.watcher is not None:
             return
-        from ._adapters import RegistryWatcher
+        from ._registry_watcher import RegistryWatcher
 
         self.watcher = RegistryWatcher(
             self.runtime, self.settings.llm_adapter_registry_path, poll_s=poll
@@ -255,6 +253,7 @@ class ServerState:
         if role is None:
             return None
         try:
-            return self.manager.role(role)
+            entry: ResolvedRole = self.manager.role(role)
         except UnknownRoleError:
             return None
+        return entry

@@ -5,15 +5,20 @@ values the sampler cannot use, and token ids outside the loaded vocabulary.
 What is checked here depends on the server's settings or the loaded model, or
 is an OpenAI option this server does not implement: each failure is an
 :class:`~._errors.APIError` naming the field, raised before the runtime is
-called, so a client error is never answered with the fallback reply.
+called, so a client error is never answered with the fallback reply. The
+sampling values are checked by the runtime's own
+:class:`~mongars_llm.runtime._params.SamplingParams` (one set of bounds): its
+:class:`~mongars_llm.errors.InvalidInputError` is a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, cast
 
-from ..runtime._params import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
+from ..errors import InvalidInputError
+from ..runtime import SamplingParams
 from ._errors import APIError
 from ._runtime_api import RuntimeAPI
 from ._state import ServerState
@@ -21,9 +26,6 @@ from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Emb
 
 __all__ = [
     "MAX_STOP",
-    "MIN_TEMPERATURE",
-    "SEED_MAX",
-    "SEED_MIN",
     "Item",
     "chat_messages",
     "check_chars",
@@ -55,8 +57,9 @@ def unsupported(param: str, message: str) -> APIError:
 
 def check_sampling(
     body: ChatCompletionRequest | CompletionRequest, state: ServerState, max_tokens: int | None
-) -> None:
-    """The sampling fields of a chat or text completion."""
+) -> SamplingParams:
+    """The sampling fields of a chat or text completion, as the runtime's parameters
+    (without the adapter, which the model name selects)."""
     bound = state.settings.model.max_new_tokens
     if max_tokens is not None and max_tokens > bound:
         raise APIError(
@@ -74,23 +77,16 @@ def check_sampling(
         )
     if body.logit_bias:
         raise unsupported("logit_bias", "logit_bias is not supported by this server; omit it")
-    temperature = body.temperature
-    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-        raise APIError(
-            400,
-            f"temperature={temperature!r} is too small to sample with (the smallest is "
-            f"{MIN_TEMPERATURE:g}); use 0 for greedy decoding",
-            code="invalid_value",
-            param="temperature",
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
         )
-    if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
-        raise APIError(
-            400,
-            f"seed={body.seed} is outside the 64-bit range the sampler takes "
-            f"({SEED_MIN} to {SEED_MAX})",
-            code="invalid_value",
-            param="seed",
-        )
+    except InvalidInputError as err:
+        raise APIError(400, str(err), code="invalid_value", param=err.param) from err
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(
@@ -108,6 +104,7 @@ def check_sampling(
             code="invalid_value",
             param="stream_options",
         )
+    return dataclasses.replace(params, stop=stop or None)
 
 
 def check_chat_options(body: ChatCompletionRequest) -> None:

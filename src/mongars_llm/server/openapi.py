@@ -27,8 +27,8 @@ def openapi_document() -> dict[str, Any]:
     from ._config import ServerConfig
 
     app = create_app(
-        Settings(_env_file=None),  # type: ignore[call-arg]
-        config=ServerConfig(_env_file=None),  # type: ignore[call-arg]
+        Settings(_env_file=None),
+        config=ServerConfig(_env_file=None),
         embeddings_only=False,
     )
     return app.openapi()

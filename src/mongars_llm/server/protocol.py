@@ -60,7 +60,7 @@ __all__ = [
     "RegistryVersion",
     "ResponseMessage",
     "StreamOptions",
-    "Usage",
+    "UsageInfo",
 ]
 
 #: a Python str decoded from JSON holds a surrogate only when the JSON had a lone one
@@ -250,7 +250,7 @@ class ChatCompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Usage(BaseModel):
+class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -262,7 +262,7 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatCompletionChoice]
-    usage: Usage
+    usage: UsageInfo
     system_fingerprint: str | None = None
 
 
@@ -286,7 +286,7 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatCompletionChunkChoice]
-    usage: Usage | None = None
+    usage: UsageInfo | None = None
     system_fingerprint: str | None = None
 
 
@@ -324,7 +324,7 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: UsageInfo | None = None
     system_fingerprint: str | None = None
 
 

@@ -160,7 +160,7 @@ class MongarsDeployment:
     async def __init__(  # type: ignore[misc]  # Ray awaits an async constructor
         self, settings: Settings, options: DeploymentOptions
     ) -> None:
-        from ._adapters import RegistryWatcher
+        from ._registry_watcher import RegistryWatcher
 
         _pin_replica_grpc_to_loopback()
         self.settings = settings
@@ -213,7 +213,7 @@ class MongarsDeployment:
             raise result
         return result
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # type: ignore[untyped-decorator]
     async def _embed_batch(self, calls: list[_EmbedCall]) -> list[Any]:
         # calls with the same options share one runtime.embed; others run separately
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)

@@ -1,14 +1,35 @@
 """Training bundles (``[train]``): dataset hygiene, LoRA/QLoRA fine-tuning, export, registry.
 
 ``validate_dataset`` needs only a tokenizer; ``build_bundle`` runs the whole
-pipeline (docs/training.md). torch/transformers/peft load on first use.
+pipeline (docs/training.md). Importing this package is cheap (the CLI reads
+:class:`BundleConfig` to build its flags): the pipeline, provisioning and
+numpy load on first access, torch/transformers/peft on first use.
+
+Other packages (the CLI's ``bundle eval``) import what they use from here, never
+from a private module (``tests/test_layering.py``).
 """
 
 from __future__ import annotations
 
-from ._bundle import BundleResult, build_bundle
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._config import BundleConfig, load_bundle_config
-from ._data import DatasetProblem, DatasetSummary, LengthStats, validate_dataset
+
+_LAZY = {
+    "BundleResult": "mongars_llm.training._build",
+    "build_bundle": "mongars_llm.training._bundle",
+    "DatasetProblem": "mongars_llm.training._data",
+    "DatasetSummary": "mongars_llm.training._data",
+    "LengthStats": "mongars_llm.training._data",
+    "validate_dataset": "mongars_llm.training._data",
+    "adapter_use": "mongars_llm.training._stacking",
+    "describe_use": "mongars_llm.training._stacking",
+    "is_chat_adapter": "mongars_llm.training._stacking",
+    "evaluate_pairs": "mongars_llm.training._retrieval",
+    "read_pairs": "mongars_llm.training._retrieval",
+    "retrieval_metrics": "mongars_llm.training._retrieval",
+}
 
 __all__ = [
     "BundleConfig",
@@ -16,7 +37,33 @@ __all__ = [
     "DatasetProblem",
     "DatasetSummary",
     "LengthStats",
+    "adapter_use",
     "build_bundle",
+    "describe_use",
+    "evaluate_pairs",
+    "is_chat_adapter",
     "load_bundle_config",
+    "read_pairs",
+    "retrieval_metrics",
     "validate_dataset",
 ]
+
+if TYPE_CHECKING:
+    from ._build import BundleResult
+    from ._bundle import build_bundle
+    from ._data import DatasetProblem, DatasetSummary, LengthStats, validate_dataset
+    from ._retrieval import evaluate_pairs, read_pairs, retrieval_metrics
+    from ._stacking import adapter_use, describe_use, is_chat_adapter
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mongars_llm.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

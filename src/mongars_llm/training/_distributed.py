@@ -5,9 +5,10 @@ Two ways in, one code path:
 - ``accelerate launch -m mongars_llm.cli bundle build ...`` (or ``torchrun``):
   every process already has ``WORLD_SIZE``/``RANK``; :func:`init_distributed`
   builds an ``accelerate.Accelerator`` (DDP, FSDP or DeepSpeed, as the
-  accelerate config says) and the loop in ``_trainer`` uses it.
+  accelerate config says) and the objectives' loops use it.
 - ``build_bundle(..., num_processes=N)`` / ``bundle build --num-processes N``:
-  :func:`launch_local` starts N worker processes on this machine
+  :func:`launch_local` starts N worker processes (:mod:`._worker`, each
+  ``build_bundle`` under ``WORLD_SIZE=N``) on this machine
   (``127.0.0.1``, gloo on CPU, NCCL on CUDA), watches them, and ends the whole
   run as soon as one of them fails — a rank that dies never leaves the others
   hanging in a collective.
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError, ConfigError
+from ._build import BundleResult
+from ._config import BundleConfig
 
 __all__ = ["Distributed", "env_world_size", "init_distributed", "launch_local"]
 
@@ -64,7 +67,8 @@ def _accelerate_sharding() -> bool:
     )
 
 
-def _env_rank(name: str) -> int:
+def env_rank(name: str) -> int:
+    """The integer in environment variable ``name`` (``RANK``...), else 0."""
     try:
         return int(os.environ.get(name, "0"))
     except ValueError:
@@ -148,7 +152,7 @@ class Distributed:
         }
 
 
-def init_distributed(config: Any, device: str) -> Distributed | None:
+def init_distributed(config: BundleConfig, device: str) -> Distributed | None:
     """The :class:`Distributed` of this process, or ``None`` when it trains alone.
 
     A multi-process launch is recognised by ``WORLD_SIZE > 1`` in the
@@ -231,7 +235,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], sig: int = signal.SIGTERM) -> No
             proc.wait()
 
 
-def launch_local(config: Any) -> Any:
+def launch_local(config: BundleConfig) -> BundleResult:
     """Run ``build_bundle(config)`` in ``config.num_processes`` local processes; rank 0's
     :class:`BundleResult` comes back (its ``model`` is ``None``: the weights stayed in the
     workers; load ``adapter_dir`` for them).
@@ -273,7 +277,7 @@ def launch_local(config: Any) -> Any:
                             [
                                 sys.executable,
                                 "-m",
-                                "mongars_llm.training._distributed",
+                                "mongars_llm.training._worker",
                                 str(config_file),
                                 str(log_level),
                                 str(tmp / f"result-{rank}.pickle"),
@@ -293,7 +297,7 @@ def launch_local(config: Any) -> Any:
             raise
         results = [_read_result(tmp / f"result-{rank}.pickle") for rank in range(n)]
         if failed is None and results[0] is not None and results[0][0] == "ok":
-            return _result_from_payload(results[0][1], config)
+            return BundleResult.from_payload(results[0][1], config)
         raise _launch_error(procs, results, logs, failed)
 
 
@@ -362,67 +366,10 @@ def _launch_error(
     )
 
 
-def _result_from_payload(payload: dict[str, Any], config: Any) -> Any:
-    from ..registry import RegistryEntry
-    from ._bundle import BundleResult
-    from ._data import DatasetSummary
-
-    eval_summary = payload["eval_dataset_summary"]
-    entry = payload["registry_entry"]
-    return BundleResult(
-        run_dir=Path(payload["run_dir"]),
-        config=config,
-        dataset_summary=DatasetSummary.model_validate(payload["dataset_summary"]),
-        eval_dataset_summary=(
-            DatasetSummary.model_validate(eval_summary) if eval_summary is not None else None
-        ),
-        adapter_dir=Path(payload["adapter_dir"]) if payload["adapter_dir"] else None,
-        wrapper_dir=Path(payload["wrapper_dir"]) if payload["wrapper_dir"] else None,
-        metrics=payload["metrics"],
-        registry_entry=RegistryEntry.model_validate(entry) if entry is not None else None,
-        history=payload["history"],
-    )
-
-
-def _write_result(path: Path, kind: str, value: Any) -> None:
+def write_result(path: Path, kind: str, value: Any) -> None:
+    """A worker's outcome for the launcher: ``("ok", payload)`` or ``("error", exception)``."""
     try:
         data = pickle.dumps((kind, value))
     except Exception:  # an exception that does not pickle: keep its class name and text
         data = pickle.dumps((kind, BundleError(f"{type(value).__name__}: {value}")))
     path.write_bytes(data)
-
-
-def _worker(config_file: str, log_level: str, result_file: str) -> int:
-    """One rank of :func:`launch_local`: ``build_bundle`` under the launcher's environment."""
-    from ..logging import configure_logging
-    from ._bundle import build_bundle
-    from ._config import BundleConfig
-
-    rank = _env_rank("RANK")
-    level = int(log_level) if log_level.isdigit() else logging.WARNING
-    configure_logging(logging.getLevelName(level if rank == 0 else max(level, logging.WARNING)))
-    config = BundleConfig.model_validate(json.loads(Path(config_file).read_text("utf-8")))
-    result_path = Path(result_file)
-    try:
-        result = build_bundle(config)
-    except BaseException as err:
-        _write_result(result_path, "error", err)
-        if not isinstance(err, Exception):
-            raise
-        # the launcher reports the error that explains the failure; the details stay in
-        # this rank's log (rank 0: at debug level, its terminal is the user's)
-        logger.log(
-            logging.DEBUG if rank == 0 else logging.ERROR,
-            "training process rank %d failed",
-            rank,
-            exc_info=True,
-        )
-        return 1
-    if rank == 0:
-        payload = {**result.to_dict(), "metrics": result.metrics, "history": result.history}
-        _write_result(result_path, "ok", payload)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - run by launch_local in a subprocess
-    sys.exit(_worker(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -16,6 +16,12 @@ special tokens are never chosen (the first has no previous position).
 The choice of tokens is a pure function of ``(seed, step, micro-batch)``, so a
 resumed run masks exactly as a straight run would; evaluation always masks
 the held-out texts the same way, so its loss is comparable between steps.
+
+:class:`MntpObjective` runs in the loop the embedding objectives share
+(:mod:`._embedding_loop`): its step is the masked-token cross-entropy,
+token-weighted over the step's micro-batches; its evaluation (``mntp_loss``,
+``mntp_accuracy``) runs on texts held out of the training file, beside the
+retrieval metrics of an eval file of pairs.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BundleError
+from ._config import BundleConfig
+from ._embedding_loop import EmbeddingObjective, EmbeddingSteps, Evaluation, NoEvaluations
+from ._objective import TrainInputs
+from ._vectors import EmbeddingSpec
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MaskedBatch", "Masker", "evaluate_mntp", "masked_sums"]
+__all__ = ["MNTP", "MaskedBatch", "Masker", "MntpObjective", "evaluate_mntp", "masked_sums"]
 
 #: BERT's split of the chosen tokens: replaced by the mask token, by a random token, kept
 _MASK_SHARE, _RANDOM_SHARE = 0.8, 0.1
@@ -141,7 +151,7 @@ def masked_sums(model: Any, batch: MaskedBatch) -> tuple[torch.Tensor, int, int]
     attention; the LM head runs on those positions only."""
     import torch.nn.functional as F
 
-    from ..runtime._llm2vec import decoder_of, run_decoder
+    from ..runtime import decoder_of, run_decoder
 
     hidden = run_decoder(
         decoder_of(model), batch.input_ids, batch.attention_mask, bidirectional=True
@@ -197,3 +207,85 @@ def evaluate_mntp(
     if not count:
         return None
     return {"mntp_loss": round(total / count, 6), "mntp_accuracy": round(correct / count, 6)}
+
+
+class _MntpSteps(NoEvaluations):
+    """A run's masked-token step and evaluation (the texts tokenised once)."""
+
+    def __init__(self, inputs: TrainInputs, spec: EmbeddingSpec) -> None:
+        config = inputs.config
+        self.inputs = inputs
+        self.masker = Masker(
+            inputs.tokenizer,
+            probability=config.mask_probability,
+            max_length=spec.max_length,
+            seed=config.seed,
+        )
+        self.train_ids = self.masker.encode([e.query for e in inputs.examples.train])
+        self.eval_ids = self.masker.encode([e.query for e in inputs.examples.eval_texts])
+
+    def step(self, step: int, micro_batches: list[list[int]]) -> tuple[float, dict[str, Any]]:
+        """Masked-token cross-entropy, a mean over the step's masked tokens (each rank
+        its slice of every global micro-batch, masked as one process masks it)."""
+        model, dist, device = self.inputs.model, self.inputs.dist, self.inputs.precision.device
+        batches = [
+            self.masker.mask([self.train_ids[i] for i in indices], step, k, device=device)
+            for k, indices in enumerate(micro_batches)
+        ]
+        targets = sum(b.targets for b in batches)
+        loss_value = 0.0
+        for batch in batches:
+            if dist is not None:
+                size = self.inputs.config.batch_size
+                batch = batch.rows(dist.rank * size, (dist.rank + 1) * size)
+            if len(batch.labels):
+                loss, _, _ = masked_sums(model, batch)
+                (loss / max(targets, 1)).backward()
+                loss_value += float(loss.detach()) / max(targets, 1)
+        if dist is not None:
+            loss_value = dist.sum([loss_value])[0]
+        return loss_value, {"masked_tokens": targets}
+
+    def evaluate(self, adapter: bool) -> dict[str, Any] | None:
+        """The held-out texts' masked-token metrics (rank 0 alone)."""
+        inputs = self.inputs
+        if inputs.dist is not None and not inputs.dist.is_main:
+            return None
+        return evaluate_mntp(
+            inputs.model,
+            self.masker,
+            self.eval_ids,
+            device=inputs.precision.device,
+            batch_size=max(inputs.config.batch_size, 16),
+            adapter=adapter,
+        )
+
+    def evaluations(self) -> dict[str, Evaluation]:
+        return {"mntp": self.evaluate}
+
+    def metrics(self) -> dict[str, Any]:
+        return {"eval_texts": len(self.inputs.examples.eval_texts)}
+
+
+class MntpObjective(EmbeddingObjective):
+    """Plain texts, masked next-token prediction with bidirectional attention."""
+
+    name = "mntp"
+    holds_out_texts = True
+    registry_metrics: tuple[str, ...] = (
+        *EmbeddingObjective.registry_metrics,
+        "mntp_base",
+        "mntp",
+    )
+
+    def fingerprint_extra(self, config: BundleConfig) -> dict[str, Any]:
+        return {"mask_probability": config.mask_probability}
+
+    def embedding_extra(self, config: BundleConfig) -> dict[str, Any]:
+        return {"mask_probability": config.mask_probability}
+
+    def steps(self, inputs: TrainInputs, spec: EmbeddingSpec) -> EmbeddingSteps:
+        return _MntpSteps(inputs, spec)
+
+
+MNTP = MntpObjective()

@@ -32,9 +32,9 @@ from ._data import (
     LengthStats,
     _finish,
     _Scan,
-    _type_name,
     decode_line,
 )
+from ._records import type_name
 
 __all__ = ["EMBEDDING_OBJECTIVES", "PairExample", "load_pairs"]
 
@@ -164,7 +164,7 @@ def _parse(
     instruction: str | None,
 ) -> PairExample:
     if not isinstance(raw, dict):
-        raise _Bad(f"expected a JSON object {_EXAMPLE[objective]}, got {_type_name(raw)}")
+        raise _Bad(f"expected a JSON object {_EXAMPLE[objective]}, got {type_name(raw)}")
     missing = [name for name in required if name not in raw]
     if missing:
         hint = ""
@@ -187,7 +187,7 @@ def _parse(
             values[name] = None
             continue
         if not isinstance(value, str):
-            raise _Bad(f"{name!r} must be a string, got {_type_name(value)}")
+            raise _Bad(f"{name!r} must be a string, got {type_name(value)}")
         if not value.strip():
             raise _Bad(f"{name!r} is empty")
         values[name] = value

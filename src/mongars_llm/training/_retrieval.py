@@ -148,7 +148,7 @@ def read_pairs(path: str | Path, *, flag: str = "--dataset-path") -> list[dict[s
     :class:`DatasetError` (the ``contrastive`` objective's checks: fields, empty
     texts, a query equal to its positive); duplicate rows are dropped.
     """
-    from ._data import read_jsonl_rows
+    from ._jsonl import read_jsonl_rows
     from ._pairs import load_pairs
 
     _, examples = load_pairs(

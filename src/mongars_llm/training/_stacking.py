@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError, ConfigError
+from ..runtime import EmbeddingConfig, EmbeddingInputError
 
 __all__ = [
     "BaseAdapter",
@@ -47,8 +48,8 @@ class BaseAdapter:
     #: how the run names it in its metadata: ``name vN`` (registered) or the folder
     label: str
     sha256: str
-    #: its ``llm2vec_config.json`` (pooling, bidirectional, objective...) or ``{}``
-    embedding: dict[str, Any]
+    #: its ``llm2vec_config.json`` (pooling, bidirectional, objective...), if it has one
+    embedding: EmbeddingConfig | None
     base_model: str | None
 
 
@@ -95,10 +96,10 @@ def resolve_base_adapter(reference: str, *, registry_path: Path) -> BaseAdapter:
         _refuse_unsupported(config, f"base_adapter {label}")
     except BundleError as err:
         raise ConfigError(str(err)) from err
-    embedding_file = path / "llm2vec_config.json"
-    embedding = (
-        json.loads(embedding_file.read_text(encoding="utf-8")) if embedding_file.is_file() else {}
-    )
+    try:
+        embedding = EmbeddingConfig.read(path)
+    except EmbeddingInputError as err:
+        raise ConfigError(f"base_adapter {label}: {err}") from err
     return BaseAdapter(
         path=path.resolve(),
         label=label,
@@ -182,7 +183,7 @@ def merge_base_adapter(model: Any, adapter: BaseAdapter, *, base_model: str) -> 
         )
     from peft import PeftModel
 
-    from ..runtime._adapters import quiet_peft_deprecations
+    from ..runtime import quiet_peft_deprecations
 
     with quiet_peft_deprecations():
         stacked = PeftModel.from_pretrained(model, str(adapter.path))

@@ -23,9 +23,11 @@ import tarfile
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from .._fs import atomic_write_json, file_lock, sha256_file
 from ..errors import ProvisionError, ProvisionLockTimeout
@@ -440,86 +442,108 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None) -> 
     """
     limit = _archive_limit(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
-    if archive.name.lower().endswith(".zip"):
-        return _extract_zip(archive, dest, limit)
+    listing = _zip_members if archive.name.lower().endswith(".zip") else _tar_members
+    with listing(archive) as members:
+        return _extract(archive, dest, limit, members)
+
+
+_Kind = Literal["file", "dir", "link", "special"]
+#: what reading a damaged (or unsupported: zip's compression types) member raises
+_BROKEN_MEMBER = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One archive member, tar or zip alike: what the checks and the extraction need."""
+
+    name: str
+    kind: _Kind
+    size: int
+    open: Callable[[], IO[bytes]]
+    link_target: str = ""
+
+
+@contextmanager
+def _tar_members(archive: Path) -> Iterator[list[_Member]]:
     try:
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with` below
     except (tarfile.TarError, OSError) as err:
         raise ProvisionError(f"{archive.name} is not a readable tar archive: {err}") from err
-    with tar:
-        members = tar.getmembers()
-        for member in members:
-            _check_member_name(member.name, archive)
-            if member.issym() or member.islnk():
-                raise ProvisionError(
-                    f"archive {archive.name} contains a link {member.name!r} -> "
-                    f"{member.linkname!r}; links are not allowed in adapter archives"
-                )
-            if not (member.isfile() or member.isdir()):
-                raise ProvisionError(
-                    f"archive {archive.name} contains a special file {member.name!r}; only "
-                    "regular files and directories are allowed"
-                )
-        declared = sum(member.size for member in members if member.isfile())
-        if declared > limit:
-            raise _too_big(archive, declared, limit, declared=True)
-        budget = _Budget(archive, limit)
-        written = []
-        for member in members:
-            target = _target(dest, _check_member_name(member.name, archive))
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
+
+    def member(info: tarfile.TarInfo) -> _Member:
+        kind: _Kind = "special"
+        if info.issym() or info.islnk():
+            kind = "link"
+        elif info.isfile() or info.isdir():
+            kind = "file" if info.isfile() else "dir"
+
+        def open_member() -> IO[bytes]:
+            source = tar.extractfile(info)
             assert source is not None
-            with source:
-                budget.copy(source, target)
-            written.append(target.relative_to(dest).as_posix())
-    return written
+            return source
+
+        return _Member(info.name, kind, info.size, open_member, f" -> {info.linkname!r}")
+
+    with tar:
+        yield [member(info) for info in tar.getmembers()]
 
 
-def _extract_zip(archive: Path, dest: Path, limit: int) -> list[str]:
+@contextmanager
+def _zip_members(archive: Path) -> Iterator[list[_Member]]:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as err:
         raise ProvisionError(f"{archive.name} is not a readable zip archive: {err}") from err
+
+    def member(info: zipfile.ZipInfo) -> _Member:
+        # Only a Unix creator stores a file type in the high bits; zipfile.writestr()
+        # and many tools store permissions alone (no type bits): a regular member.
+        mode = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+        kind: _Kind = "special"
+        if mode == stat.S_IFLNK:
+            kind = "link"
+        elif mode in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = "dir" if info.is_dir() else "file"
+        return _Member(info.filename, kind, info.file_size, lambda: zf.open(info))
+
     with zf:
-        infos = zf.infolist()
-        for info in infos:
-            _check_member_name(info.filename, archive)
-            # Only a Unix creator stores a file type in the high bits; zipfile.writestr()
-            # and many tools store permissions alone (no type bits): a regular member.
-            kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
-            if kind == stat.S_IFLNK:
-                raise ProvisionError(
-                    f"archive {archive.name} contains a link {info.filename!r}; links are not "
-                    "allowed in adapter archives"
-                )
-            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise ProvisionError(
-                    f"archive {archive.name} contains a special file {info.filename!r}; only "
-                    "regular files and directories are allowed"
-                )
-        declared = sum(info.file_size for info in infos if not info.is_dir())
-        if declared > limit:
-            raise _too_big(archive, declared, limit, declared=True)
-        budget = _Budget(archive, limit)
-        written = []
-        for info in infos:
-            target = _target(dest, _check_member_name(info.filename, archive))
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as source:
-                    budget.copy(source, target)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
-                raise ProvisionError(
-                    f"archive {archive.name}: cannot extract {info.filename!r}: {err}"
-                ) from err
-            written.append(target.relative_to(dest).as_posix())
+        yield [member(info) for info in zf.infolist()]
+
+
+def _extract(archive: Path, dest: Path, limit: int, members: list[_Member]) -> list[str]:
+    """Check every member (a safe name, no link, no special file, the declared sizes within
+    ``limit``) before writing a byte, then extract, counting the bytes really written."""
+    for member in members:
+        _check_member_name(member.name, archive)
+        if member.kind == "link":
+            raise ProvisionError(
+                f"archive {archive.name} contains a link {member.name!r}{member.link_target}; "
+                "links are not allowed in adapter archives"
+            )
+        if member.kind == "special":
+            raise ProvisionError(
+                f"archive {archive.name} contains a special file {member.name!r}; only "
+                "regular files and directories are allowed"
+            )
+    declared = sum(member.size for member in members if member.kind == "file")
+    if declared > limit:
+        raise _too_big(archive, declared, limit, declared=True)
+    budget = _Budget(archive, limit)
+    written = []
+    for member in members:
+        target = _target(dest, _check_member_name(member.name, archive))
+        if member.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with member.open() as source:
+                budget.copy(source, target)
+        except _BROKEN_MEMBER as err:
+            raise ProvisionError(
+                f"archive {archive.name}: cannot extract {member.name!r}: {err}"
+            ) from err
+        written.append(target.relative_to(dest).as_posix())
     return written
 
 

@@ -1,20 +1,23 @@
-"""Application wiring: a runtime for a manifest role, and the process-wide runtime.
+"""A runtime for a manifest role, and the process-wide runtime.
 
-The runtime (:mod:`mongars_llm.runtime`) loads a checkpoint it is given and
-knows nothing of manifests, profiles or provisioning. This module sits above
-it, the manifest (:class:`~mongars_llm.manager.ModelManager`) and
-provisioning, and composes them:
+The runtime's core (:mod:`._runtime`, :mod:`._loading`) loads a checkpoint it
+is given. This module composes it with the layers below the runtime: the
+manifest (:class:`~mongars_llm.manager.ModelManager`) and provisioning.
 
 - :func:`runtime_for_role` provisions a role (default ``general``, else the
   profile's first) and loads it with its adapters and embedding options;
 - :func:`role_defaults` gives a runtime the sampling defaults and adapters of a
-  role that a ``generate(..., role=...)`` call names;
+  role that a ``generate(..., role=...)`` call names, read from the manager the
+  runtime was built with;
 - :func:`shared_runtime` / :func:`ashared_runtime` / :func:`reset_shared_runtime`
   hold the one runtime of the process (``settings.unified_model_dir`` when set,
   else the default role), created once under a lock.
 
 ``UnifiedLLMRuntime.from_role``, ``.shared``, ``.ashared`` and ``.reset_shared``
-are the public doors to these functions.
+are the public doors to these functions; they pass their class, so this module
+never imports :mod:`._runtime` (only its type, for the checker). ``manager`` and
+``provisioning`` sit below the runtime and are imported when called, so
+``import mongars_llm.runtime`` stays cheap.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING
 
-from .errors import LLMRuntimeError, ModelLoadError
+from ..errors import LLMRuntimeError, ModelLoadError
+from ._llm2vec import EmbeddingConfig
+from ._params import RoleDefaults
 
 if TYPE_CHECKING:
-    from .manager import ModelManager
-    from .runtime import UnifiedLLMRuntime
-    from .runtime._params import RoleDefaults
-    from .settings import Settings
+    from ..manager import ModelManager
+    from ..settings import Settings
+    from ._runtime import UnifiedLLMRuntime
 
 __all__ = [
     "ashared_runtime",
@@ -38,14 +42,6 @@ __all__ = [
     "runtime_for_role",
     "shared_runtime",
 ]
-
-
-def _runtime_class(runtime_cls: type[UnifiedLLMRuntime] | None) -> type[UnifiedLLMRuntime]:
-    if runtime_cls is not None:
-        return runtime_cls
-    from .runtime import UnifiedLLMRuntime
-
-    return UnifiedLLMRuntime
 
 
 # ------------------------------------------------------------------------- roles
@@ -57,7 +53,7 @@ def runtime_for_role(
     device: str | None = None,
     quantize_4bit: bool | None = None,
     show_progress: bool = True,
-    runtime_cls: type[UnifiedLLMRuntime] | None = None,
+    runtime_cls: type[UnifiedLLMRuntime],
 ) -> UnifiedLLMRuntime:
     """Provision manifest role ``role`` and load it with its adapters and embedding
     options; the runtime keeps ``manager`` to read its roles' sampling defaults.
@@ -66,8 +62,8 @@ def runtime_for_role(
     An unknown role is an :class:`~mongars_llm.errors.UnknownRoleError`; a role
     that cannot be provisioned is a :class:`~mongars_llm.errors.ModelLoadError`.
     """
-    from .manager import ModelManager
-    from .provisioning import provision
+    from ..manager import ModelManager
+    from ..provisioning import provision
 
     manager = manager if manager is not None else ModelManager(settings=settings)
     names = manager.role_names
@@ -89,19 +85,19 @@ def runtime_for_role(
             f"{entry.error or entry.action}; run `mongars-llm provision --roles {role}`"
         )
     resolved = manager.role(role)
-    embedding = dict(resolved.embedding or {})
-    return _runtime_class(runtime_cls).from_pretrained(
+    embedding = EmbeddingConfig.from_dict(resolved.embedding or {}, source=f"role {role!r}")
+    return runtime_cls.from_pretrained(
         entry.path,
         settings=manager.settings,
         manager=manager,
         device=device,
         quantize_4bit=quantize_4bit,
         adapters=[(a.name, a.path, a.use) for a in entry.adapters],
-        pooling=embedding.get("pooling") or "mean",
-        bidirectional=bool(embedding.get("bidirectional", False)),
-        max_length=embedding.get("max_length"),
-        normalize=bool(embedding.get("normalize", True)),
-        instruction=embedding.get("instruction"),
+        pooling=embedding.pooling,
+        bidirectional=embedding.bidirectional,
+        max_length=embedding.max_length,
+        normalize=embedding.normalize,
+        instruction=embedding.instruction,
         trust_remote_code=bool(resolved.entry.trust_remote_code),
         revision=entry.revision if entry.provider == "huggingface" else None,
     )
@@ -110,11 +106,9 @@ def runtime_for_role(
 def role_defaults(runtime: UnifiedLLMRuntime, role: str) -> RoleDefaults:
     """The sampling defaults and adapters of ``role``, read through ``runtime.manager``
     (a manager on ``runtime.settings`` is built on first use)."""
-    from .runtime._params import RoleDefaults
-
     manager = runtime.manager
     if manager is None:
-        from .manager import ModelManager
+        from ..manager import ModelManager
 
         manager = runtime.manager = ModelManager(settings=runtime.settings)
     resolved = manager.role(role)
@@ -128,7 +122,7 @@ _shared_lock = threading.Lock()
 
 
 def shared_runtime(
-    settings: Settings | None = None, *, runtime_cls: type[UnifiedLLMRuntime] | None = None
+    settings: Settings | None, *, runtime_cls: type[UnifiedLLMRuntime]
 ) -> UnifiedLLMRuntime:
     """The process-wide runtime, created once (thread-safe); a closed one is replaced.
 
@@ -145,7 +139,7 @@ def shared_runtime(
         if _shared is None or _shared.closed:
             _shared = None
             try:
-                _shared = _build_shared(settings, _runtime_class(runtime_cls))
+                _shared = _build_shared(settings, runtime_cls)
             except LLMRuntimeError:
                 raise
             except Exception as err:
@@ -154,7 +148,7 @@ def shared_runtime(
 
 
 async def ashared_runtime(
-    settings: Settings | None = None, *, runtime_cls: type[UnifiedLLMRuntime] | None = None
+    settings: Settings | None, *, runtime_cls: type[UnifiedLLMRuntime]
 ) -> UnifiedLLMRuntime:
     """:func:`shared_runtime` without blocking the event loop (loading runs in a thread)."""
     runtime = _shared
@@ -175,7 +169,7 @@ def reset_shared_runtime() -> None:
 def _build_shared(
     settings: Settings | None, runtime_cls: type[UnifiedLLMRuntime]
 ) -> UnifiedLLMRuntime:
-    from .settings import get_settings
+    from ..settings import get_settings
 
     settings = settings if settings is not None else get_settings()
     if settings.unified_model_dir is not None:
