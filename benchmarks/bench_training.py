@@ -68,6 +68,7 @@ def run_ours(config, examples, pad_id: int, workdir: Path) -> tuple[float, int]:
     from mongars_llm.training._sft import train
 
     model, precision = _fresh_peft_model(config)
+    workdir.mkdir(parents=True, exist_ok=True)  # build_bundle makes the run folder
     started = time.perf_counter()
     outcome = train(
         model,

@@ -16,10 +16,18 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["cuda_expected", "machine_default_profile"]
+__all__ = ["cuda_expected", "machine_default_profile", "usable_cpus"]
 
 #: the built-in profile a machine without CUDA uses when nothing chose one
 CPU_PROFILES = ("smol", "small")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _torch_has_cuda() -> bool:

@@ -61,7 +61,7 @@ _LAZY = {
     "cpu_supports_bf16": "mongars_llm.runtime._loading",
     "no_loading_bars": "mongars_llm.runtime._loading",
     "quiet_loading_bars": "mongars_llm.runtime._loading",
-    "usable_cpus": "mongars_llm.runtime._loading",
+    "usable_cpus": "mongars_llm._machine",
     "quiet_peft_deprecations": "mongars_llm.runtime._adapter_stack",
     "over_limit_prefix": "mongars_llm.runtime._bounds",
     "plan_chunks": "mongars_llm.runtime._embed_plan",
@@ -104,6 +104,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .._machine import usable_cpus
     from ._adapter_stack import quiet_peft_deprecations
     from ._bounds import over_limit_prefix
     from ._embed_plan import plan_chunks
@@ -113,7 +114,6 @@ if TYPE_CHECKING:
         cpu_supports_bf16,
         no_loading_bars,
         quiet_loading_bars,
-        usable_cpus,
     )
     from ._params import SamplingKwargs, SamplingParams
     from ._runtime import UnifiedLLMRuntime

@@ -85,14 +85,6 @@ def cpu_supports_bf16() -> bool:
     return "AMX" in capability or "BF16" in capability
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
 def choose_cpu_threads(requested: int | None) -> tuple[int | None, str]:
     """Torch CPU threads for the model, and why: ``(None, why)`` leaves torch's setting alone.
 

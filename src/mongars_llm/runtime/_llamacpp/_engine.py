@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._machine import usable_cpus
 from ...errors import (
     EmbeddingError,
     GenerationError,
@@ -81,7 +82,8 @@ class LlamaCppEngine:
 
     ``n_ctx`` is the chat KV cache in tokens, shared by the running requests
     (default: the model's context, at most 4096); ``n_threads`` llama.cpp's
-    threads (``None``: llama.cpp's default); ``n_batch`` the most tokens of one
+    threads (``None``: the CPUs this process may run on, as torch's default; llama.cpp's
+    own default is a fixed 4, which oversubscribes a 2-core machine); ``n_batch`` the most tokens of one
     decode, and so the longest embedded text; ``max_sequences`` the most chat
     requests decoded together. ``prompt_model_id`` is the base model's Hub id
     (it selects llm2vec's prompt format, as for the torch engine).
@@ -133,8 +135,8 @@ class LlamaCppEngine:
                 if flash_attn
                 else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
-            if n_threads is not None:
-                params.n_threads = params.n_threads_batch = int(n_threads)
+            threads = usable_cpus() if n_threads is None else int(n_threads)
+            params.n_threads = params.n_threads_batch = threads
             self._ctx = ll.llama_init_from_model(self._model, params)
             if not self._ctx:
                 raise ModelLoadError(
