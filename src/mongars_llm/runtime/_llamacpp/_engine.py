@@ -46,6 +46,7 @@ from ...errors import (
     UnsupportedError,
 )
 from .._llm2vec import (
+    DEFAULT_POOLING,
     EmbeddingInputError,
     EmbeddingWarning,
     EncodedText,
@@ -233,7 +234,7 @@ class LlamaCppEngine:
         texts: Any,
         *,
         instruction: str | None = None,
-        pooling: str = "mean",
+        pooling: str = DEFAULT_POOLING,
         bidirectional: bool = False,
         normalize: bool = True,
         max_length: int | None = None,

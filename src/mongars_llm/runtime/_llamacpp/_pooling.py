@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._llm2vec import POOLING_MODES, EmbeddingInputError
+from .._llm2vec import pooling_mode
 
 __all__ = ["normalise_rows", "pool_states"]
 
@@ -30,6 +30,7 @@ def pool_states(
     input); ``weighted_mean``: weights 1..n over the span, in order;
     ``eos_token``/``last_token``: the last token; ``bos_token``: the first BOS.
     """
+    mode = pooling_mode(mode)
     h = hidden.astype(np.float32, copy=False)
     if mode in ("mean", "weighted_mean"):
         span = np.asarray(pooled, dtype=bool)
@@ -44,15 +45,10 @@ def pool_states(
     if mode in ("eos_token", "last_token"):
         last: np.ndarray = h[-1].copy()
         return last
-    if mode == "bos_token":
-        hits = (
-            [i for i, t in enumerate(ids) if t == bos_token_id] if bos_token_id is not None else []
-        )
-        first: np.ndarray = h[hits[0] if hits else 0].copy()
-        return first
-    raise EmbeddingInputError(
-        f"unknown pooling {mode!r}; use one of {', '.join(POOLING_MODES)}", param="pooling"
-    )
+    # bos_token
+    hits = [i for i, t in enumerate(ids) if t == bos_token_id] if bos_token_id is not None else []
+    first: np.ndarray = h[hits[0] if hits else 0].copy()
+    return first
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
