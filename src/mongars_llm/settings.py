@@ -69,6 +69,14 @@ class ModelSettings(BaseModel):
         None, description="Device to pin the model to ('cpu', 'cuda', 'cuda:1'); auto when unset."
     )
     dtype: DType = Field("auto", description="Weights dtype; 'auto' picks from the hardware.")
+    engine: Literal["auto", "torch", "llama.cpp"] = Field(
+        "auto",
+        description=(
+            "Which engine runs the model: 'torch' (transformers), 'llama.cpp' (a GGUF file "
+            "run as GGUF on the CPU, the cpu extra), or 'auto': llama.cpp for a GGUF on "
+            "the CPU when llama-cpp-python is installed, torch otherwise."
+        ),
+    )
     cpu_threads: int | None = Field(
         None,
         ge=0,

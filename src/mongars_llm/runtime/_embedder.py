@@ -8,11 +8,13 @@ and the LLM2Vec core (:mod:`._llm2vec`, which computes the vectors):
    :class:`EmbedParams` (pooling, attention, normalisation, adapters, batch
    size) say which requests may share a forward batch; it refuses a pooling
    mode the tokenizer cannot serve and warns, once, about a surprising one;
-2. it queues the request on its micro-batcher; the worker thread tokenises
+2. it hands the request to the runtime's engine (:mod:`._engine`). On the torch
+   engine a micro-batcher's worker runs :class:`TorchEmbedRunner`: it tokenises
    (so callers and the event loop only queue), plans forward batches
    (:mod:`._embed_plan`: length-sorted chunks, or packed rows of short texts),
    runs them with the adapters the call asked for, checks the vectors are
-   finite and logs one ``llm_embed`` event per micro-batch.
+   finite and logs one ``llm_embed`` event per micro-batch. The llama.cpp engine
+   composes, pools and normalises the same way on its own context.
 
 The core raises plain ``ValueError``s with a ``code``
 (:class:`~._llm2vec.EmbeddingInputError`); they become
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EmbeddingError, InvalidInputError, LLMRuntimeError
 from ..logging import log_event
-from ._batching import BatchStats, MicroBatcher, Pending
+from ._batching import Pending
 from ._llm2vec import (
     DEFAULT_POOLING,
     EmbeddingInputError,
@@ -52,6 +54,7 @@ from ._params import check_text
 if TYPE_CHECKING:
     import numpy as np
 
+    from ._engine import Engine
     from ._llm2vec import EncodedText, SpanRule
     from ._types import LoadedModel
 
@@ -62,6 +65,8 @@ __all__ = [
     "EmbedParams",
     "EmbedRequest",
     "Embedder",
+    "TorchEmbedRunner",
+    "queued_embedding",
 ]
 
 logger = logging.getLogger("mongars_llm.runtime")
@@ -145,6 +150,11 @@ class _Queued(Pending):
         return self.request.params
 
 
+def queued_embedding(request: EmbedRequest) -> _Queued:
+    """``request`` as a micro-batcher item (the torch engine's queue)."""
+    return _Queued(request=request)
+
+
 def known_pooling(pooling: Any) -> Pooling:
     """``pooling`` when it names a pooling mode, else :class:`InvalidInputError`
     (the core's :func:`~._llm2vec.pooling_mode` check, as the library's error)."""
@@ -168,12 +178,12 @@ def library_error(err: EmbeddingInputError) -> LLMRuntimeError:
 
 
 class Embedder:
-    """LLM2Vec embeddings on one loaded model: validation, micro-batching, forward batches.
+    """LLM2Vec embeddings on one loaded model: validation into requests, which the
+    ``engine`` embeds.
 
-    ``max_length`` is the runtime's token limit (inputs are cut there);
-    ``prompt_model_id`` the base model's Hub id, which selects llm2vec's prompt
-    format; ``doc_max_length`` turns on llm2vec's word trimming of long texts
-    (off by default, see :mod:`._llm2vec`).
+    ``prompt_model_id`` is the base model's Hub id, which selects llm2vec's prompt
+    format; ``model_type`` the architecture the pooling checks key on (default: the
+    config's ``model_type``).
     """
 
     def __init__(
@@ -182,45 +192,30 @@ class Embedder:
         *,
         prompt_model_id: str,
         defaults: EmbedDefaults,
-        doc_max_length: int | None = None,
-        span: SpanRule = "count",
+        engine: Engine,
+        model_type: str | None = None,
     ) -> None:
-        self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self._tokenizer_lock = loaded.tokenizer_lock
         self._adapters = loaded.adapters
-        self._settings = settings = loaded.settings
+        self._settings = loaded.settings
         self._config = loaded.config
-        self._model_type = str(getattr(self._config, "model_type", "") or "")
+        self._model_type = (
+            model_type
+            if model_type is not None
+            else str(getattr(self._config, "model_type", "") or "")
+        )
         self.max_length = loaded.max_length
-        self._device = loaded.device
-        self._dtype = loaded.dtype
-        self._quantization = loaded.quantization
         self._prompt_model_id = prompt_model_id
         self.defaults = defaults
-        self._doc_max_length = doc_max_length
-        self._span: SpanRule = span
+        self._engine = engine
         self._pooling_checks: dict[str, EmbeddingInputError | str | None] = {}
         self._warned: set[str] = set()
         self._checks_lock = threading.Lock()
-        self._batcher: MicroBatcher[_Queued] = MicroBatcher(
-            "embed",
-            self._run_batch,
-            max_size=settings.model.max_batch_size,
-            wait_s=settings.model.batch_wait_ms / 1000.0,
-        )
-
-    @property
-    def stats(self) -> BatchStats:
-        return self._batcher.stats
 
     @property
     def hidden_size(self) -> int:
         return int(self._config.hidden_size)
-
-    def close(self) -> None:
-        """Stop the worker; queued requests fail with ``RuntimeClosedError``."""
-        self._batcher.close()
 
     # ------------------------------------------------------------------ request
     def prepare(self, texts: Any, options: EmbedOptions) -> EmbedRequest:
@@ -292,12 +287,49 @@ class Embedder:
 
     def submit(self, request: EmbedRequest) -> Future[np.ndarray]:
         """Queue a request; the future gets its ``(n, hidden_size)`` float32 vectors."""
-        queued = _Queued(request=request)  # prepare() pinned its adapters until it is done
+        # prepare() pinned its adapters until it is done
         return self._adapters.submit_pinned(
-            request.params.adapters, lambda: self._batcher.submit(queued)
+            request.params.adapters, lambda: self._engine.submit_embedding(request)
         )
 
-    # ------------------------------------------------------------------- worker
+
+class TorchEmbedRunner:
+    """The torch engine's embedding worker: tokenises a micro-batch of requests that
+    share their :class:`EmbedParams`, plans and runs the forward batches.
+
+    ``max_length`` is the runtime's token limit (inputs are cut there);
+    ``prompt_model_id`` the base model's Hub id, which selects llm2vec's prompt
+    format; ``doc_max_length`` turns on llm2vec's word trimming of long texts
+    (off by default, see :mod:`._llm2vec`).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        prompt_model_id: str,
+        doc_max_length: int | None = None,
+        span: SpanRule = "count",
+    ) -> None:
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._tokenizer_lock = loaded.tokenizer_lock
+        self._adapters = loaded.adapters
+        self._settings = loaded.settings
+        self._config = loaded.config
+        self._model_type = str(getattr(self._config, "model_type", "") or "")
+        self.max_length = loaded.max_length
+        self._device = loaded.device
+        self._dtype = loaded.dtype
+        self._quantization = loaded.quantization
+        self._prompt_model_id = prompt_model_id
+        self._doc_max_length = doc_max_length
+        self._span: SpanRule = span
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._config.hidden_size)
+
     def _encode(self, request: EmbedRequest) -> list[EncodedText]:
         from ._llm2vec import encode_inputs
 
@@ -340,7 +372,7 @@ class Embedder:
             items[index] = (instruction, text[: over[0]])
         return tuple(items)
 
-    def _run_batch(self, queued: list[_Queued]) -> None:
+    def run_batch(self, queued: list[_Queued]) -> None:
         """Embed one micro-batch of requests that share their :class:`EmbedParams`."""
         ready: list[tuple[_Queued, list[EncodedText]]] = []
         for job in queued:  # tokenised here, on the worker

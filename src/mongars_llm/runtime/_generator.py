@@ -4,33 +4,32 @@
 it fills the arguments a call left unset from its role's defaults
 (:class:`~._params.RoleDefaults`), clamps ``max_new_tokens`` to
 ``settings.model.max_new_tokens``, picks the adapters, tokenises the prompt and
-checks its length, and queues the request on its micro-batcher. The async API
+checks its length, and hands the request to the runtime's engine
+(:mod:`._engine`). The async API
 passes ``defer=True``: then the chat template is rendered and the prompt
 tokenised on a small thread pool, never on the event loop (a 200,000-character
-prompt takes tens of milliseconds to tokenise). Requests with
-the same adapters and sampling settings (:class:`~._decoding.SamplingKey`) are
-run together as one ``model.generate`` call (:func:`~._decoding.run_generation`),
-which logs one ``llm_generate`` event per micro-batch. Torch is imported only
-when a prompt is tokenised or a batch runs.
+prompt takes tens of milliseconds to tokenise). The torch engine runs requests
+with the same adapters and sampling settings (:class:`~._decoding.SamplingKey`)
+together as one ``model.generate`` call; the llama.cpp engine batches
+continuously, so each request goes to it directly. For llama.cpp the tokenizer is
+the engine's (:class:`~._llamacpp._native.HFTokenizerView`), carrying the GGUF's
+``tokenizer.chat_template``. Torch is imported only when a prompt is tokenised.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GenerationError, InputTooLongError, RuntimeClosedError
-from ..logging import log_event
-from ._batching import BatchStats, MicroBatcher, Pending
 from ._params import RoleResolver, SamplingParams
 from ._types import Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
     from ._decoding import RowState, SamplingKey
+    from ._engine import Engine
 
 __all__ = ["Generator"]
 
@@ -53,23 +52,21 @@ def _copy_outcome(source: Future[Generation], target: Future[Generation]) -> Non
         target.set_result(source.result())
 
 
-@dataclass
-class _GenerateRequest(Pending):
+@dataclass(frozen=True)
+class _GenerateRequest:
     row: RowState
     sampling: SamplingKey
 
-    def key(self) -> Hashable:
-        return self.sampling
-
 
 class Generator:
-    """Generation on one loaded model: validation, role defaults, micro-batching.
+    """Generation on one loaded model: validation, role defaults, prompt ids; the
+    ``engine`` runs the prepared requests.
 
     ``roles`` looks up a role's defaults when a call names one; it is only
     called then, so a runtime without a manifest never needs one.
     """
 
-    def __init__(self, loaded: LoadedModel, *, roles: RoleResolver) -> None:
+    def __init__(self, loaded: LoadedModel, *, roles: RoleResolver, engine: Engine) -> None:
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self._tokenizer_lock = loaded.tokenizer_lock
@@ -80,24 +77,13 @@ class Generator:
         self._dtype = loaded.dtype
         self._quantization = loaded.quantization
         self._roles = roles
-        settings = loaded.settings
-        self._batcher: MicroBatcher[_GenerateRequest] = MicroBatcher(
-            "generate",
-            self._run_batch,
-            max_size=settings.model.max_batch_size,
-            wait_s=settings.model.batch_wait_ms / 1000.0,
-        )
+        self._engine = engine
         # async callers' prompts are rendered and tokenised here, off the event loop
         self._preparer = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="mongars-prepare")
 
-    @property
-    def stats(self) -> BatchStats:
-        return self._batcher.stats
-
     def close(self) -> None:
-        """Stop the worker; queued requests fail with ``RuntimeClosedError``."""
+        """Stop preparing async requests (the engine is closed by the runtime)."""
         self._preparer.shutdown(wait=False)
-        self._batcher.close()
 
     def count_tokens(self, prompt_or_messages: Any) -> int:
         """Tokens the model reads for a prompt string or chat messages."""
@@ -151,7 +137,8 @@ class Generator:
 
     def _queue(self, request: _GenerateRequest) -> Future[Generation]:
         return self._adapters.submit_pinned(
-            request.sampling.mode, lambda: self._batcher.submit(request)
+            request.sampling.mode,
+            lambda: self._engine.submit_generation(request.row, request.sampling),
         )
 
     # ------------------------------------------------------------------ request
@@ -176,7 +163,8 @@ class Generator:
         if params.temperature is not None:
             do_sample = params.temperature > 0
         else:
-            do_sample = bool(getattr(self._model.generation_config, "do_sample", False))
+            config = getattr(self._model, "generation_config", None)  # None: llama.cpp
+            do_sample = bool(getattr(config, "do_sample", False))
         prompt_ids = messages_to_prompt_ids(
             self._tokenizer,
             prompt_or_messages,
@@ -210,48 +198,3 @@ class Generator:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("llm_generate prompt=%r", prompt_or_messages)
         return _GenerateRequest(row=row, sampling=key)
-
-    # -------------------------------------------------------------------- batch
-    def _run_batch(self, requests: list[_GenerateRequest]) -> None:
-        """One ``model.generate`` call for a micro-batch (the batcher caps its size)."""
-        import torch
-
-        from ._decoding import run_generation
-
-        key = requests[0].sampling
-        started = time.perf_counter()
-        try:
-            with self._adapters.active(key.mode), torch.inference_mode():
-                results = run_generation(
-                    self._model,
-                    self._tokenizer,
-                    [r.row for r in requests],
-                    key,
-                    device=self._device,
-                    lock=self._tokenizer_lock,
-                )
-        except Exception as err:
-            error = GenerationError.wrap(err, "generation failed")
-            for request in requests:
-                if request.row.stream is not None:
-                    request.row.stream._finish(None, error)
-                request.future.set_exception(error)
-            return
-        seconds = time.perf_counter() - started
-        for request, result in zip(requests, results, strict=True):
-            if request.row.stream is not None:
-                request.row.stream._finish(result)
-            request.future.set_result(result)
-        log_event(
-            logger,
-            "llm_generate",
-            batch_size=len(requests),
-            prompt_tokens=sum(r.usage.prompt_tokens for r in results),
-            completion_tokens=sum(r.usage.completion_tokens for r in results),
-            adapters=",".join(key.mode) or None,
-            sampling=key.do_sample,
-            device=self._device,
-            dtype=str(self._dtype).removeprefix("torch."),
-            quantization=self._quantization,
-            seconds=round(seconds, 4),
-        )

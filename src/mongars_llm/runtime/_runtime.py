@@ -5,7 +5,8 @@ adapter stack (:mod:`._adapter_stack`) and hands each call to the component that
 does the work:
 
 - loading: :mod:`._loading` decides what loads (adapters, provisioned copies,
-  LLM2Vec layouts) and how (device, dtype, 4-bit);
+  LLM2Vec layouts) and how (device, dtype, 4-bit); :mod:`._engine` which engine
+  runs it (torch, or llama.cpp for a GGUF file on the CPU) and why;
 - ``generate``/``stream``/``agenerate``/``astream``/``count_tokens``: the
   :class:`~._generator.Generator`, from typed :class:`~._params.SamplingParams`;
 - ``embed``/``aembed``: the :class:`~._embedder.Embedder`, from typed
@@ -34,9 +35,20 @@ from ..errors import (
     InvalidInputError,
     ModelLoadError,
     RuntimeClosedError,
+    UnsupportedError,
 )
 from ..logging import log_event
-from ._embedder import EmbedDefaults, Embedder, EmbedOptions, known_pooling
+from ._embedder import EmbedDefaults, Embedder, EmbedOptions, TorchEmbedRunner, known_pooling
+from ._engine import (
+    Engine,
+    LlamaCppRuntimeEngine,
+    NoAdapters,
+    TorchEngine,
+    check_engine_name,
+    choose_engine,
+    gguf_chat_template,
+    is_gguf_file,
+)
 from ._generator import Generator
 from ._llm2vec import DEFAULT_POOLING, Pooling
 from ._params import RoleDefaults, SamplingKwargs, SamplingParams
@@ -50,6 +62,8 @@ if TYPE_CHECKING:
 
     from ..manager import ModelManager
     from ..settings import Settings
+    from ._adapter_stack import AdapterStack
+    from ._llamacpp import LlamaCppEngine
 
 __all__ = ["AdapterSpecLike", "UnifiedLLMRuntime"]
 
@@ -89,8 +103,12 @@ class UnifiedLLMRuntime:
         batch_invariant: bool = False,
         instruction: str | None = None,
         prompt_model_id: str | None = None,
+        llama: LlamaCppEngine | None = None,
+        engine_reason: str = "",
     ) -> None:
-        from ._adapter_stack import AdapterStack
+        """``llama``: a loaded :class:`~._llamacpp.LlamaCppEngine` to run instead of a
+        torch ``model`` (which is then ``None``); ``engine_reason`` says why this engine."""
+        from types import SimpleNamespace
 
         known_pooling(pooling)  # before anything is built
         self._model = model
@@ -108,18 +126,30 @@ class UnifiedLLMRuntime:
         self.batch_invariant = batch_invariant
         self.instruction = instruction
         self._prompt_model_id = prompt_model_id or model_id
-        config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        adapters: AdapterStack
+        if llama is not None:
+            config: Any = SimpleNamespace(
+                hidden_size=llama.hidden_size,
+                model_type=llama.architecture,
+                max_position_embeddings=llama.n_ctx - 1,  # room for one new token
+            )
+            adapters = cast("AdapterStack", NoAdapters("llama.cpp"))
+        else:
+            from ._adapter_stack import AdapterStack
+
+            config = (
+                model.config.get_text_config()
+                if hasattr(model.config, "get_text_config")
+                else model.config
+            )
+            adapters = AdapterStack(model)
         self._config = config
         limit = settings.model.max_input_tokens
         positions = getattr(config, "max_position_embeddings", None)
         if positions:
             limit = min(limit, int(positions))
         self.max_length = min(max_length, limit) if max_length else limit
-        self._adapters: AdapterStack = AdapterStack(model)
+        self._adapters = adapters
         loaded = LoadedModel(
             model=model,
             tokenizer=tokenizer,
@@ -132,9 +162,17 @@ class UnifiedLLMRuntime:
             dtype=dtype,
             quantization=quantization,
         )
+        engine: Engine
+        if llama is not None:
+            engine = LlamaCppRuntimeEngine(llama, reason=engine_reason, max_length=self.max_length)
+        else:
+            runner = TorchEmbedRunner(loaded, prompt_model_id=self._prompt_model_id)
+            engine = TorchEngine(loaded, embed_runner=runner, reason=engine_reason)
+        self._engine = engine
         self._embedder = Embedder(
             loaded,
             prompt_model_id=self._prompt_model_id,
+            engine=engine,
             defaults=EmbedDefaults(
                 pooling=pooling,
                 bidirectional=bidirectional,
@@ -143,7 +181,7 @@ class UnifiedLLMRuntime:
                 instruction=instruction,
             ),
         )
-        self._generator = Generator(loaded, roles=self._role_defaults)
+        self._generator = Generator(loaded, roles=self._role_defaults, engine=engine)
         self._closed = False
 
     # ------------------------------------------------------------------ loading
@@ -166,8 +204,17 @@ class UnifiedLLMRuntime:
         instruction: str | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        engine: str | None = None,
     ) -> UnifiedLLMRuntime:
-        """Load a checkpoint (directory or Hub id) once, with its adapters.
+        """Load a checkpoint (directory, Hub id or ``.gguf`` file) once, with its adapters.
+
+        ``engine`` (default ``settings.model.engine``, ``"auto"``) picks what runs it:
+        ``"torch"`` (transformers; a ``.gguf`` file is converted once to a cached
+        folder), ``"llama.cpp"`` (a ``.gguf`` file run as GGUF on the CPU; needs
+        ``pip install "mongars-llm[cpu]"``; adapters are not supported yet), or
+        ``"auto"``: llama.cpp for a ``.gguf`` file on the CPU when llama-cpp-python is
+        installed, torch otherwise. :meth:`describe` and the load event say which
+        engine runs and why.
 
         A directory holding a LoRA adapter (``adapter_config.json``), such as a
         published LLM2Vec MNTP repo, loads as base model + that adapter
@@ -181,13 +228,40 @@ class UnifiedLLMRuntime:
 
         settings = settings if settings is not None else get_settings()
         started = time.perf_counter()
+        requested = check_engine_name(engine if engine is not None else settings.model.engine)
+        gguf = _gguf_source(path_or_repo)
         try:
             from ._loading import load_causal_lm, plan_load, resolve_checkpoint, use_cpu_threads
         except ImportError as err:  # pragma: no cover - torch is a core dependency
             raise ModelLoadError(f"the runtime needs torch: {err}") from err
 
+        resolved_device: str | None = None
+        if gguf and requested != "torch":
+            from ._loading import _resolve_device
+
+            resolved_device = _resolve_device(device, settings)
+        choice = choose_engine(requested, source=path_or_repo, device=resolved_device, gguf=gguf)
+        if choice.name == "llama.cpp":
+            return cls._from_gguf(
+                Path(path_or_repo),
+                reason=choice.reason,
+                device=resolved_device,
+                settings=settings,
+                manager=manager,
+                pooling=pooling,
+                bidirectional=bidirectional,
+                max_length=max_length,
+                adapters=adapters,
+                normalize=normalize,
+                batch_invariant=batch_invariant,
+                instruction=instruction,
+                started=started,
+            )
+        source: str | Path = path_or_repo
+        if gguf:
+            source = _torch_copy_of_gguf(Path(path_or_repo), settings)
         checkpoint = resolve_checkpoint(
-            path_or_repo,
+            source,
             settings=settings,
             adapters=adapters,
             revision=revision,
@@ -223,6 +297,7 @@ class UnifiedLLMRuntime:
             batch_invariant=batch_invariant,
             instruction=instruction,
             prompt_model_id=checkpoint.prompt_model_id,
+            engine_reason=choice.reason,
         )
         for name, adapter_path, use in checkpoint.adapters:
             runtime.load_adapter(name, adapter_path, use=use)
@@ -231,6 +306,8 @@ class UnifiedLLMRuntime:
             "llm_runtime_load",
             model=str(path_or_repo),
             path=checkpoint.source if checkpoint.source != str(path_or_repo) else None,
+            engine="torch",
+            engine_reason=choice.reason,
             device=plan.device,
             dtype=str(plan.dtype).removeprefix("torch."),
             quantization=plan.quantization,
@@ -239,6 +316,87 @@ class UnifiedLLMRuntime:
             pooling=checkpoint.pooling,
             bidirectional=checkpoint.bidirectional,
             notes="; ".join(plan.notes) or None,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return runtime
+
+    @classmethod
+    def _from_gguf(
+        cls,
+        path: Path,
+        *,
+        reason: str,
+        device: str | None,
+        settings: Settings,
+        manager: ModelManager | None,
+        pooling: Pooling | None,
+        bidirectional: bool | None,
+        max_length: int | None,
+        adapters: AdapterSpecLike | None,
+        normalize: bool,
+        batch_invariant: bool,
+        instruction: str | None,
+        started: float,
+    ) -> UnifiedLLMRuntime:
+        """A ``.gguf`` file on the llama.cpp engine (:class:`~._llamacpp.LlamaCppEngine`)."""
+        fallback = 'load it with engine="torch"'
+        if device not in (None, "cpu"):
+            raise UnsupportedError(
+                f"the llama.cpp engine runs on the CPU here, not {device!r}; {fallback} "
+                "or pass device='cpu'"
+            )
+        if adapters:
+            raise UnsupportedError(
+                "LoRA adapters are not supported by the llama.cpp engine yet; "
+                f"{fallback} to use adapters"
+            )
+        if not is_gguf_file(path):
+            raise ModelLoadError(f"{str(path)!r} is not a GGUF file; {fallback}")
+        from ._decoding import check_tokenizer_template
+        from ._llamacpp import LlamaCppEngine
+
+        threads = settings.model.cpu_threads or None
+        llama = LlamaCppEngine(path, n_threads=threads, prompt_model_id=str(path))
+        try:
+            view = llama.tokenizer
+            view.chat_template = gguf_chat_template(llama.info.metadata)
+            check_tokenizer_template(view, str(path))
+            runtime = cls(
+                model=None,
+                tokenizer=view,
+                model_id=str(path),
+                device="cpu",
+                dtype=None,
+                quantization="gguf",
+                settings=settings,
+                manager=manager,
+                pooling=pooling or DEFAULT_POOLING,
+                bidirectional=bool(bidirectional),
+                normalize=normalize,
+                max_length=max_length,
+                batch_invariant=batch_invariant,
+                instruction=instruction,
+                prompt_model_id=str(path),
+                llama=llama,
+                engine_reason=reason,
+            )
+        except BaseException:
+            llama.close()
+            raise
+        described = runtime.describe()
+        log_event(
+            logger,
+            "llm_runtime_load",
+            model=str(path),
+            engine="llama.cpp",
+            engine_reason=reason,
+            device="cpu",
+            architecture=described.get("architecture"),
+            tensor_types=",".join(sorted(map(str, described.get("tensor_types") or {}))) or None,
+            n_ctx=described.get("n_ctx"),
+            threads=described.get("n_threads"),
+            pooling=runtime.pooling,
+            bidirectional=runtime.bidirectional,
             seconds=round(time.perf_counter() - started, 3),
         )
         return runtime
@@ -300,12 +458,41 @@ class UnifiedLLMRuntime:
     # --------------------------------------------------------------- properties
     @property
     def model(self) -> Any:
-        """The one model object (a ``*ForCausalLM``; adapters are injected into it)."""
+        """The one model object (a ``*ForCausalLM``; adapters are injected into it);
+        ``None`` on the llama.cpp engine."""
         return self._model
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs the model: ``"torch"`` or ``"llama.cpp"``."""
+        return self._engine.name
+
+    @property
+    def engine_reason(self) -> str:
+        """Why :attr:`engine` was chosen (``engine="auto"``'s reasoning, or the request)."""
+        return self._engine.reason
+
+    def describe(self) -> dict[str, Any]:
+        """What runs and how: the engine and why, device, precision, limits, adapters,
+        embedding defaults (for ``doctor``, logs and support requests)."""
+        return {
+            "model": self.model_id,
+            **self._engine.describe(),
+            "max_length": self.max_length,
+            "hidden_size": self.hidden_size,
+            "adapters": self.adapter_names,
+            "pooling": self.pooling,
+            "bidirectional": self.bidirectional,
+            "normalize": self.normalize,
+        }
 
     @property
     def decoder(self) -> Any:
         """The causal LM's base model, whose hidden states embeddings pool."""
+        if self._model is None:
+            raise UnsupportedError(
+                'the llama.cpp engine has no torch decoder; load the model with engine="torch"'
+            )
         return (
             self._model.get_decoder() if hasattr(self._model, "get_decoder") else self._model.model
         )
@@ -324,14 +511,12 @@ class UnifiedLLMRuntime:
 
     def stats(self) -> dict[str, Any]:
         """Micro-batching counters: batches run, requests and items they held."""
-        return {
-            "embed": self._embedder.stats.to_dict(),
-            "generate": self._generator.stats.to_dict(),
-        }
+        return self._engine.stats()
 
     def __repr__(self) -> str:
         return (
-            f"UnifiedLLMRuntime(model_id={self.model_id!r}, device={self.device!r}, "
+            f"UnifiedLLMRuntime(model_id={self.model_id!r}, engine={self.engine!r}, "
+            f"device={self.device!r}, "
             f"dtype={str(self.dtype).removeprefix('torch.')}, quantization={self.quantization!r}, "
             f"adapters={self.adapter_names!r})"
         )
@@ -571,11 +756,39 @@ class UnifiedLLMRuntime:
         if self._closed:
             return
         self._closed = True
-        self._embedder.close()
         self._generator.close()
+        self._engine.close()
 
     def __enter__(self) -> UnifiedLLMRuntime:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gguf_source(path_or_repo: str | Path) -> bool:
+    """Whether ``path_or_repo`` is a ``.gguf`` file (``ModelLoadError`` when its name
+    says GGUF but no such file exists)."""
+    text = str(path_or_repo)
+    if not text.lower().endswith(".gguf"):
+        return False
+    if not is_gguf_file(text):
+        raise ModelLoadError(f"no GGUF file at {text!r}")
+    return True
+
+
+def _torch_copy_of_gguf(path: Path, settings: Settings) -> Path:
+    """The transformers folder converted from ``path`` for the torch engine, made once
+    under ``<cache_dir>/gguf-torch`` (keyed by the file's path, size and mtime)."""
+    import hashlib
+
+    from ..provisioning._gguf import convert_gguf
+
+    source = path.expanduser().resolve()
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    folder = Path(settings.cache_dir) / "gguf-torch" / f"{source.stem}-{key[:16]}"
+    if not (folder / "config.json").is_file():
+        logger.info("converting %s for the torch engine into %s (once)", source, folder)
+        convert_gguf(source, folder)
+    return folder

@@ -239,10 +239,12 @@ class LlamaCppEngine:
         normalize: bool = True,
         max_length: int | None = None,
         truncate: bool = True,
+        warn: bool = True,
     ) -> np.ndarray:
         """LLM2Vec vectors (float32, one row per text) of ``texts``: strings or
         ``[instruction, text]`` pairs, composed and pooled as the torch engine does.
-        Texts are cut at ``max_length`` tokens (at most ``n_batch``)."""
+        Texts are cut at ``max_length`` tokens (at most ``n_batch``). ``warn=False``:
+        no ``EmbeddingWarning`` about the pooling (the runtime's request path warns)."""
         limit = min(max_length or self.n_batch, self.n_batch)
         try:
             items = normalise_inputs(texts, instruction)
@@ -257,7 +259,7 @@ class LlamaCppEngine:
                     model_type=self.architecture,
                     model_id=self.prompt_model_id,
                 )
-            if note and pooling not in self._warned:
+            if note and warn and pooling not in self._warned:
                 self._warned.add(pooling)
                 warnings.warn(note, EmbeddingWarning, stacklevel=2)
             with self._model_lock:

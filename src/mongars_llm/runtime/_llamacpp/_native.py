@@ -146,6 +146,14 @@ class HFTokenizerView:
         self.eos_token_id = vocab.eos_id
         self.bos_token = vocab.text_of(vocab.bos_id) if vocab.bos_id is not None else None
         self.eos_token = vocab.text_of(vocab.eos_id) if vocab.eos_id is not None else None
+        #: the GGUF's ``tokenizer.chat_template`` (set by whoever read the header)
+        self.chat_template: str | None = None
+        #: the names a chat template sees besides the messages (as ``transformers``')
+        self.special_tokens_map: dict[str, str] = {
+            name: token
+            for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
+            if token is not None
+        }
 
     def __call__(
         self,

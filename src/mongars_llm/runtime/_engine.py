@@ -1,0 +1,422 @@
+"""The runtime's engines: what runs a validated request on the weights.
+
+``UnifiedLLMRuntime`` keeps one request path per kind of call — the
+:class:`~._generator.Generator` (role defaults, validation, chat template,
+prompt ids) and the :class:`~._embedder.Embedder` (options, pooling checks,
+``(instruction, text)`` items) — and hands each prepared request to one
+:class:`Engine`:
+
+* :class:`TorchEngine`: the transformers model (CPU, CUDA, NF4), with the
+  micro-batchers: compatible generations run as one ``model.generate`` call
+  (:func:`~._decoding.run_generation`), embeddings as planned forward batches
+  (:class:`~._embedder.TorchEmbedRunner`);
+* :class:`LlamaCppRuntimeEngine`: a GGUF run as GGUF by
+  :class:`~._llamacpp.LlamaCppEngine`, which batches continuously itself, so
+  each request goes to it directly (no micro-batcher).
+
+:func:`choose_engine` decides which one a load gets (``engine="auto"``: llama.cpp
+for a GGUF on the CPU when ``llama_cpp`` is installed, torch otherwise) and says why;
+the reason is in the load event and :meth:`UnifiedLLMRuntime.describe`.
+
+Importing this module imports neither torch nor ``llama_cpp``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from ..errors import (
+    EmbeddingError,
+    GenerationError,
+    InvalidInputError,
+    LLMRuntimeError,
+    RuntimeClosedError,
+    UnsupportedError,
+)
+from ..logging import log_event
+from ._batching import BatchStats, MicroBatcher, Pending
+from ._params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ._decoding import RowState, SamplingKey
+    from ._embedder import EmbedRequest, TorchEmbedRunner
+    from ._llamacpp import LlamaCppEngine
+    from ._types import Generation, LoadedModel
+
+__all__ = [
+    "ENGINE_NAMES",
+    "Engine",
+    "EngineChoice",
+    "LlamaCppRuntimeEngine",
+    "NoAdapters",
+    "TorchEngine",
+    "check_engine_name",
+    "choose_engine",
+    "is_gguf_file",
+]
+
+logger = logging.getLogger("mongars_llm.runtime")
+
+#: the values ``engine=`` (and ``settings.model.engine``) accept
+ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "llama.cpp")
+
+_T = TypeVar("_T")
+
+
+def check_engine_name(engine: Any) -> str:
+    """``engine`` when it is one of :data:`ENGINE_NAMES` (``"llamacpp"`` and
+    ``"llama_cpp"`` read as ``"llama.cpp"``), else ``InvalidInputError`` naming them."""
+    if isinstance(engine, str):
+        name = engine.strip().lower()
+        if name in ("llamacpp", "llama_cpp", "llama-cpp"):
+            name = "llama.cpp"
+        if name in ENGINE_NAMES:
+            return name
+    raise InvalidInputError(
+        f"unknown engine {engine!r}; choose one of: {', '.join(ENGINE_NAMES)}", param="engine"
+    )
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` names a local ``.gguf`` file (by its name; the header is
+    checked when it loads)."""
+    text = str(path)
+    return text.lower().endswith(".gguf") and Path(text).expanduser().is_file()
+
+
+def llama_cpp_installed() -> bool:
+    """Whether the ``cpu`` extra (``llama_cpp``) can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine a load uses (``"torch"`` or ``"llama.cpp"``) and why."""
+
+    name: str
+    reason: str
+
+
+def choose_engine(
+    requested: str, *, source: str | Path, device: str | None, gguf: bool | None = None
+) -> EngineChoice:
+    """The engine for ``source`` on ``device`` (``None``: not decided yet, read as
+    "cpu unless CUDA is asked for"). ``requested`` is checked by
+    :func:`check_engine_name`; an explicit choice is kept as asked (its errors come when
+    it loads), ``auto`` picks llama.cpp for a GGUF on the CPU with the extra installed."""
+    requested = check_engine_name(requested)
+    gguf = is_gguf_file(source) if gguf is None else gguf
+    if requested != "auto":
+        return EngineChoice(requested, f'engine="{requested}" was asked for')
+    if not gguf:
+        return EngineChoice("torch", "auto: the source is not a GGUF file")
+    on_cpu = device is None or str(device) == "cpu"
+    if not on_cpu:
+        return EngineChoice("torch", f"auto: the device is {device}, llama.cpp runs here on CPUs")
+    if not llama_cpp_installed():
+        return EngineChoice(
+            "torch",
+            'auto: llama-cpp-python is not installed (pip install "mongars-llm[cpu]" for '
+            "the faster CPU engine)",
+        )
+    return EngineChoice("llama.cpp", "auto: a GGUF file on the CPU, llama-cpp-python installed")
+
+
+class Engine(Protocol):
+    """What the runtime's request paths need from the thing that runs the model."""
+
+    #: ``"torch"`` or ``"llama.cpp"``
+    name: str
+    #: why this engine was chosen (:func:`choose_engine`)
+    reason: str
+
+    def submit_generation(self, row: RowState, sampling: SamplingKey) -> Future[Generation]:
+        """Run one prepared generation (prompt ids, limits, stops, stream)."""
+        ...
+
+    def submit_embedding(self, request: EmbedRequest) -> Future[np.ndarray]:
+        """Embed one validated request; the future gets ``(n, hidden)`` float32."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Batching counters (``{"generate": ..., "embed": ...}``)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine runs and how (for the load event, ``describe``, doctor)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the workers; queued requests fail with ``RuntimeClosedError``."""
+        ...
+
+
+# ----------------------------------------------------------------------- torch
+@dataclass
+class _GenerateRequest(Pending):
+    row: RowState
+    sampling: SamplingKey
+
+    def key(self) -> Any:
+        return self.sampling
+
+
+class TorchEngine:
+    """The transformers model with two micro-batchers: generations that share their
+    :class:`~._decoding.SamplingKey` run as one ``model.generate``; embeddings that
+    share their :class:`~._embedder.EmbedParams` as planned forward batches."""
+
+    name = "torch"
+
+    def __init__(
+        self, loaded: LoadedModel, *, embed_runner: TorchEmbedRunner, reason: str = ""
+    ) -> None:
+        self.reason = reason or "torch"
+        self._loaded = loaded
+        settings = loaded.settings.model
+        wait_s = settings.batch_wait_ms / 1000.0
+        self._generate: MicroBatcher[_GenerateRequest] = MicroBatcher(
+            "generate", self._run_generation, max_size=settings.max_batch_size, wait_s=wait_s
+        )
+        self._runner = embed_runner
+        self._embed = MicroBatcher(
+            "embed", embed_runner.run_batch, max_size=settings.max_batch_size, wait_s=wait_s
+        )
+
+    def submit_generation(self, row: RowState, sampling: SamplingKey) -> Future[Generation]:
+        return self._generate.submit(_GenerateRequest(row=row, sampling=sampling))
+
+    def submit_embedding(self, request: EmbedRequest) -> Future[np.ndarray]:
+        from ._embedder import queued_embedding
+
+        return self._embed.submit(queued_embedding(request))
+
+    @property
+    def generate_stats(self) -> BatchStats:
+        return self._generate.stats
+
+    @property
+    def embed_stats(self) -> BatchStats:
+        return self._embed.stats
+
+    def stats(self) -> dict[str, Any]:
+        return {"embed": self._embed.stats.to_dict(), "generate": self._generate.stats.to_dict()}
+
+    def describe(self) -> dict[str, Any]:
+        loaded = self._loaded
+        return {
+            "engine": self.name,
+            "engine_reason": self.reason,
+            "device": loaded.device,
+            "dtype": loaded.dtype_name,
+            "quantization": loaded.quantization,
+        }
+
+    def close(self) -> None:
+        self._embed.close()
+        self._generate.close()
+
+    def _run_generation(self, requests: list[_GenerateRequest]) -> None:
+        """One ``model.generate`` call for a micro-batch (the batcher caps its size)."""
+        import torch
+
+        from ._decoding import run_generation
+
+        loaded = self._loaded
+        key = requests[0].sampling
+        started = time.perf_counter()
+        try:
+            with loaded.adapters.active(key.mode), torch.inference_mode():
+                results = run_generation(
+                    loaded.model,
+                    loaded.tokenizer,
+                    [r.row for r in requests],
+                    key,
+                    device=loaded.device,
+                    lock=loaded.tokenizer_lock,
+                )
+        except Exception as err:
+            error = GenerationError.wrap(err, "generation failed")
+            for request in requests:
+                if request.row.stream is not None:
+                    request.row.stream._finish(None, error)
+                request.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - started
+        for request, result in zip(requests, results, strict=True):
+            if request.row.stream is not None:
+                request.row.stream._finish(result)
+            request.future.set_result(result)
+        log_event(
+            logger,
+            "llm_generate",
+            batch_size=len(requests),
+            prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+            completion_tokens=sum(r.usage.completion_tokens for r in results),
+            adapters=",".join(key.mode) or None,
+            sampling=key.do_sample,
+            engine=self.name,
+            device=loaded.device,
+            dtype=loaded.dtype_name,
+            quantization=loaded.quantization,
+            seconds=round(seconds, 4),
+        )
+
+
+# ------------------------------------------------------------------- llama.cpp
+def _count(stats: BatchStats, items: int) -> None:
+    """Count a request the engine batches itself (its batches are not counted here)."""
+    stats.requests += 1
+    stats.items += items
+
+
+class NoAdapters:
+    """The adapter stack of an engine that runs no adapters yet (llama.cpp): the base
+    model for every call; loading or naming an adapter is ``UnsupportedError``."""
+
+    names: list[str] = []
+
+    def __init__(self, engine_name: str) -> None:
+        self._engine = engine_name
+
+    def _refuse(self) -> UnsupportedError:
+        return UnsupportedError(
+            f"LoRA adapters are not supported by the {self._engine} engine yet; load the "
+            'model with engine="torch" to use adapters'
+        )
+
+    def load(self, name: str, path: Any, *, use: str = "all") -> None:
+        raise self._refuse()
+
+    def unload(self, name: str) -> None:
+        raise self._refuse()
+
+    def set_uses(self, uses: Any) -> None:
+        raise self._refuse()
+
+    def use_of(self, name: str) -> str:
+        raise KeyError(name)
+
+    def resolve(self, adapter: Any, use: str, *, among: Any = None) -> tuple[str, ...]:
+        if adapter is None or adapter == () or adapter == []:
+            return ()
+        raise self._refuse()
+
+    def submit_pinned(self, mode: Any, submit: Callable[[], _T]) -> _T:
+        return submit()
+
+
+def _sampling_params(row: RowState, key: SamplingKey) -> SamplingParams:
+    """The llama.cpp engine's parameters for a prepared row (greedy unless sampling)."""
+    return SamplingParams(
+        max_new_tokens=row.max_new_tokens,
+        temperature=key.temperature if key.do_sample else 0.0,
+        top_p=key.top_p,
+        top_k=key.top_k,
+        stop=row.stop or None,
+        seed=key.seed,
+        repetition_penalty=key.repetition_penalty,
+    )
+
+
+class LlamaCppRuntimeEngine:
+    """:class:`~._llamacpp.LlamaCppEngine` behind the runtime's request paths.
+
+    Generations go straight to the engine's continuous batcher. Embeddings are
+    blocking calls on the engine (which runs them between chat steps on its own
+    worker), so they are started from a small thread pool to return a future."""
+
+    name = "llama.cpp"
+
+    def __init__(self, engine: LlamaCppEngine, *, reason: str = "", max_length: int) -> None:
+        self.engine = engine
+        self.reason = reason or "llama.cpp"
+        self.max_length = max_length
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="mongars-llamacpp-embed")
+        self._stats = {"generate": BatchStats(), "embed": BatchStats()}
+
+    def submit_generation(self, row: RowState, sampling: SamplingKey) -> Future[Generation]:
+        params = _sampling_params(row, sampling)
+        future = self.engine.submit(row.prompt_ids, params, stream=row.stream)
+        _count(self._stats["generate"], 1)
+        return future
+
+    def submit_embedding(self, request: EmbedRequest) -> Future[np.ndarray]:
+        params = request.params
+        items = [list(item) for item in request.items]
+
+        def run() -> np.ndarray:
+            started = time.perf_counter()
+            try:
+                vectors = self.engine.embed(
+                    items,
+                    pooling=params.pooling,
+                    bidirectional=params.bidirectional,
+                    normalize=params.normalize,
+                    max_length=self.max_length,
+                    truncate=request.truncate,
+                    warn=False,  # the Embedder warned already, once
+                )
+            except LLMRuntimeError:
+                raise
+            except Exception as err:
+                raise EmbeddingError.wrap(err, "embedding failed") from err
+            log_event(
+                logger,
+                "llm_embed",
+                requests=1,
+                batch_size=len(items),
+                pooling=params.pooling,
+                bidirectional=params.bidirectional,
+                engine=self.name,
+                device="cpu",
+                seconds=round(time.perf_counter() - started, 4),
+            )
+            return vectors
+
+        try:
+            future = self._pool.submit(run)
+        except RuntimeError as err:  # closed meanwhile
+            raise RuntimeClosedError("this runtime is closed; build or fetch a new one") from err
+        _count(self._stats["embed"], len(items))
+        return future
+
+    def stats(self) -> dict[str, Any]:
+        return {k: v.to_dict() for k, v in self._stats.items()}
+
+    def describe(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "engine": self.name,
+            "engine_reason": self.reason,
+            "device": "cpu",
+            "gguf": str(engine.path),
+            "architecture": engine.architecture,
+            "tensor_types": dict(engine.info.tensor_types),
+            "n_ctx": engine.n_ctx,
+            "n_batch": engine.n_batch,
+            "n_threads": engine.n_threads,
+            "max_sequences": engine.max_sequences,
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.engine.close()
+
+
+def gguf_chat_template(metadata: dict[str, Any]) -> str | None:
+    """The chat template a GGUF carries (``tokenizer.chat_template``), or None."""
+    template = metadata.get("tokenizer.chat_template")
+    return template if isinstance(template, str) and template.strip() else None

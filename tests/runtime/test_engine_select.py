@@ -1,0 +1,319 @@
+"""Engine selection (``from_pretrained(..., engine=...)``) and the runtime API on the
+llama.cpp engine.
+
+The selection rules run everywhere; the tests that load the real GGUF through
+``UnifiedLLMRuntime`` carry the ``llamacpp`` marker and skip when the ``cpu`` extra
+(``llama-cpp-python``) is not installed. Through the runtime the llama.cpp engine must
+give what :class:`~mongars_llm.runtime._llamacpp.LlamaCppEngine` gives on its own for
+the same rendered prompt and the same embedding arguments: the runtime adds the request
+path (roles, validation, chat template), not different numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mongars_llm.errors import ConfigError, InvalidInputError, UnsupportedError
+from mongars_llm.runtime import UnifiedLLMRuntime
+from mongars_llm.runtime import _engine as engine_module
+from mongars_llm.runtime._engine import ENGINE_NAMES, check_engine_name, choose_engine
+from mongars_llm.runtime._params import SamplingParams
+from mongars_llm.settings import Settings
+
+from .conftest import EventRecorder, runtime_settings
+from .test_llamacpp import BRIEF, FRANCE, needs_llamacpp, real_gguf
+
+TEXTS = ["The cat sat on the mat.", "Paris is the capital of France."]
+PAIRS = [["Retrieve a passage that answers the question", "Who wrote 1984?"], ["", "A plain text"]]
+
+
+# ------------------------------------------------------------------ selection rules
+def test_engine_names_are_checked() -> None:
+    assert check_engine_name("auto") == "auto"
+    assert check_engine_name("llamacpp") == "llama.cpp"
+    assert check_engine_name(" Torch ") == "torch"
+    with pytest.raises(InvalidInputError) as info:
+        check_engine_name("vllm")
+    assert info.value.param == "engine"
+    for name in ENGINE_NAMES:
+        assert name in str(info.value)
+
+
+def test_a_bad_engine_name_fails_before_anything_loads(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"auto, torch, llama\.cpp"):
+        UnifiedLLMRuntime.from_pretrained(tmp_path / "absent", engine="vllm")
+
+
+def test_a_bad_engine_setting_is_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises((ConfigError, ValidationError)) as info:
+        Settings(model={"engine": "vllm"}, _env_file=None)  # type: ignore[call-arg]
+    assert "llama.cpp" in str(info.value)
+    assert Settings(_env_file=None).model.engine == "auto"  # type: ignore[call-arg]
+
+
+def test_auto_picks_llamacpp_only_for_a_gguf_on_the_cpu_with_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: True)
+    assert choose_engine("auto", source=gguf, device="cpu").name == "llama.cpp"
+    assert choose_engine("auto", source=gguf, device=None).name == "llama.cpp"
+    on_cuda = choose_engine("auto", source=gguf, device="cuda:0")
+    assert on_cuda.name == "torch" and "cuda:0" in on_cuda.reason
+    folder_choice = choose_engine("auto", source=folder, device="cpu")
+    assert folder_choice.name == "torch" and "not a GGUF" in folder_choice.reason
+    assert choose_engine("torch", source=gguf, device="cpu").name == "torch"
+    assert choose_engine("llama.cpp", source=folder, device="cpu").name == "llama.cpp"
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: False)
+    missing = choose_engine("auto", source=gguf, device="cpu")
+    assert missing.name == "torch" and "mongars-llm[cpu]" in missing.reason
+
+
+def test_auto_picks_torch_for_a_folder(
+    tiny_model_dir: Path, settings: Settings, events: EventRecorder
+) -> None:
+    with UnifiedLLMRuntime.from_pretrained(tiny_model_dir, settings=settings, engine="auto") as rt:
+        assert rt.engine == "torch"
+        assert "not a GGUF" in rt.engine_reason
+        described = rt.describe()
+        assert described["engine"] == "torch" and described["engine_reason"] == rt.engine_reason
+        assert rt.generate("Hello", max_new_tokens=2, temperature=0).usage.completion_tokens >= 1
+    (load,) = events.named("llm_runtime_load")
+    assert load["engine"] == "torch" and "not a GGUF" in load["engine_reason"]
+
+
+def test_a_gguf_path_that_does_not_exist_is_a_load_error(tmp_path: Path) -> None:
+    from mongars_llm.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        UnifiedLLMRuntime.from_pretrained(tmp_path / "absent.gguf")
+
+
+# ------------------------------------------------------- the llama.cpp engine, wired
+@pytest.fixture(scope="module")
+def gguf_runtime() -> Iterator[UnifiedLLMRuntime]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip('llama-cpp-python is not installed: pip install "mongars-llm[cpu]"')
+    path = real_gguf()
+    rt = UnifiedLLMRuntime.from_pretrained(path, settings=runtime_settings(), engine="auto")
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def bare_engine() -> Iterator[Any]:
+    """The same GGUF in a LlamaCppEngine of its own (the reference)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip('llama-cpp-python is not installed: pip install "mongars-llm[cpu]"')
+    from mongars_llm.runtime._llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(real_gguf())
+    yield engine
+    engine.close()
+
+
+def _rendered(engine: Any, messages: list[dict[str, str]]) -> str:
+    from mongars_llm._chat_template import render_chat_template
+
+    template = engine.info.metadata["tokenizer.chat_template"]
+    return render_chat_template(
+        template,
+        messages,
+        bos_token=engine.tokenizer.bos_token,
+        eos_token=engine.tokenizer.eos_token,
+    )
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_auto_picks_llamacpp_for_a_gguf_on_the_cpu(gguf_runtime: UnifiedLLMRuntime) -> None:
+    rt = gguf_runtime
+    assert rt.engine == "llama.cpp"
+    assert "GGUF" in rt.engine_reason and "CPU" in rt.engine_reason
+    described = rt.describe()
+    assert described["engine"] == "llama.cpp"
+    assert described["architecture"] == "llama"
+    assert described["n_ctx"] >= 2048 and described["hidden_size"] == rt.hidden_size == 576
+    assert rt.model is None
+    assert "llama.cpp" in repr(rt)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_generate_renders_the_gguf_template_and_matches_the_engine(
+    gguf_runtime: UnifiedLLMRuntime, bare_engine: Any
+) -> None:
+    messages = [BRIEF, *FRANCE]
+    ours = gguf_runtime.generate(messages, temperature=0, max_new_tokens=24)
+    prompt = _rendered(bare_engine, messages)
+    ids = bare_engine.vocab.tokenize(prompt, add_special=False, parse_special=True)
+    reference = bare_engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=24)).result()
+    assert ours.text == reference.text
+    assert ours.usage == reference.usage
+    assert ours.usage.prompt_tokens == gguf_runtime.count_tokens(messages) == len(ids)
+    assert ours.text.strip()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_generate_keeps_the_request_contract(gguf_runtime: UnifiedLLMRuntime) -> None:
+    rt = gguf_runtime
+    capped = rt.generate(FRANCE, temperature=0, max_new_tokens=10_000)
+    assert capped.usage.completion_tokens <= rt.settings.model.max_new_tokens  # clamped
+    stopped = rt.generate("One, two, three, four,", temperature=0, max_new_tokens=24, stop=",")
+    assert "," not in stopped.text and stopped.finish_reason == "stop"
+    seeded = [
+        rt.generate("Once upon a time", temperature=0.9, seed=7, max_new_tokens=8).text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+    batch = rt.generate_batch(
+        ["The sky is", [{"role": "user", "content": "Say hi."}]], temperature=0, max_new_tokens=6
+    )
+    assert len(batch) == 2 and all(g.usage.completion_tokens >= 1 for g in batch)
+    assert batch[0].usage.prompt_tokens != batch[1].usage.prompt_tokens
+    with pytest.raises(InvalidInputError):
+        rt.generate("   ")
+    with pytest.raises(InvalidInputError, match="temperature"):
+        rt.generate("hi", temperature=-1)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_stream_deltas_join_to_the_result(gguf_runtime: UnifiedLLMRuntime) -> None:
+    stream = gguf_runtime.stream(FRANCE, temperature=0, max_new_tokens=12)
+    deltas = list(stream)
+    assert len(deltas) >= 2
+    assert "".join(deltas) == stream.result.text
+    assert stream.result == gguf_runtime.generate(FRANCE, temperature=0, max_new_tokens=12)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_agenerate_and_astream(gguf_runtime: UnifiedLLMRuntime) -> None:
+    rt = gguf_runtime
+
+    async def main() -> tuple[Any, Any, list[str]]:
+        a, b = await asyncio.gather(
+            rt.agenerate("The sky is", temperature=0, max_new_tokens=6),
+            rt.agenerate(FRANCE, temperature=0, max_new_tokens=6),
+        )
+        stream = rt.astream("The sky is", temperature=0, max_new_tokens=6)
+        deltas = [d async for d in stream]
+        return a, b, deltas
+
+    a, b, deltas = asyncio.run(main())
+    assert a.usage.completion_tokens >= 1 and b.usage.completion_tokens >= 1
+    assert (
+        "".join(deltas) == a.text == rt.generate("The sky is", temperature=0, max_new_tokens=6).text
+    )
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+@pytest.mark.parametrize("pooling", ["mean", "weighted_mean", "eos_token", "last_token"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_embed_matches_the_engine(
+    gguf_runtime: UnifiedLLMRuntime, bare_engine: Any, pooling: str, bidirectional: bool
+) -> None:
+    ours = gguf_runtime.embed(PAIRS + TEXTS, pooling=pooling, bidirectional=bidirectional)  # type: ignore[arg-type]
+    reference = bare_engine.embed(PAIRS + TEXTS, pooling=pooling, bidirectional=bidirectional)
+    assert ours.shape == (4, 576) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_embed_options(gguf_runtime: UnifiedLLMRuntime) -> None:
+    rt = gguf_runtime
+    causal = rt.embed(TEXTS)
+    both = rt.embed(TEXTS, bidirectional=True)
+    assert not np.allclose(causal, both)  # attention really changes per call
+    np.testing.assert_allclose(rt.embed(TEXTS), causal, atol=1e-6)  # and is restored
+    instructed = rt.embed(TEXTS, instruction="Represent the sentence")
+    paired = rt.embed([["Represent the sentence", t] for t in TEXTS])
+    np.testing.assert_allclose(instructed, paired, atol=1e-6)
+    assert not np.allclose(instructed, causal)
+    raw = rt.embed(TEXTS, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    single = rt.embed("The cat sat on the mat.")
+    np.testing.assert_allclose(single[0], causal[0], atol=1e-5)
+    vectors = asyncio.run(rt.aembed(TEXTS))
+    np.testing.assert_allclose(vectors, causal, atol=1e-6)
+    with pytest.raises(InvalidInputError):
+        rt.embed([])
+    with pytest.raises(InvalidInputError, match="pooling"):
+        rt.embed(TEXTS, pooling="median")  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedError):
+        rt.embed(TEXTS, pooling="bos_token")  # SmolLM2 adds no BOS, as on torch
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_adapters_are_refused_naming_the_torch_engine(
+    gguf_runtime: UnifiedLLMRuntime, tmp_path: Path
+) -> None:
+    rt = gguf_runtime
+    assert rt.adapter_names == []
+    with pytest.raises(UnsupportedError, match='engine="torch"'):
+        rt.load_adapter("chat", tmp_path)
+    with pytest.raises(UnsupportedError, match='engine="torch"'):
+        rt.generate("hi", adapter="chat")
+    with pytest.raises(UnsupportedError, match='engine="torch"'):
+        rt.embed(TEXTS, adapter="chat")
+    with pytest.raises(UnsupportedError, match='engine="torch"'):
+        UnifiedLLMRuntime.from_pretrained(
+            real_gguf(), engine="llama.cpp", adapters={"chat": tmp_path}
+        )
+    assert rt.generate("hi", adapter=[], temperature=0, max_new_tokens=2).usage.total_tokens > 0
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_the_load_event_names_the_engine(events: EventRecorder) -> None:
+    with UnifiedLLMRuntime.from_pretrained(
+        real_gguf(), settings=runtime_settings(engine="llama.cpp")
+    ) as rt:
+        assert rt.engine == "llama.cpp"
+        assert rt.engine_reason == 'engine="llama.cpp" was asked for'
+    assert rt.closed
+    (load,) = events.named("llm_runtime_load")
+    assert load["engine"] == "llama.cpp"
+    assert load["engine_reason"] == 'engine="llama.cpp" was asked for'
+    assert load["architecture"] == "llama" and load["n_ctx"] >= 2048
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_a_closed_runtime_refuses_calls() -> None:
+    from mongars_llm.errors import RuntimeClosedError
+
+    rt = UnifiedLLMRuntime.from_pretrained(real_gguf(), engine="llama.cpp")
+    rt.close()
+    with pytest.raises(RuntimeClosedError):
+        rt.generate("hi")
+    with pytest.raises(RuntimeClosedError):
+        rt.embed(TEXTS)
