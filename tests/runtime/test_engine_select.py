@@ -317,3 +317,22 @@ def test_a_closed_runtime_refuses_calls() -> None:
         rt.generate("hi")
     with pytest.raises(RuntimeClosedError):
         rt.embed(TEXTS)
+
+
+def test_doctor_says_which_engine_a_gguf_gets_and_why(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from mongars_llm.cli import main
+
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: False)
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"]["gguf"] == "torch" or report["engine"]["setting"] == "llama.cpp"
+    assert report["engine"]["why"]
+    assert "llama-cpp-python" in report["packages"]
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: True)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF engine" in out

@@ -26,6 +26,7 @@ _PACKAGES = (
     "huggingface_hub",
     "accelerate",
     "bitsandbytes",
+    "llama-cpp-python",
     "fastapi",
     "ray",
 )
@@ -106,6 +107,17 @@ def _cpu_threads(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _engine(settings: Settings, cuda: dict[str, Any]) -> dict[str, Any]:
+    """Which engine a GGUF model gets here with these settings, and why (nothing loads)."""
+    from ..runtime import choose_engine
+
+    device = settings.model.device
+    if not device or device == "auto":
+        device = "cuda" if cuda["available"] else "cpu"
+    choice = choose_engine(settings.model.engine, source="model.gguf", device=device, gguf=True)
+    return {"setting": settings.model.engine, "gguf": choice.name, "why": choice.reason}
+
+
 def diagnose(settings: Settings | None = None) -> dict[str, Any]:
     """The doctor report as a JSON-serialisable dict."""
     settings = settings or get_settings()
@@ -148,6 +160,7 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
             "threads": _cpu_threads(settings),
         },
         "quantization_4bit": {"possible": four_bit_possible, "why": reason_4bit},
+        "engine": _engine(settings, cuda),
         "cache": {
             "cache_dir": str(settings.cache_dir),
             "cache_dir_bytes": _dir_size(settings.cache_dir),

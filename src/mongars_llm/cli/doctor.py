@@ -17,7 +17,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"Python          {report['python']}  ({report['platform']})")
     for name, version in report["packages"].items():
-        print(f"{name:<16}{version or 'not installed'}")
+        print(f"{name + ' ':<16}{version or 'not installed'}")
     cuda = report["cuda"]
     if cuda["available"]:
         for device in cuda["devices"]:
@@ -33,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"CPU threads     {cpu['threads']['why']}")
     q = report["quantization_4bit"]
     print(f"4-bit NF4       {'possible' if q['possible'] else 'not possible'} ({q['why']})")
+    engine = report["engine"]
+    print(f"GGUF engine     {engine['gguf']} ({engine['why']})")
     cache = report["cache"]
     print(f"cache dir       {cache['cache_dir']}  {human_bytes(cache['cache_dir_bytes'])}")
     print(f"models dir      {cache['models_dir']}  {human_bytes(cache['models_dir_bytes'])}")

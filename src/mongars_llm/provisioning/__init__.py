@@ -32,6 +32,7 @@ from ._base import (
     register_provider,
     unregister_provider,
 )
+from ._gguf import convert_gguf
 from ._installed import (
     InstalledModel,
     find_installed,
@@ -69,6 +70,7 @@ __all__ = [
     "aprovision",
     "available_providers",
     "clear_cache",
+    "convert_gguf",
     "find_installed",
     "get_provider",
     "installed_models",

@@ -10,6 +10,9 @@ Importing this package is cheap: torch and transformers load with the model.
 Where things live (private modules):
 
 - ``_runtime``: :class:`UnifiedLLMRuntime`, the facade every call goes through;
+- ``_engine``: what runs a prepared request: the torch engine (micro-batched
+  ``model.generate`` and forward batches) or the llama.cpp engine (``_llamacpp``,
+  a GGUF file run as GGUF on the CPU), and :func:`choose_engine`'s rule for ``auto``;
 - ``_loading``: what loads (adapters, provisioned copies, LLM2Vec layouts) and
   how (device, dtype, 4-bit, CPU threads);
 - ``_adapter_stack``: the LoRA adapters on the one model and the gate that switches them;
@@ -56,6 +59,9 @@ from ._types import AsyncGenerationStream, FinishReason, Generation, GenerationS
 # module that defines them: ``_loading`` imports torch
 _LAZY = {
     "UnifiedLLMRuntime": "mongars_llm.runtime._runtime",
+    "ENGINE_NAMES": "mongars_llm.runtime._engine",
+    "EngineChoice": "mongars_llm.runtime._engine",
+    "choose_engine": "mongars_llm.runtime._engine",
     "QuantizationFallbackWarning": "mongars_llm.runtime._loading",
     "choose_cpu_threads": "mongars_llm.runtime._loading",
     "cpu_supports_bf16": "mongars_llm.runtime._loading",
@@ -71,12 +77,14 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_POOLING",
+    "ENGINE_NAMES",
     "POOLING_MODES",
     "AsyncGenerationStream",
     "EmbeddingConfig",
     "EmbeddingInputError",
     "EmbeddingWarning",
     "EncodedText",
+    "EngineChoice",
     "FinishReason",
     "Generation",
     "GenerationStream",
@@ -87,6 +95,7 @@ __all__ = [
     "UnifiedLLMRuntime",
     "Usage",
     "choose_cpu_threads",
+    "choose_engine",
     "cpu_supports_bf16",
     "decoder_of",
     "embed_padded",
@@ -108,6 +117,7 @@ if TYPE_CHECKING:
     from ._adapter_stack import quiet_peft_deprecations
     from ._bounds import over_limit_prefix
     from ._embed_plan import plan_chunks
+    from ._engine import ENGINE_NAMES, EngineChoice, choose_engine
     from ._loading import (
         QuantizationFallbackWarning,
         choose_cpu_threads,

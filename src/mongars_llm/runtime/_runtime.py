@@ -782,7 +782,7 @@ def _torch_copy_of_gguf(path: Path, settings: Settings) -> Path:
     under ``<cache_dir>/gguf-torch`` (keyed by the file's path, size and mtime)."""
     import hashlib
 
-    from ..provisioning._gguf import convert_gguf
+    from ..provisioning import convert_gguf
 
     source = path.expanduser().resolve()
     stat = source.stat()
