@@ -422,6 +422,7 @@ class TorchEmbedRunner:
             pooling=params.pooling,
             bidirectional=params.bidirectional,
             adapters=",".join(params.adapters) or None,
+            engine="torch",
             device=self._device,
             dtype=str(self._dtype).removeprefix("torch."),
             quantization=self._quantization,
