@@ -317,6 +317,8 @@ def test_a_closed_runtime_refuses_calls() -> None:
         rt.generate("hi")
     with pytest.raises(RuntimeClosedError):
         rt.embed(TEXTS)
+    with pytest.raises(RuntimeClosedError):  # the vocabulary is closed before it is freed
+        rt.count_tokens("hi")
 
 
 def test_doctor_says_which_engine_a_gguf_gets_and_why(

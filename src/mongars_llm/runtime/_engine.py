@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -340,8 +341,16 @@ class LlamaCppRuntimeEngine:
 
     name = "llama.cpp"
 
-    def __init__(self, engine: LlamaCppEngine, *, reason: str = "", max_length: int) -> None:
+    def __init__(
+        self,
+        engine: LlamaCppEngine,
+        *,
+        reason: str = "",
+        max_length: int,
+        tokenizer_lock: threading.RLock,
+    ) -> None:
         self.engine = engine
+        self._tokenizer_lock = tokenizer_lock
         self.reason = reason or "llama.cpp"
         self.max_length = max_length
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="mongars-llamacpp-embed")
@@ -412,7 +421,12 @@ class LlamaCppRuntimeEngine:
         }
 
     def close(self) -> None:
+        """Stop the engine; the request paths tokenise under ``tokenizer_lock``, so the
+        vocabulary is marked closed under it before llama.cpp frees the model (a prompt
+        being prepared meanwhile gets ``RuntimeClosedError``, never freed memory)."""
         self._pool.shutdown(wait=False)
+        with self._tokenizer_lock:
+            self.engine.tokenizer.closed = True
         self.engine.close()
 
 

@@ -164,7 +164,12 @@ class UnifiedLLMRuntime:
         )
         engine: Engine
         if llama is not None:
-            engine = LlamaCppRuntimeEngine(llama, reason=engine_reason, max_length=self.max_length)
+            engine = LlamaCppRuntimeEngine(
+                llama,
+                reason=engine_reason,
+                max_length=self.max_length,
+                tokenizer_lock=self._tokenizer_lock,
+            )
         else:
             runner = TorchEmbedRunner(loaded, prompt_model_id=self._prompt_model_id)
             engine = TorchEngine(loaded, embed_runner=runner, reason=engine_reason)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ...errors import MissingExtraError
+from ...errors import MissingExtraError, RuntimeClosedError
 
 __all__ = ["HFTokenizerView", "Vocab", "native", "recent_log"]
 
@@ -146,6 +146,8 @@ class HFTokenizerView:
         self.eos_token_id = vocab.eos_id
         self.bos_token = vocab.text_of(vocab.bos_id) if vocab.bos_id is not None else None
         self.eos_token = vocab.text_of(vocab.eos_id) if vocab.eos_id is not None else None
+        #: set (under the lock its users hold) before the model is freed: calls then fail
+        self.closed = False
         #: the GGUF's ``tokenizer.chat_template`` (set by whoever read the header)
         self.chat_template: str | None = None
         #: the names a chat template sees besides the messages (as ``transformers``')
@@ -164,6 +166,8 @@ class HFTokenizerView:
         max_length: int | None = None,
         **_ignored: Any,
     ) -> dict[str, Any]:
+        self._check_open()
+
         def encode(one: str) -> list[int]:
             ids = self._vocab.tokenize(one, add_special=add_special_tokens, parse_special=True)
             return ids[:max_length] if truncation and max_length is not None else ids
@@ -172,5 +176,10 @@ class HFTokenizerView:
             return {"input_ids": encode(text)}
         return {"input_ids": [encode(one) for one in text]}
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeClosedError("this model is closed; build or fetch a new runtime")
+
     def get_vocab(self) -> dict[str, int]:
+        self._check_open()
         return {self._vocab.text_of(i): i for i in range(self._vocab.size)}
