@@ -73,9 +73,6 @@ class Generator:
         self._adapters = loaded.adapters
         self._max_new_tokens = loaded.settings.model.max_new_tokens
         self._max_length = loaded.max_length
-        self._device = loaded.device
-        self._dtype = loaded.dtype
-        self._quantization = loaded.quantization
         self._roles = roles
         self._engine = engine
         # async callers' prompts are rendered and tokenised here, off the event loop
