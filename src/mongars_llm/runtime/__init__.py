@@ -53,6 +53,12 @@ from ._llm2vec import (
     pooling_mode,
     run_decoder,
 )
+from ._rerank import (
+    DEFAULT_RERANK_INSTRUCTION,
+    RERANK_SYSTEM_PROMPT,
+    answer_token_ids,
+    rerank_messages,
+)
 from ._types import AsyncGenerationStream, FinishReason, Generation, GenerationStream, Usage
 
 # names other packages use (the server, the CLI, training, export) load with the
@@ -77,8 +83,10 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_POOLING",
+    "DEFAULT_RERANK_INSTRUCTION",
     "ENGINE_NAMES",
     "POOLING_MODES",
+    "RERANK_SYSTEM_PROMPT",
     "AsyncGenerationStream",
     "EmbeddingConfig",
     "EmbeddingInputError",
@@ -94,6 +102,7 @@ __all__ = [
     "SamplingParams",
     "UnifiedLLMRuntime",
     "Usage",
+    "answer_token_ids",
     "choose_cpu_threads",
     "choose_engine",
     "cpu_supports_bf16",
@@ -108,6 +117,7 @@ __all__ = [
     "pooling_mode",
     "quiet_loading_bars",
     "quiet_peft_deprecations",
+    "rerank_messages",
     "run_decoder",
     "usable_cpus",
 ]
