@@ -143,6 +143,12 @@ def test_load_failure_gives_structured_errors_or_the_fallback(
         )
         assert chat.status_code == 503
         assert chat.json()["error"]["code"] == "load_failed"
+        # the checkpoint id is never known after a failed load: the load error, not a 404
+        embed = httpx.post(
+            f"{server.url}/v1/embeddings", json={"model": str(missing), "input": "x"}
+        )
+        assert embed.status_code == 503, embed.text
+        assert embed.json()["error"]["code"] == "load_failed"
 
     fallback = make_settings(
         tmp_path, missing, manifest_path, fallback_reply="The assistant is unavailable."

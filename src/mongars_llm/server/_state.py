@@ -207,9 +207,10 @@ class ServerState:
         elif model_id is not None and base == model_id:
             role = None
         else:
-            if runtime is None and self.load_error is None:
-                self.require_runtime()  # the 503 "still loading"
-            available = ", ".join(roles) or "(none)"
+            configured = self.settings.unified_model_dir
+            if runtime is None and (self.load_error is None or base == str(configured)):
+                self.require_runtime()  # 503: still loading, or the load failed (says why)
+            available = ", ".join([*roles, *([model_id] if model_id else [])]) or "(none)"
             raise APIError(
                 404,
                 f"The model {model!r} does not exist; available models: {available} "
