@@ -29,6 +29,8 @@ TEST_DEPS = [
     "ipykernel",
     "build",  # tests/test_package.py builds the sdist and wheel offline (--no-isolation)
     "hatchling>=1.27",
+    "sentence-transformers>=6",  # tests/export: the sentence-transformers export loads
+    "ollama>=0.4",  # tests/server/test_server_ollama.py: the official client on /api/*
 ]
 OLAH = "olah==0.5.4"
 # SmolLM2-135M-Instruct as a GGUF (98 MB, Apache-2.0): the real model of the demo, the

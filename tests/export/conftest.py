@@ -1,4 +1,4 @@
-"""A tiny trained bundle shared by the export tests."""
+"""Tiny trained bundles shared by the export tests: a chat one and an embedding one."""
 
 from __future__ import annotations
 
@@ -48,6 +48,38 @@ def bundle(bundle_args, tmp_path_factory: pytest.TempPathFactory):
         learning_rate=5e-3,
         target_modules=["all-linear"],
         eval_fraction=0.0,
+    )
+
+
+KEYWORDS = ["dog", "fox", "cat", "map", "text", "model", "train", "server", "chat", "brown"]
+
+
+@pytest.fixture(scope="session")
+def embed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Query/passage pairs for a contrastive run."""
+    rows = [
+        {"query": f"find {a} {b}", "positive": f"the passage on {b} {a} is here."}
+        for a in KEYWORDS
+        for b in KEYWORDS
+        if a < b
+    ]
+    data = tmp_path_factory.mktemp("embed-rows") / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+@pytest.fixture(scope="session")
+def embed_bundle(bundle, bundle_args, embed_rows: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A contrastive bundle (``embed-me``, registered) on the export tests' base model."""
+    from mongars_llm.training import build_bundle
+
+    root = tmp_path_factory.mktemp("embed-bundle")
+    return build_bundle(
+        **bundle_args(Path(bundle.config.base_model), embed_rows, root),
+        objective="contrastive",
+        run_name="embed-me",
+        max_steps=8,
+        learning_rate=3e-3,
     )
 
 

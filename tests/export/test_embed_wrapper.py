@@ -13,31 +13,7 @@ import pytest
 
 from mongars_llm.errors import BundleError
 
-KEYWORDS = ["dog", "fox", "cat", "map", "text", "model", "train", "server", "chat", "brown"]
 TEXTS = ["find dog fox", "the passage on fox dog is here.", ["Find it", "cat map"]]
-
-
-@pytest.fixture(scope="module")
-def embed_bundle(bundle, bundle_args, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A contrastive bundle on the export tests' base model."""
-    from mongars_llm.training import build_bundle
-
-    root = tmp_path_factory.mktemp("embed-bundle")
-    rows = [
-        {"query": f"find {a} {b}", "positive": f"the passage on {b} {a} is here."}
-        for a in KEYWORDS
-        for b in KEYWORDS
-        if a < b
-    ]
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return build_bundle(
-        **bundle_args(Path(bundle.config.base_model), data, root),
-        objective="contrastive",
-        run_name="embed-me",
-        max_steps=8,
-        learning_rate=3e-3,
-    )
 
 
 def _wrapper(folder: Path) -> Any:

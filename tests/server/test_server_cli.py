@@ -15,6 +15,10 @@ import pytest
 
 from mongars_llm.cli import main
 
+text_string_to_metric_families = pytest.importorskip(
+    "prometheus_client.parser"
+).text_string_to_metric_families
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -61,6 +65,18 @@ def test_serve_command_serves_embeddings_only(
                 client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": "x"}]
                 )
+        # /metrics sums the workers' counters (prometheus_client's multiprocess mode)
+        scraped = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer cli-secret-1"})
+        assert scraped.status_code == 200, scraped.text
+        embedded = sum(
+            sample.value
+            for family in text_string_to_metric_families(scraped.text)
+            for sample in family.samples
+            if sample.name == "mongars_requests_total"
+            and sample.labels.get("route") == "/v1/embeddings"
+            and sample.labels.get("status") == "200"
+        )
+        assert embedded == 4 * workers, scraped.text
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
@@ -75,3 +91,17 @@ def test_serve_rejects_bad_flags(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert main(["serve", "--port", "0"]) == 2
     assert main(["serve", "--ray", "--workers", "2"]) == 2
     assert "--replicas" in capsys.readouterr().err
+
+
+def test_no_metrics_reaches_every_worker_as_a_setting() -> None:
+    import argparse
+
+    from mongars_llm.cli.serve import _environment, register
+    from mongars_llm.server import ServerConfig
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    off = parser.parse_args(["serve", "--no-metrics"])
+    assert _environment(off)["MONGARS_SERVER_METRICS"] == "false"
+    assert "MONGARS_SERVER_METRICS" not in _environment(parser.parse_args(["serve"]))
+    assert ServerConfig.model_validate({"MONGARS_SERVER_METRICS": "false"}).metrics is False

@@ -125,7 +125,9 @@ def test_embeddings_float_and_base64_wire_formats(live_server: Any, runtime: Any
 def test_embedding_dimensions_truncate_and_renormalise(client: Any, runtime: Any) -> None:
     text = "LoRA adapters fine-tune a large model."
     full = runtime.embed([text])[0]
-    short = client.embeddings.create(model="embedding", input=text, dimensions=8)
+    short = client.embeddings.create(
+        model="embedding", input=text, dimensions=8, extra_body={"force_dimensions": True}
+    )
     vector = np.array(short.data[0].embedding)
     assert vector.shape == (8,)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)

@@ -33,9 +33,11 @@ _COMMAND_MODULES = (
     "manifest",
     "adapters",
     "bundle",
+    "export",
     "chat",
     "embed",
     "serve",
+    "ps",
     "demo",
     "doctor",
 )

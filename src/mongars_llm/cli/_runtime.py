@@ -50,6 +50,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("model")
     group.add_argument(
+        "--local",
+        action="store_true",
+        help="load the model in this process even when a `mongars-llm serve` answers at "
+        "MONGARS_HOST (default: use that server, as the ollama CLI uses its daemon)",
+    )
+    group.add_argument(
         "--profile",
         metavar="NAME",
         help="manifest profile (default: LLM_MODELS_PROFILE, MONGARS_LLM_MODELS_PROFILE, "

@@ -140,12 +140,19 @@ def _target_modules(value: str) -> list[str]:
     return [part for part in value.replace(" ", ",").split(",") if part]
 
 
+def _dimensions(value: str) -> list[int]:
+    """``"64,128,256"`` -> ``[64, 128, 256]`` (argparse reports a ValueError as a bad value)."""
+    return [int(part) for part in value.replace(" ", ",").split(",") if part]
+
+
 def _build(args: argparse.Namespace) -> int:
     from ..training import build_bundle
 
     overrides: dict[str, Any] = {field: getattr(args, field) for field in _VALUE_FLAGS}
     if args.target_modules:
         overrides["target_modules"] = [m for group in args.target_modules for m in group]
+    if args.matryoshka_dims:
+        overrides["matryoshka_dims"] = args.matryoshka_dims
     for field in _SWITCHES:
         if getattr(args, field):
             overrides[field] = True
@@ -238,18 +245,54 @@ def _export(args: argparse.Namespace) -> int:
     from ..export import export_wrapper
     from ..runtime import no_loading_bars
 
+    st_format = args.format in ("sentence-transformers", "st")
     with nullcontext() if args.verbose else no_loading_bars():
         out = export_wrapper(
             args.run_dir,
             output_dir=args.output_dir,
             base_model_id=args.base_model_id,
             merge=args.merge,
+            format=args.format,
         )
-    if args.json:
+    if st_format:
+        if args.json:
+            print_json({"ok": True, "format": "sentence-transformers", "output_dir": str(out)})
+        else:
+            print(f"sentence-transformers: {out}")
+            print(f'load it: SentenceTransformer("{out}", trust_remote_code=True)')
+    elif args.json:
         print_json({"ok": True, "wrapper_dir": str(out), "merged": args.merge})
     else:
         print(f"wrapper: {out}")
     return EXIT_OK
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bundle export-wrapper`` and ``export`` (one handler)."""
+    from ..export import EXPORT_FORMATS
+
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="bundle run directory")
+    parser.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="wrapper",
+        help="wrapper (default): the self-contained loader; sentence-transformers (st): a "
+        "folder SentenceTransformer(path, trust_remote_code=True) loads (embedding bundles)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="output folder (RUN_DIR/wrapper, or RUN_DIR/sentence-transformers)",
+    )
+    parser.add_argument("--base-model-id", help="override the base model id in the config")
+    parser.add_argument(
+        "--merge", action="store_true", help="also write a merged fp16 snapshot (wrapper only)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the loading/writing bars of --merge"
+    )
+    parser.set_defaults(handler=_export)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -296,6 +339,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     build.add_argument(
+        "--matryoshka-dims",
+        type=_dimensions,
+        metavar="N,N,...",
+        help=_help(
+            "matryoshka_dims",
+            "contrastive/simcse: also train these truncations of the vectors, comma-separated "
+            "(64,128,256); embed(dimensions=N) then serves them",
+        ),
+    )
+    build.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -322,16 +375,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         **examples(
             "mongars-llm bundle export-wrapper ~/.local/share/mongars-llm/encoders/runs/qa",
             "mongars-llm bundle export-wrapper RUN_DIR --base-model-id /mnt/models/base --merge",
+            "mongars-llm bundle export-wrapper RUN_DIR --format st",
         ),
     )
-    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="bundle run directory")
-    export.add_argument("--output-dir", type=Path, help="wrapper folder (RUN_DIR/wrapper)")
-    export.add_argument("--base-model-id", help="override the base model id in the config")
-    export.add_argument("--merge", action="store_true", help="also write a merged fp16 snapshot")
-    export.add_argument("--json", action="store_true", help="print one JSON document")
-    export.add_argument(
-        "--verbose", action="store_true", help="show the loading/writing bars of --merge"
-    )
-    export.set_defaults(handler=_export)
+    add_export_arguments(export)
 
     add_eval_parser(commands)

@@ -3,6 +3,10 @@
 Replies stream as they are generated. ``/bye`` (or end of input, Ctrl+D) leaves,
 ``/clear`` forgets the conversation, ``/?`` lists the commands. ``--prompt TEXT``
 answers once and exits (``-`` reads the prompt from stdin).
+
+When a ``mongars-llm serve`` answers at ``MONGARS_HOST`` the chat goes through
+its ``/api/chat`` (:mod:`._remote`: no second copy of the model, no load time);
+``--local`` loads the model in this process instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputTooLongError, LLMRuntimeError
 from ._output import print_json, terminal_safe, valid_text
+from ._remote import Server, connect
 from ._runtime import add_runtime_arguments, plan_runtime, sampling_error
 
 if TYPE_CHECKING:
@@ -35,6 +40,10 @@ EPILOG = """examples:
   echo "Say hi" | mongars-llm chat --prompt -
   mongars-llm chat --model ./my-checkpoint  a checkpoint folder or Hub id instead of a role
   mongars-llm chat --adapter support        an adapter `bundle build` registered
+  mongars-llm chat --local                  load in this process even if a server runs
+
+A `mongars-llm serve` answering at MONGARS_HOST (default http://127.0.0.1:8000) is used
+instead of loading the model (--model, --manifest, --profile, --device force a local load).
 
 In the chat, /bye (or Ctrl+D) leaves, /clear forgets the conversation, /? lists commands.
 Sampling defaults come from the role (mongars-llm models show ROLE); flags win."""
@@ -116,6 +125,9 @@ def _run(args: argparse.Namespace) -> int:
     options = _options(args)
     _tolerant_stdin()
     prompt = _read_prompt(args)
+    server = connect(args)
+    if server is not None:
+        return _run_remote(server, args, prompt, options)
     plan = plan_runtime(args, args.role, PREFERRED_ROLES, kind="generate")
     if plan.role is not None:
         options["role"] = plan.role
@@ -127,6 +139,84 @@ def _run(args: argparse.Namespace) -> int:
         if prompt is not None:
             return _one_shot(runtime, [*system, _user(prompt)], options, json_output=args.json)
         return _interactive(runtime, system, options, plan.description)
+
+
+def _run_remote(
+    server: Server, args: argparse.Namespace, prompt: str | None, options: dict[str, Any]
+) -> int:
+    """The chat through a running server (same flows, the server's runtime)."""
+    role = args.role or _server_role(server)
+    model = f"{role}:{args.adapter}" if args.adapter else role
+    runtime: Any = RemoteChat(server, model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if prompt is not None:
+        return _one_shot(runtime, [*system, _user(prompt)], options, json_output=args.json)
+    return _interactive(runtime, system, options, server.describe(model))
+
+
+def _server_role(server: Server) -> str:
+    """The server's chat role: 'general' (else 'chat', else its first)."""
+    names = [m.get("name", "") for m in server.get("/api/tags").get("models", [])]
+    roles = [n for n in names if n and ":" not in n]
+    for preferred in PREFERRED_ROLES:
+        if preferred in roles:
+            return preferred
+    if not roles:
+        raise ConfigError(f"the server at {server.url} lists no models; check its manifest")
+    return roles[0]
+
+
+class RemoteChat:
+    """What the chat flows need of a runtime (``generate``, ``stream``), answered by a
+    running server's ``/api/chat``."""
+
+    device = ""
+
+    def __init__(self, server: Server, model: str) -> None:
+        self.server = server
+        self.model = model
+
+    def _body(self, messages: list[dict[str, str]], options: dict[str, Any], stream: bool) -> Any:
+        names = {"max_new_tokens": "num_predict", "temperature": "temperature"}
+        names |= {"top_p": "top_p", "seed": "seed"}
+        sampling = {names[k]: v for k, v in options.items() if k in names}
+        return {"model": self.model, "messages": messages, "stream": stream, "options": sampling}
+
+    def generate(self, messages: list[dict[str, str]], **options: Any) -> Any:
+        from ..runtime import Generation, Usage
+
+        answer = self.server.post("/api/chat", self._body(messages, options, False))
+        prompt, completion = answer.get("prompt_eval_count", 0), answer.get("eval_count", 0)
+        return Generation(
+            text=answer["message"]["content"],
+            finish_reason=answer.get("done_reason", "stop"),
+            usage=Usage(prompt, completion, prompt + completion),
+        )
+
+    def stream(self, messages: list[dict[str, str]], **options: Any) -> RemoteStream:
+        return RemoteStream(self.server.stream("/api/chat", self._body(messages, options, True)))
+
+
+class RemoteStream:
+    """The text deltas of a streamed server reply; :meth:`cancel` hangs up."""
+
+    def __init__(self, parts: Any) -> None:
+        self._parts = parts
+        self._cancelled = False
+
+    def __iter__(self) -> Any:
+        if self._cancelled:
+            return
+        for part in self._parts:
+            if self._cancelled:
+                return
+            text = part.get("message", {}).get("content", "")
+            if text:
+                yield text
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._parts.close()
 
 
 def _tolerant_stdin() -> None:
@@ -209,7 +299,8 @@ def _interactive(
 ) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
-        print(terminal_safe(f"{description} on {runtime.device}. /bye to leave, /? for help."))
+        where = f"{description} on {runtime.device}" if runtime.device else description
+        print(terminal_safe(f"{where}. /bye to leave, /? for help."))
     history: list[dict[str, str]] = []
     while True:
         line = _read_line(interactive)

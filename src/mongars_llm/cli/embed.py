@@ -4,6 +4,11 @@ Texts come from the arguments, or one per line from stdin with ``-``. The
 vectors are printed as a short summary, as one JSON document (``--json``,
 OpenAI's ``/v1/embeddings`` shape) or saved as a ``(n, dim)`` float32 NumPy
 file (``--npy FILE``).
+
+When a ``mongars-llm serve`` answers at ``MONGARS_HOST`` the texts go to its
+``/v1/embeddings`` (:mod:`._remote`); ``--local`` (or ``--pooling``,
+``--normalize``, ``--batch-size``, which only a local load honours) embeds in
+this process instead.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, get_args
 from ..errors import ConfigError, EmbeddingError
 from ..manifest.models import Pooling
 from ._output import print_json, print_table, terminal_safe, valid_text
+from ._remote import Server, connect
 from ._runtime import LoadPlan, add_runtime_arguments, plan_runtime
 
 __all__ = ["register"]
@@ -33,7 +39,12 @@ EPILOG = """examples:
 
 The first word is a role when it names one of the profile's roles and more words follow;
 --role makes it explicit. The role's embedding options (pooling, normalisation,
-instruction) apply; flags win. A progress bar is drawn on stderr in a terminal."""
+instruction) apply; flags win. A progress bar is drawn on stderr in a terminal.
+A `mongars-llm serve` answering at MONGARS_HOST is used instead of loading the model;
+--local (or --pooling, --normalize, --batch-size, --model...) embeds in this process."""
+
+#: flags only an in-process embedding honours
+LOCAL_FLAGS = {"pooling": "--pooling", "normalize": "--normalize", "batch_size": "--batch-size"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,7 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _known_roles(args: argparse.Namespace) -> set[str]:
+def _known_roles(args: argparse.Namespace, server: Server | None = None) -> set[str]:
+    if server is not None:
+        names = [m.get("name", "") for m in server.get("/api/tags").get("models", [])]
+        return {n for n in names if n and ":" not in n}
     from ..manager import ModelManager
 
     if args.manifest is not None and not args.manifest.expanduser().is_file():
@@ -99,11 +113,16 @@ def _known_roles(args: argparse.Namespace) -> set[str]:
     return set(ModelManager(args.manifest, profile=args.profile).role_names)
 
 
-def _split(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+def _split(args: argparse.Namespace, server: Server | None = None) -> tuple[str | None, list[str]]:
     """The role (``None``: the default one) and the texts."""
     words = list(args.words)
     role = args.role
-    if role is None and len(words) > 1 and words[0] != "-" and words[0] in _known_roles(args):
+    if (
+        role is None
+        and len(words) > 1
+        and words[0] != "-"
+        and words[0] in _known_roles(args, server)
+    ):
         role = words.pop(0)
     texts: list[str] = []
     for index, word in enumerate(words):
@@ -183,8 +202,18 @@ def _adapter_options(plan: LoadPlan, options: dict[str, Any]) -> None:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    role, texts = _split(args)
+    server = connect(args, local_flags=LOCAL_FLAGS)
+    role, texts = _split(args, server)
     target = _check_npy(args.npy) if args.npy is not None else None
+    if server is not None:
+        role = role or _server_role(server)
+        model = f"{role}:{args.adapter}" if args.adapter else role
+        body: dict[str, Any] = {"model": model, "input": texts, "encoding_format": "float"}
+        if args.instruction is not None:
+            body["instruction"] = args.instruction
+        answer = server.post("/v1/embeddings", body)
+        vectors = np.asarray([d["embedding"] for d in answer["data"]], dtype=np.float32)
+        return _report(args, texts, vectors, target, model, server.describe(model))
     plan = plan_runtime(args, role, PREFERRED_ROLES, kind="embed")
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
     options: dict[str, Any] = {
@@ -202,6 +231,30 @@ def _run(args: argparse.Namespace) -> int:
             **{key: value for key, value in options.items() if value is not None},
         )
     vectors = np.asarray(vectors, dtype=np.float32)
+    return _report(args, texts, vectors, target, runtime.model_id, plan.description)
+
+
+def _server_role(server: Server) -> str:
+    roles = _known_roles(argparse.Namespace(), server)
+    for preferred in PREFERRED_ROLES:
+        if preferred in roles:
+            return preferred
+    if not roles:
+        raise ConfigError(f"the server at {server.url} lists no models; check its manifest")
+    return sorted(roles)[0]
+
+
+def _report(
+    args: argparse.Namespace,
+    texts: list[str],
+    vectors: Any,
+    target: Path | None,
+    model: str,
+    description: str,
+) -> int:
+    """Save or print the vectors."""
+    import numpy as np
+
     if target is not None:
         _save(target, vectors)
         print(f"wrote {target}: {vectors.shape[0]} x {vectors.shape[1]} float32")
@@ -209,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(
             {
-                "model": runtime.model_id,
+                "model": model,
                 "dimensions": int(vectors.shape[1]),
                 "data": [
                     {"index": index, "text": text, "embedding": vector.tolist()}
@@ -224,9 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         head = ", ".join(f"{value:+.4f}" for value in vector[:4])
         rows.append([index, preview, f"{float(np.linalg.norm(vector)):.4f}", f"[{head}, ...]"])
     print(
-        terminal_safe(
-            f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {plan.description}"
-        )
+        terminal_safe(f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {description}")
     )
     print_table(["#", "text", "norm", "vector"], rows)
     return EXIT_OK

@@ -53,6 +53,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="serve /v1/embeddings and /v1/models only",
     )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="do not serve Prometheus metrics at /metrics (on by default; "
+        "MONGARS_SERVER_METRICS=false does the same)",
+    )
     parser.add_argument("--device", help="pin the model to a device ('cpu', 'cuda', 'cuda:1')")
     parser.add_argument(
         "--quantize-4bit",
@@ -96,6 +103,8 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
         env["MONGARS_MODEL__QUANTIZE_4BIT"] = "true" if args.quantize_4bit else "false"
     if args.embeddings_only:
         env["MONGARS_SERVER_EMBEDDINGS_ONLY"] = "true"
+    if not getattr(args, "metrics", True):
+        env["MONGARS_SERVER_METRICS"] = "false"
     return env
 
 
@@ -150,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     level = _uvicorn_log_level()
     if args.workers > 1:
+        _multiprocess_metrics()
         uvicorn.run(
             "mongars_llm.server._app:create_app_from_env",
             factory=True,
@@ -167,6 +177,16 @@ def _serve(args: argparse.Namespace) -> int:
     limits = uvicorn_options(app.state.mongars.config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=level, **limits)
     return 0
+
+
+def _multiprocess_metrics() -> None:
+    """Workers sum their /metrics counters through prometheus_client's multiprocess
+    mode: a fresh folder in ``PROMETHEUS_MULTIPROC_DIR`` unless the caller set one
+    (it must be empty at start; the caller then owns it)."""
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mongars-metrics-")
 
 
 def _uvicorn_log_level() -> str:

@@ -31,6 +31,7 @@ from ..runtime import DEFAULT_POOLING
 
 __all__ = [
     "DEFAULT_WRAPPER_CONFIG",
+    "EXPORT_FORMATS",
     "WRAPPER_CORE_NAME",
     "WRAPPER_MANIFEST_VERSION",
     "WRAPPER_MODULE_NAME",
@@ -41,6 +42,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WRAPPER_MANIFEST_VERSION = 1
+#: what ``export_wrapper(format=...)`` writes: the wrapper, or a sentence-transformers folder
+EXPORT_FORMATS: tuple[str, ...] = ("wrapper", "sentence-transformers", "st")
 WRAPPER_MODULE_NAME = "mongars_wrapper.py"
 #: the LLM2Vec core, shipped next to the loader (the name the loader imports)
 WRAPPER_CORE_NAME = "_mongars_llm2vec.py"
@@ -106,14 +109,31 @@ def export_wrapper(
     output_dir: str | Path | None = None,
     base_model_id: str | None = None,
     merge: bool = False,
+    format: str = "wrapper",
 ) -> Path:
     """Write the wrapper folder of the bundle in ``run_dir`` and return its path.
 
     ``output_dir`` defaults to ``<run_dir>/wrapper``; ``base_model_id`` replaces
     the base model recorded at training time (e.g. a mirror or a local copy);
     ``merge=True`` also writes a merged fp16 snapshot that the loader prefers.
+
+    ``format="sentence-transformers"`` (or ``"st"``) writes instead, for an
+    embedding bundle, a folder that ``SentenceTransformer(path,
+    trust_remote_code=True)`` loads and that embeds as ``rt.embed`` with the
+    adapter (default ``<run_dir>/sentence-transformers``; a chat bundle is a
+    :class:`BundleError`); see :mod:`._st_export`.
     """
     run_dir = Path(run_dir)
+    if format not in EXPORT_FORMATS:
+        raise BundleError(
+            f"format={format!r} is not an export format; use one of {', '.join(EXPORT_FORMATS)}"
+        )
+    st_format = format in ("sentence-transformers", "st")
+    if st_format and merge:
+        raise BundleError(
+            "merge=True (--merge) is for the wrapper: the sentence-transformers export loads "
+            "the base model and the embedding adapter; export it without --merge"
+        )
     adapter_dir, tokenizer_dir = run_dir / "adapter", run_dir / "tokenizer"
     for needed in (adapter_dir, tokenizer_dir):
         if not needed.is_dir():
@@ -121,30 +141,16 @@ def export_wrapper(
                 f"{run_dir} is not a bundle run directory: {needed.name}/ is missing (build one "
                 "with `mongars-llm bundle build`)"
             )
-    out = Path(output_dir) if output_dir is not None else run_dir / "wrapper"
+    default_dir = run_dir / ("sentence-transformers" if st_format else "wrapper")
+    out = Path(output_dir) if output_dir is not None else default_dir
+    if st_format:
+        return _export_sentence_transformers(run_dir, out, base_model_id)
     out.mkdir(parents=True, exist_ok=True)
 
     config = copy.deepcopy(DEFAULT_WRAPPER_CONFIG)
     if (out / "config.json").is_file():
         config = deep_merge(config, _read_json(out / "config.json"))
-    if (run_dir / "wrapper_config.json").is_file():
-        config = deep_merge(config, _read_json(run_dir / "wrapper_config.json"))
-    if base_model_id:
-        local = Path(base_model_id).expanduser()
-        if local.exists():  # a folder: absolute, so the wrapper loads from anywhere
-            base_model_id = str(local.resolve())
-        config = deep_merge(config, {"base_model": {"id": base_model_id, "revision": None}})
-    if not config["base_model"].get("id"):
-        metadata_file = run_dir / "run_metadata.json"
-        recorded = (
-            _read_json(metadata_file).get("base_model", {}) if metadata_file.is_file() else {}
-        )
-        if not recorded.get("id"):
-            raise BundleError(
-                f"{run_dir}: no base model recorded; pass base_model_id= (--base-model-id)"
-            )
-        config["base_model"].update({"id": recorded["id"], "revision": recorded.get("revision")})
-
+    config = _run_config(run_dir, config, base_model_id)
     layout = config["layout"]
     _replace_tree(adapter_dir, out / layout["adapter_dir"])
     _replace_tree(tokenizer_dir, out / layout["tokenizer_dir"])
@@ -171,6 +177,47 @@ def export_wrapper(
     atomic_write_json(out / "config.json", config)
     log_event(logger, "wrapper_exported", run_dir=str(run_dir), output=str(out), merged=bool(merge))
     return out
+
+
+def _run_config(run_dir: Path, config: dict[str, Any], base_model_id: str | None) -> dict[str, Any]:
+    """``config`` updated by the run's ``wrapper_config.json`` and the base model id
+    (``base_model_id``, else the one recorded; none at all is a :class:`BundleError`)."""
+    if (run_dir / "wrapper_config.json").is_file():
+        config = deep_merge(config, _read_json(run_dir / "wrapper_config.json"))
+    if base_model_id:
+        local = Path(base_model_id).expanduser()
+        if local.exists():  # a folder: absolute, so the wrapper loads from anywhere
+            base_model_id = str(local.resolve())
+        config = deep_merge(config, {"base_model": {"id": base_model_id, "revision": None}})
+    if not config["base_model"].get("id"):
+        metadata_file = run_dir / "run_metadata.json"
+        recorded = (
+            _read_json(metadata_file).get("base_model", {}) if metadata_file.is_file() else {}
+        )
+        if not recorded.get("id"):
+            raise BundleError(
+                f"{run_dir}: no base model recorded; pass base_model_id= (--base-model-id)"
+            )
+        config["base_model"].update({"id": recorded["id"], "revision": recorded.get("revision")})
+
+    return config
+
+
+def _export_sentence_transformers(run_dir: Path, out: Path, base_model_id: str | None) -> Path:
+    from ._st_export import write_sentence_transformers
+
+    config = _run_config(run_dir, copy.deepcopy(DEFAULT_WRAPPER_CONFIG), base_model_id)
+    config["layout"].update(merged_dir=None, use_merged=False)
+    written = write_sentence_transformers(
+        run_dir,
+        out,
+        config,
+        core=_CORE,
+        core_name=WRAPPER_CORE_NAME,
+        max_length=_runtime_max_length(config, out),
+    )
+    log_event(logger, "wrapper_exported", run_dir=str(run_dir), output=str(written), merged=False)
+    return written
 
 
 def _runtime_max_length(config: dict[str, Any], out: Path) -> int:

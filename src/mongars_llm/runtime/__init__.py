@@ -79,13 +79,21 @@ _LAZY = {
     "plan_chunks": "mongars_llm.runtime._embed_plan",
     "SamplingKwargs": "mongars_llm.runtime._params",
     "SamplingParams": "mongars_llm.runtime._params",
+    "MATRYOSHKA_KEY": "mongars_llm.runtime._compact",
+    "PRECISIONS": "mongars_llm.runtime._compact",
+    "check_dimensions": "mongars_llm.runtime._compact",
+    "int8_absmax": "mongars_llm.runtime._compact",
+    "quantize_embeddings": "mongars_llm.runtime._compact",
+    "truncate_embeddings": "mongars_llm.runtime._compact",
 }
 
 __all__ = [
     "DEFAULT_POOLING",
     "DEFAULT_RERANK_INSTRUCTION",
     "ENGINE_NAMES",
+    "MATRYOSHKA_KEY",
     "POOLING_MODES",
+    "PRECISIONS",
     "RERANK_SYSTEM_PROMPT",
     "AsyncGenerationStream",
     "EmbeddingConfig",
@@ -103,22 +111,26 @@ __all__ = [
     "UnifiedLLMRuntime",
     "Usage",
     "answer_token_ids",
+    "check_dimensions",
     "choose_cpu_threads",
     "choose_engine",
     "cpu_supports_bf16",
     "decoder_of",
     "embed_padded",
     "encode_inputs",
+    "int8_absmax",
     "no_loading_bars",
     "normalise",
     "normalise_inputs",
     "over_limit_prefix",
     "plan_chunks",
     "pooling_mode",
+    "quantize_embeddings",
     "quiet_loading_bars",
     "quiet_peft_deprecations",
     "rerank_messages",
     "run_decoder",
+    "truncate_embeddings",
     "usable_cpus",
 ]
 
@@ -126,6 +138,14 @@ if TYPE_CHECKING:
     from .._machine import usable_cpus
     from ._adapter_stack import quiet_peft_deprecations
     from ._bounds import over_limit_prefix
+    from ._compact import (
+        MATRYOSHKA_KEY,
+        PRECISIONS,
+        check_dimensions,
+        int8_absmax,
+        quantize_embeddings,
+        truncate_embeddings,
+    )
     from ._embed_plan import plan_chunks
     from ._engine import ENGINE_NAMES, EngineChoice, choose_engine
     from ._loading import (

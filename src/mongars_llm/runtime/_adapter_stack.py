@@ -163,6 +163,9 @@ class AdapterStack:
     def use_of(self, name: str) -> AdapterUse:
         return self._adapters[name].use
 
+    def path_of(self, name: str) -> str:
+        return self._adapters[name].path
+
     def defaults(self, kind: Literal["generate", "embed"]) -> tuple[str, ...]:
         """Adapters active by default for ``kind`` calls (``use`` is ``all`` or ``kind``)."""
         return tuple(n for n, a in self._adapters.items() if a.use in ("all", kind))

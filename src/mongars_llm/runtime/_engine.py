@@ -310,6 +310,9 @@ class NoAdapters:
     def use_of(self, name: str) -> str:
         raise KeyError(name)
 
+    def path_of(self, name: str) -> str:
+        raise KeyError(name)
+
     def resolve(self, adapter: Any, use: str, *, among: Any = None) -> tuple[str, ...]:
         if adapter is None or adapter == () or adapter == []:
             return ()

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from ..manager import ModelManager
     from ..settings import Settings
     from ._adapter_stack import AdapterStack
+    from ._compact import Precision
     from ._llamacpp import LlamaCppEngine
 
 __all__ = ["AdapterSpecLike", "UnifiedLLMRuntime"]
@@ -551,6 +552,16 @@ class UnifiedLLMRuntime:
                 f"{', '.join(self.adapter_names) or '(none)'}"
             ) from None
 
+    def adapter_path(self, name: str) -> str:
+        """The folder (or Hub id) a loaded adapter was loaded from (to load it again)."""
+        try:
+            return self._adapters.path_of(name)
+        except KeyError:
+            raise AdapterNotFoundError(
+                f"adapter {name!r} is not loaded; loaded adapters: "
+                f"{', '.join(self.adapter_names) or '(none)'}"
+            ) from None
+
     def set_adapter_uses(self, uses: Mapping[str, str]) -> None:
         """Change the ``use`` of loaded adapters in one step (``{"v2": "all", "v1":
         "explicit"}`` promotes v2 over v1): every call sees either the old defaults or the
@@ -701,6 +712,10 @@ class UnifiedLLMRuntime:
         truncate: bool = True,
         batch_invariant: bool | None = None,
         show_progress: bool = False,
+        dimensions: int | None = None,
+        precision: Precision = "float32",
+        force_dimensions: bool = False,
+        calibration: Any = None,
     ) -> np.ndarray:
         """Embed texts; returns float32 ``(n, hidden_size)`` in input order.
 
@@ -712,7 +727,20 @@ class UnifiedLLMRuntime:
         ``max_length``. ``show_progress=True`` draws a progress bar on stderr
         (texts are then embedded in chunks of ``PROGRESS_CHUNK`` texts). See
         :class:`~._embedder.Embedder`.
+
+        Compact vectors (:mod:`._compact`): ``dimensions=N`` keeps the first N
+        components (re-normalised when ``normalize``); it is refused
+        (``InvalidInputError``, ``param="dimensions"``) unless N is one of the
+        truncations the call's embedding adapter was trained for
+        (:meth:`trained_dimensions`, ``--matryoshka-dims``) or
+        ``force_dimensions=True``. ``precision`` is ``"float32"`` (default),
+        ``"int8"``/``"uint8"`` (255 buckets per dimension between the minima and
+        maxima of ``calibration``: a ``(m, dim)`` array of float embeddings of
+        representative texts, else of the call's own vectors) or
+        ``"binary"``/``"ubinary"`` (sign bits packed 8 per byte), as
+        sentence-transformers' ``quantize_embeddings``.
         """
+        compact = self._check_compact(adapter, dimensions, precision, force_dimensions)
         options = EmbedOptions(
             instruction=instruction,
             normalize=normalize,
@@ -724,10 +752,12 @@ class UnifiedLLMRuntime:
             batch_invariant=batch_invariant,
         )
         if show_progress and not isinstance(texts, str):
-            return self._embed_with_progress(list(texts), options)
-        self._check_open()
-        request = self._embedder.prepare(texts, options)
-        return self._embedder.submit(request).result()
+            vectors = self._embed_with_progress(list(texts), options)
+        else:
+            self._check_open()
+            request = self._embedder.prepare(texts, options)
+            vectors = self._embedder.submit(request).result()
+        return self._compact(vectors, options, compact, calibration)
 
     #: texts per chunk when :meth:`embed` shows progress (one bar update per chunk)
     PROGRESS_CHUNK = 64
@@ -749,11 +779,97 @@ class UnifiedLLMRuntime:
         return np.concatenate(parts, axis=0)
 
     async def aembed(self, texts: Any, **kwargs: Any) -> np.ndarray:
-        """:meth:`embed` without blocking the event loop (micro-batched with others)."""
+        """:meth:`embed` without blocking the event loop (micro-batched with others);
+        it takes the same compact-vector keywords (``dimensions``, ``precision``,
+        ``force_dimensions``, ``calibration``)."""
+        dimensions = kwargs.pop("dimensions", None)
+        precision = kwargs.pop("precision", "float32")
+        force_dimensions = bool(kwargs.pop("force_dimensions", False))
+        calibration = kwargs.pop("calibration", None)
         options = EmbedOptions.from_kwargs(kwargs)
+        compact = self._check_compact(options.adapter, dimensions, precision, force_dimensions)
         self._check_open()
         request = self._embedder.prepare(texts, options)
-        return await asyncio.wrap_future(self._embedder.submit(request))
+        vectors = await asyncio.wrap_future(self._embedder.submit(request))
+        return self._compact(vectors, options, compact, calibration)
+
+    # ------------------------------------------------------------ compact vectors
+    def trained_dimensions(self, adapter: str | Sequence[str] | None = None) -> tuple[int, ...]:
+        """The truncations (``dimensions=``) the embedding adapters of a call were
+        trained for (``matryoshka_dims`` in their ``llm2vec_config.json``, written by
+        ``--matryoshka-dims``), smallest first; ``()`` when none was. ``adapter`` is as
+        for :meth:`embed` (``None``: the default embedding adapters; the last adapter
+        that records truncations decides)."""
+        from ._compact import MATRYOSHKA_KEY
+        from ._llm2vec import EmbeddingConfig, EmbeddingInputError
+
+        if adapter is None:
+            names: tuple[str, ...] = self._adapters.defaults("embed")
+        else:
+            names = (adapter,) if isinstance(adapter, str) else tuple(adapter)
+        trained: set[int] = set()
+        for name in names:
+            path = Path(self.adapter_path(name))
+            if not path.is_dir():
+                continue
+            try:
+                config = EmbeddingConfig.read(path)
+            except EmbeddingInputError:
+                continue  # loading the adapter reported it
+            dims = config.extra.get(MATRYOSHKA_KEY) if config is not None else None
+            if isinstance(dims, list):
+                trained = {int(d) for d in dims if isinstance(d, int) and d > 0}
+        return tuple(sorted(trained))
+
+    def _check_compact(
+        self, adapter: Any, dimensions: Any, precision: Any, force: bool
+    ) -> tuple[int | None, str]:
+        """The call's checked ``(dimensions, precision)``, before anything is embedded."""
+        from ._compact import PRECISIONS, check_dimensions
+
+        if precision not in PRECISIONS:
+            raise InvalidInputError(
+                f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}",
+                param="precision",
+            )
+        if dimensions is not None and dimensions != self.hidden_size:
+            where = f"adapter(s) {adapter!r}" if adapter else "this model and its adapters"
+            dimensions = check_dimensions(
+                dimensions,
+                hidden_size=self.hidden_size,
+                trained=() if force else self.trained_dimensions(adapter),
+                force=bool(force),
+                where=where,
+            )
+        return dimensions, str(precision)
+
+    def _compact(
+        self,
+        vectors: np.ndarray,
+        options: EmbedOptions,
+        compact: tuple[int | None, str],
+        calibration: Any,
+    ) -> np.ndarray:
+        """The float vectors of a call, cut to its ``dimensions`` and at its ``precision``."""
+        import numpy as np
+
+        from ._compact import quantize_embeddings, truncate_embeddings
+
+        dimensions, precision = compact
+        if dimensions is not None and dimensions < vectors.shape[-1]:
+            normalize = (
+                self._embedder.defaults.normalize
+                if options.normalize is None
+                else bool(options.normalize)
+            )
+            vectors = truncate_embeddings(vectors, dimensions, normalize=normalize)
+            if calibration is not None:
+                calibration = truncate_embeddings(
+                    np.asarray(calibration, dtype=np.float32), dimensions, normalize=normalize
+                )
+        if precision == "float32":
+            return vectors
+        return quantize_embeddings(vectors, precision, calibration=calibration)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

@@ -20,6 +20,7 @@ from ._auth import api_key_error, check_credentials  # noqa: E402
 from ._config import ServerConfig  # noqa: E402
 from ._errors import install_error_handlers  # noqa: E402
 from ._limits import LimitsMiddleware  # noqa: E402
+from ._ollama import OLLAMA_INFERENCE_PATHS, OllamaErrorMiddleware, build_ollama_router  # noqa: E402
 from ._openai import build_openai_router  # noqa: E402
 from ._state import EmbedFn, ServerState  # noqa: E402
 from .protocol import HealthResponse, ReadyResponse  # noqa: E402
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["create_app", "create_app_from_env"]
 
-GUARDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+GUARDED_PATHS = (
+    frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+    | OLLAMA_INFERENCE_PATHS
+)
 
 DESCRIPTION = """\
 mongars-llm serves one open-weight checkpoint for chat and embeddings.
@@ -37,8 +41,11 @@ mongars-llm serves one open-weight checkpoint for chat and embeddings.
 * **OpenAI-compatible API** (`/v1/...`): point the official `openai` client at
   `http://HOST:PORT/v1`. Model names are the roles of the active profile
   (`GET /v1/models`); `role:adapter` (or the `adapter` field) selects a LoRA adapter.
+* **Ollama-compatible API** (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`,
+  `/api/ps`, `/api/show`, `/api/version`): point Ollama clients at `http://HOST:PORT`.
 * **Admin API** (`/api/v1/...`): `Authorization: Bearer $MONGARS_ADMIN_TOKEN`.
 * **Health**: `/healthz` (alive) and `/readyz` (model loaded).
+* **Metrics**: `/metrics` (Prometheus text format; off with `serve --no-metrics`).
 
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -97,8 +104,14 @@ def create_app(
     app.state.mongars = state
     install_error_handlers(app)
     app.include_router(_health_router())
+    if config.metrics:
+        from ._metrics import Metrics, MetricsMiddleware, metrics_router
+
+        state.metrics = Metrics(state)
+        app.include_router(metrics_router())
     app.include_router(build_admin_router())
     app.include_router(build_openai_router(embeddings_only=only))
+    app.include_router(build_ollama_router(embeddings_only=only))
     app.add_middleware(
         LimitsMiddleware,
         controller=state.admission,
@@ -106,6 +119,9 @@ def create_app(
         config=config,
         authenticate=lambda header: api_key_error(header, state.settings.api_key),
     )
+    app.add_middleware(OllamaErrorMiddleware)  # outermost: Ollama-shaped errors on /api/*
+    if state.metrics is not None:  # around all: the limits' refusals are counted too
+        app.add_middleware(MetricsMiddleware, metrics=state.metrics, fastapi_app=app)
     return app
 
 

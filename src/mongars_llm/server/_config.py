@@ -7,7 +7,7 @@ large a request may be.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..settings import SettingsErrorsMixin
@@ -18,10 +18,18 @@ __all__ = ["ServerConfig"]
 class ServerConfig(SettingsErrorsMixin, BaseSettings):
     """Limits of the HTTP server; every field is also ``MONGARS_SERVER_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="MONGARS_SERVER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MONGARS_SERVER_", extra="ignore", populate_by_name=True
+    )
 
     embeddings_only: bool = Field(
         False, description="Serve /v1/embeddings only; chat and completions answer 404."
+    )
+    metrics: bool = Field(
+        True,
+        validation_alias=AliasChoices("MONGARS_SERVER_METRICS", "MONGARS_SERVER__METRICS"),
+        description="Serve Prometheus metrics at GET /metrics (behind the admin token or API "
+        "key when one is set); false (or `serve --no-metrics`) turns the route off.",
     )
     max_concurrency: int = Field(
         64,
@@ -78,6 +86,13 @@ class ServerConfig(SettingsErrorsMixin, BaseSettings):
     )
     max_messages: int = Field(
         512, ge=1, description="Most messages in one chat request (413 beyond)."
+    )
+    keep_alive_s: float = Field(
+        300.0,
+        description="Unload a LoRA adapter this many seconds after its last request (as "
+        "Ollama's keep_alive, 5 minutes by default); it is loaded again by the next request "
+        "that needs it. A request's Ollama keep_alive overrides it; 0 unloads at once after "
+        "the request, a negative value keeps adapters loaded. The base weights stay loaded.",
     )
     registry_poll_s: float | None = Field(
         None,

@@ -167,6 +167,7 @@ async def stream_generation(
     *,
     echo: bool = False,
     include_usage: bool = False,
+    endpoint: str = "stream",
 ) -> StreamingResponse:
     """Stream one generation as server-sent events.
 
@@ -182,9 +183,10 @@ async def stream_generation(
         events = _fallback_events(chunks.as_fallback(), reply, include_usage)
         return _streaming_response(events, _fallback_headers(err))
     echoed = prompt if echo and isinstance(prompt, str) else None
-    return _streaming_response(
-        _events(chunks, stream, iterator, first, ended, echoed, include_usage)
-    )
+    events = _events(chunks, stream, iterator, first, ended, echoed, include_usage)
+    if state.metrics is not None:  # `endpoint` labels the streamed tokens in /metrics
+        events = state.metrics.count_stream(events, stream, endpoint)
+    return _streaming_response(events)
 
 
 async def _open_stream(

@@ -61,6 +61,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             ChatChunks(completion_id, body.model),
             prepare,
             options,
+            endpoint="chat",
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
     try:
@@ -72,6 +73,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             completion_id, body.model, reply, "stop", NO_USAGE, fingerprint=FALLBACK_FINGERPRINT
         )
         return fallback_response(response, err)
+    if state.metrics is not None:
+        usage = generation.usage
+        state.metrics.generated("chat", usage.prompt_tokens, usage.completion_tokens)
     return _response(
         completion_id,
         body.model,

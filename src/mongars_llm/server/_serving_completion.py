@@ -63,6 +63,7 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Any:
             prepare,
             options,
             echo=body.echo,
+            endpoint="completion",
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
     try:
@@ -84,6 +85,8 @@ async def create_completion(state: ServerState, body: CompletionRequest) -> Any:
         return fallback_response(response, err)
     prompt_tokens = sum(g.usage.prompt_tokens for g in generations)
     completion_tokens = sum(g.usage.completion_tokens for g in generations)
+    if state.metrics is not None:
+        state.metrics.generated("completion", prompt_tokens, completion_tokens)
     return CompletionResponse(
         id=completion_id,
         model=body.model,

@@ -5,6 +5,11 @@ The role's manifest entry supplies the embedding options it sets explicitly
 ``instruction`` wins). Inputs are embedded without truncation, so an input
 too long for the model is a 413, never a vector of a cut text. A runtime
 failure is an error, never a fallback: there is no sensible fake vector.
+
+Compact vectors (:mod:`mongars_llm.runtime._compact`): ``dimensions`` cuts and
+re-normalises, refused (422) for a truncation the adapter was not trained for
+unless ``force_dimensions``; ``encoding_format`` ``int8``/``binary``/``ubinary``
+answer integer lists instead of floats.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi.responses import JSONResponse
 
+from ..errors import InvalidInputError
 from ..logging import log_event
-from ..runtime import over_limit_prefix
+from ..runtime import check_dimensions as check_trained_dimensions
+from ..runtime import int8_absmax, over_limit_prefix, quantize_embeddings, truncate_embeddings
 from ._errors import APIError
 from ._runtime_api import EmbedKwargs, RuntimeAPI
 from ._state import ServerState
@@ -35,7 +42,8 @@ logger = logging.getLogger("mongars_llm.server")
 
 
 async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONResponse:
-    """The vectors of ``body.input`` in order, as floats or base64 float32."""
+    """The vectors of ``body.input`` in order, as floats, base64 float32, int8 or packed
+    bits (``encoding_format``), cut to ``dimensions`` where that is allowed."""
     items = embedding_inputs(body, state)
     if body.instruction is not None:
         check_chars(body.instruction, "instruction", state)
@@ -43,6 +51,7 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONR
     runtime = state.require_runtime()
     check_token_ids(items, runtime, "input")
     check_dimensions(body.dimensions, runtime)
+    dimensions = _served_dimensions(body, runtime, adapter)
     options = _embedding_options(state.role_entry(role), body.instruction)
     instruction = options.get("instruction", runtime.instruction)
     texts, token_count = await asyncio.to_thread(
@@ -60,17 +69,14 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONR
     else:
         vectors = await runtime.aembed(texts, **options)
     vectors = np.asarray(vectors, dtype=np.float32)
-    if body.dimensions is not None:
-        vectors = vectors[:, : body.dimensions]
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
-    data = []
-    for i, vector in enumerate(vectors):
-        if body.encoding_format == "base64":
-            value: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-        else:
-            value = vector.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": value})
+    if dimensions is not None:
+        vectors = truncate_embeddings(vectors, dimensions, normalize=True)
+    data = [
+        {"object": "embedding", "index": i, "embedding": value}
+        for i, value in enumerate(_encoded(vectors, body.encoding_format))
+    ]
+    if state.metrics is not None:
+        state.metrics.embedded(len(texts), token_count)
     log_event(
         logger,
         "server_embeddings",
@@ -87,6 +93,37 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> JSONR
             "usage": {"prompt_tokens": token_count, "total_tokens": token_count},
         }
     )
+
+
+def _served_dimensions(
+    body: EmbeddingRequest, runtime: RuntimeAPI, adapter: str | tuple[()] | None
+) -> int | None:
+    """``body.dimensions`` when the adapter was trained for it (or it is forced, or it
+    is the full size); else the 422 naming the field and ``force_dimensions``."""
+    if body.dimensions is None or body.dimensions >= runtime.hidden_size:
+        return None
+    try:
+        return check_trained_dimensions(
+            body.dimensions,
+            hidden_size=runtime.hidden_size,
+            trained=() if body.force_dimensions else runtime.trained_dimensions(adapter),
+            force=body.force_dimensions,
+            where=f"adapter {adapter!r}" if adapter else "this role's model",
+            force_name='"force_dimensions": true',
+        )
+    except InvalidInputError as err:
+        raise APIError(422, str(err), code="invalid_value", param="dimensions") from err
+
+
+def _encoded(vectors: np.ndarray, encoding_format: str) -> list[Any]:
+    """Each vector in ``encoding_format`` (see :class:`~.protocol.EmbeddingRequest`)."""
+    if encoding_format == "base64":
+        return [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    if encoding_format == "int8":
+        return int8_absmax(vectors).tolist()  # type: ignore[no-any-return]
+    if encoding_format in ("binary", "ubinary"):
+        return quantize_embeddings(vectors, encoding_format).tolist()  # type: ignore[no-any-return]
+    return vectors.tolist()  # type: ignore[no-any-return]
 
 
 def _embedding_options(resolved: ResolvedRole | None, instruction: str | None) -> EmbedKwargs:

@@ -16,12 +16,14 @@ from ..settings import Settings
 from ._config import ServerConfig
 from ._errors import APIError
 from ._jobs import JobStore
+from ._keep_alive import START_GRACE_S, KeepAlive
 from ._limits import AdmissionController
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..manifest import ResolvedRole
+    from ._metrics import Metrics
     from ._registry_watcher import AdapterKind, RegistryWatcher
     from ._runtime_api import RuntimeAPI
 
@@ -55,6 +57,10 @@ class ServerState:
         self.embeddings_only = embeddings_only
         self.embed_fn = embed_fn
         self.load_error: BaseException | None = None
+        #: seconds this app took to load the runtime (None: it was given one)
+        self.load_seconds: float | None = None
+        #: the /metrics counters (:mod:`._metrics`), None when metrics are off
+        self.metrics: Metrics | None = None
         self.loading = runtime is None
         self.started_at = time.time()
         self.admission = AdmissionController(
@@ -64,6 +70,7 @@ class ServerState:
         )
         self.jobs = JobStore(self._provision)
         self.watcher: RegistryWatcher | None = None
+        self.keep_alive = KeepAlive(config.keep_alive_s, skip=self._registry_owned)
         self._manager = manager
         self._manager_lock = threading.Lock()
         self._load_thread: threading.Thread | None = None
@@ -90,6 +97,8 @@ class ServerState:
     # ------------------------------------------------------------------ runtime
     def start_loading(self) -> None:
         """Load the shared runtime in a background thread (readiness flips when done)."""
+        if self.runtime is not None:
+            self.keep_alive.track(self.runtime)
         if self.runtime is not None or self._load_thread is not None:
             return
         self.loading = True
@@ -109,8 +118,10 @@ class ServerState:
             self.loading = False
             log_event(logger, "server_load_failed", logging.ERROR, error=str(err))
             return
+        self.load_seconds = time.perf_counter() - started
         self.runtime = runtime
         self.loading = False
+        self.keep_alive.track(runtime)
         log_event(
             logger,
             "server_ready",
@@ -151,6 +162,7 @@ class ServerState:
         self.watcher.start()
 
     def shutdown(self) -> None:
+        self.keep_alive.stop()
         if self.watcher is not None:
             self.watcher.stop()
 
@@ -177,12 +189,43 @@ class ServerState:
         self, model: str, adapter: str | None, *, kind: AdapterKind
     ) -> tuple[str | None, str | tuple[()] | None]:
         """:meth:`resolve_model`, then load a registry candidate on its first use (in a
-        worker thread: the event loop never waits for adapter files)."""
+        worker thread: the event loop never waits for adapter files). An adapter that
+        :attr:`keep_alive` unloaded for idleness is loaded again first."""
+        await self.keep_alive_prepare(model, adapter, kind=kind)
         role, chosen = self.resolve_model(model, adapter, kind=kind)
         watcher = self.watcher
         if isinstance(chosen, str) and watcher is not None and watcher.is_selectable(chosen):
             await asyncio.to_thread(watcher.ensure_loaded, chosen)
         return role, chosen
+
+    def request_adapters(self, model: str, adapter: str | None, *, kind: AdapterKind) -> list[str]:
+        """The adapters a request for ``model`` (and ``adapter``) runs with, loaded or
+        unloaded for idleness (the names :attr:`keep_alive` times)."""
+        runtime = self.runtime
+        if runtime is None:
+            return []
+        named = [adapter or "", model.split(":", 1)[1] if ":" in model else ""]
+        if BASE_ADAPTER in named:
+            return []
+        return self.keep_alive.wanted(runtime, named, kind)
+
+    async def keep_alive_prepare(
+        self, model: str, adapter: str | None, *, kind: AdapterKind
+    ) -> list[str]:
+        """Load again the adapters of this request that idled out, and start their timers."""
+        runtime = self.runtime
+        names = self.request_adapters(model, adapter, kind=kind)
+        if runtime is None or not names:
+            return names
+        self.keep_alive.touch(runtime, names, None, at_least=START_GRACE_S)
+        if self.keep_alive.parked:
+            await asyncio.to_thread(self.keep_alive.prepare, runtime, names)
+            self.keep_alive.touch(runtime, names, None, at_least=START_GRACE_S)
+        return names
+
+    def _registry_owned(self, name: str) -> bool:
+        watcher = self.watcher
+        return watcher is not None and watcher.is_selectable(name)
 
     def resolve_model(
         self, model: str, adapter: str | None, *, kind: AdapterKind = "chat"

@@ -352,13 +352,25 @@ class EmbeddingRequest(BaseModel):
     input: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         description="A text, a list of texts, token ids, or a list of token-id lists."
     )
-    encoding_format: Literal["float", "base64"] = Field(
+    encoding_format: Literal["float", "base64", "int8", "binary", "ubinary"] = Field(
         "float",
-        description="'base64' is the little-endian float32 bytes of each vector, base64-encoded "
-        "(the official client asks for it by default).",
+        description="'float': a list of numbers. 'base64': the little-endian float32 bytes of "
+        "each vector, base64-encoded (the official client asks for it by default). Extensions "
+        "(Cohere's names): 'int8': integers in [-127, 127], each vector scaled by its largest "
+        "absolute component (cosine kept up to rounding); 'ubinary': the sign bits (v > 0) "
+        "packed 8 per byte, integers 0-255, dimensions/8 of them; 'binary': the same bytes "
+        "minus 128 (integers -128-127), as sentence-transformers' quantize_embeddings.",
     )
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = Field(
-        None, description="Keep the first N dimensions and re-normalise to unit length."
+        None,
+        description="Keep the first N dimensions and re-normalise to unit length. Refused "
+        "(422) unless the role's embedding adapter was trained for N (--matryoshka-dims) "
+        "or force_dimensions is true.",
+    )
+    force_dimensions: StrictBool = Field(
+        False,
+        description="Extension: cut the vectors to `dimensions` even where the model was not "
+        "trained for that truncation.",
     )
     user: Text | None = None
     instruction: Text | None = Field(

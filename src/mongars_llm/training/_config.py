@@ -165,6 +165,13 @@ class BundleConfig(BaseModel):
         False,
         description="Also score each positive against the batch's queries (InfoNCE both ways).",
     )
+    matryoshka_dims: list[int] | None = Field(
+        None,
+        description="contrastive/simcse: also train these truncations of the vectors "
+        "(Matryoshka: the loss is summed over the full vectors and their first N dimensions, "
+        "each re-normalised), e.g. [64, 128, 256]; recorded in llm2vec_config.json and the "
+        "registry, so that embed(dimensions=N) and /v1/embeddings serve them.",
+    )
     simcse_dropout: float = Field(
         0.1,
         ge=0.0,
@@ -223,6 +230,11 @@ class BundleConfig(BaseModel):
                 data = {**data, "bidirectional": True}
         return data
 
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _sorted_dimensions(cls, value: list[int] | None) -> list[int] | None:
+        return sorted(set(value)) if value is not None else None
+
     @field_validator("resume", mode="before")
     @classmethod
     def _step_number_is_a_checkpoint(cls, value: Any) -> Any:
@@ -244,6 +256,17 @@ class BundleConfig(BaseModel):
                 "mini_batch_size chunks the in-batch negatives of contrastive and simcse; for "
                 f"{self.objective!r} use a smaller batch_size with grad_accum"
             )
+        if self.matryoshka_dims is not None:
+            if self.objective not in ("contrastive", "simcse"):
+                raise ValueError(
+                    "matryoshka_dims trains truncated vectors with the contrastive and simcse "
+                    f"objectives; drop it for {self.objective!r}"
+                )
+            if not self.matryoshka_dims or any(d < 1 for d in self.matryoshka_dims):
+                raise ValueError(
+                    f"matryoshka_dims {self.matryoshka_dims} must be dimensions >= 1 "
+                    "(for example [64, 128, 256])"
+                )
         if self.objective == "mntp" and not self.bidirectional:
             raise ValueError(
                 "objective 'mntp' trains bidirectional attention (a causal model already "

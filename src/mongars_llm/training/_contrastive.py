@@ -20,6 +20,13 @@ read it per module at construction; it is put back afterwards).
 The vectors are computed as serving computes them (:mod:`._vectors`), so an
 adapter embeds at serve time exactly as it was trained.
 
+``matryoshka_dims`` (Matryoshka representation learning, as
+sentence-transformers' ``MatryoshkaLoss``): the loss is the sum of the loss of
+the full vectors and of their first N dimensions for each N (``info_nce``
+re-normalises the cut vectors, as serving does), so ``embed(dimensions=N)``
+keeps most of the quality; the dimensions are recorded in
+``llm2vec_config.json`` (and so in the registry) as ``matryoshka_dims``.
+
 ``mini_batch_size`` embeds a batch in chunks (:func:`backward_in_chunks`,
 GradCache): the gradient of the whole batch with the activations of one chunk.
 
@@ -115,6 +122,24 @@ def contrastive_batch(
 ) -> ContrastiveBatch:
     """The items one micro-batch embeds, and its loss (times ``weight``) as a function of
     their vectors (see the module docstring)."""
+    batch_loss = _contrastive_loss(batch, config, device=device, weight=weight)
+    dims = config.matryoshka_dims
+    if not dims:
+        return batch_loss
+
+    def matryoshka(vectors: torch.Tensor) -> torch.Tensor:
+        total = batch_loss.loss(vectors)
+        for size in dims:
+            if size < vectors.shape[-1]:
+                total = total + batch_loss.loss(vectors[..., :size])
+        return total
+
+    return ContrastiveBatch(batch_loss.items, batch_loss.rows, matryoshka)
+
+
+def _contrastive_loss(
+    batch: Sequence[PairExample], config: BundleConfig, *, device: Any, weight: float
+) -> ContrastiveBatch:
     n = len(batch)
     if config.objective == "simcse":
         keys = [e.query.strip() for e in batch]
@@ -299,6 +324,13 @@ class _ContrastiveSteps(NoEvaluations):
         self, inputs: TrainInputs, spec: EmbeddingSpec, *, attention: float | None = None
     ) -> None:
         self.inputs, self.spec, self.attention = inputs, spec, attention
+        dims = inputs.config.matryoshka_dims or []
+        width = hidden_size(inputs.model)
+        if any(size >= width for size in dims):
+            raise BundleError(
+                f"matryoshka_dims {dims} must be smaller than the model's {width} dimensions "
+                "(the full vectors are always trained)"
+            )
 
     def step(self, step: int, micro_batches: list[list[int]]) -> tuple[float, dict[str, Any]]:
         inputs, rows = self.inputs, self.inputs.examples.train
@@ -323,6 +355,12 @@ class _ContrastiveSteps(NoEvaluations):
         return attention_dropout(self.inputs.model, self.attention)
 
 
+def _matryoshka(config: BundleConfig) -> dict[str, Any]:
+    """``{"matryoshka_dims": [...]}`` when the run trains truncations (absent otherwise,
+    so the fingerprints of runs without them stay as they were)."""
+    return {"matryoshka_dims": list(config.matryoshka_dims)} if config.matryoshka_dims else {}
+
+
 def _two_rows(name: str, examples: Examples) -> None:
     if len(examples.train) < 2:
         raise BundleError(
@@ -339,6 +377,12 @@ class ContrastiveObjective(EmbeddingObjective):
 
     def check_training(self, config: BundleConfig, examples: Examples) -> None:
         _two_rows(self.name, examples)
+
+    def fingerprint_extra(self, config: BundleConfig) -> dict[str, Any]:
+        return _matryoshka(config)
+
+    def embedding_extra(self, config: BundleConfig) -> dict[str, Any]:
+        return _matryoshka(config)
 
     def steps(self, inputs: TrainInputs, spec: EmbeddingSpec) -> EmbeddingSteps:
         return _ContrastiveSteps(inputs, spec)
@@ -358,7 +402,10 @@ class SimcseObjective(EmbeddingObjective):
         _two_rows(self.name, examples)
 
     def fingerprint_extra(self, config: BundleConfig) -> dict[str, Any]:
-        return {"simcse_dropout": config.simcse_dropout}
+        return {"simcse_dropout": config.simcse_dropout, **_matryoshka(config)}
+
+    def embedding_extra(self, config: BundleConfig) -> dict[str, Any]:
+        return _matryoshka(config)
 
     def steps(self, inputs: TrainInputs, spec: EmbeddingSpec) -> EmbeddingSteps:
         return _ContrastiveSteps(inputs, spec, attention=inputs.config.simcse_dropout)
