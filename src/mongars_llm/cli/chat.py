@@ -155,6 +155,7 @@ def _one_shot(
                 "text": reply.text,
                 "finish_reason": reply.finish_reason,
                 "usage": reply.usage.to_dict(),
+                "engine": runtime.engine,
             }
         )
         return EXIT_OK
@@ -209,7 +210,12 @@ def _interactive(
 ) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
-        print(terminal_safe(f"{description} on {runtime.device}. /bye to leave, /? for help."))
+        print(
+            terminal_safe(
+                f"{description} on {runtime.device} ({runtime.engine} engine). "
+                "/bye to leave, /? for help."
+            )
+        )
     history: list[dict[str, str]] = []
     while True:
         line = _read_line(interactive)

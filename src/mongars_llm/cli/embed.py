@@ -210,6 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         print_json(
             {
                 "model": runtime.model_id,
+                "engine": runtime.engine,
                 "dimensions": int(vectors.shape[1]),
                 "data": [
                     {"index": index, "text": text, "embedding": vector.tolist()}
@@ -225,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
         rows.append([index, preview, f"{float(np.linalg.norm(vector)):.4f}", f"[{head}, ...]"])
     print(
         terminal_safe(
-            f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {plan.description}"
+            f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {plan.description} "
+            f"({runtime.engine} engine)"
         )
     )
     print_table(["#", "text", "norm", "vector"], rows)
