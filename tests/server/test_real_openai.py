@@ -42,7 +42,15 @@ def real_server(
         models_dir=real_models_dir,
         cache_dir=work / "cache",
         llm_adapter_registry_path=work / "registry",
-        model={"device": "cpu", "dtype": "float32", "quantize_4bit": False, "max_new_tokens": 32},
+        # the torch engine on the converted folder (tests/server/test_real_openai_llamacpp.py
+        # serves the GGUF itself through llama.cpp)
+        model={
+            "device": "cpu",
+            "dtype": "float32",
+            "quantize_4bit": False,
+            "max_new_tokens": 32,
+            "engine": "torch",
+        },
     )
     UnifiedLLMRuntime.reset_shared()  # the server loads its own, as `serve` does
     app = create_app(settings)

@@ -105,3 +105,21 @@ def test_no_metrics_reaches_every_worker_as_a_setting() -> None:
     assert _environment(off)["MONGARS_SERVER_METRICS"] == "false"
     assert "MONGARS_SERVER_METRICS" not in _environment(parser.parse_args(["serve"]))
     assert ServerConfig.model_validate({"MONGARS_SERVER_METRICS": "false"}).metrics is False
+
+
+def test_serve_engine_flag_reaches_every_worker_as_a_setting(tmp_path: Path) -> None:
+    """``serve --engine`` becomes ``MONGARS_MODEL__ENGINE`` (what each worker reads);
+    ``--model`` takes a ``.gguf`` file; a bad engine is a usage error."""
+    from mongars_llm.cli import build_parser
+    from mongars_llm.cli.serve import _environment
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    args = build_parser().parse_args(["serve", "--engine", "llama.cpp", "--model", str(gguf)])
+    env = _environment(args)
+    assert env["MONGARS_MODEL__ENGINE"] == "llama.cpp"
+    assert env["MONGARS_UNIFIED_MODEL_DIR"] == str(gguf.resolve())
+    assert "MONGARS_MODEL__ENGINE" not in _environment(build_parser().parse_args(["serve"]))
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--engine", "vllm"])
+    assert exited.value.code == 2

@@ -33,7 +33,7 @@ __all__ = [
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """``--adapter``, ``--registry-path``, ``--profile``, ``--manifest``, ``--model``,
-    ``--device``, ``--quantize-4bit``."""
+    ``--device``, ``--quantize-4bit``, ``--engine``."""
     adapters = parser.add_argument_group("adapter")
     adapters.add_argument(
         "--adapter",
@@ -82,6 +82,18 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="4-bit NF4 on CUDA (default: MONGARS_MODEL__QUANTIZE_4BIT, on when CUDA is there)",
+    )
+    add_engine_argument(group)
+
+
+def add_engine_argument(parser: Any) -> None:
+    """``--engine auto|torch|llama.cpp`` (default: ``MONGARS_MODEL__ENGINE``, ``auto``)."""
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "torch", "llama.cpp"),
+        help="what runs the model: llama.cpp runs a GGUF (a .gguf file, an Ollama model) as "
+        "is on the CPU, torch runs everything else (default: MONGARS_MODEL__ENGINE, 'auto': "
+        "llama.cpp for a GGUF on the CPU when llama-cpp-python is installed)",
     )
 
 
@@ -302,6 +314,7 @@ class LoadPlan:
                 manager=self.manager,
                 device=args.device,
                 quantize_4bit=args.quantize_4bit,
+                engine=getattr(args, "engine", None),
             )
         else:
             entry = self.manager.profile.models[str(self.role)]
@@ -317,6 +330,7 @@ class LoadPlan:
                 device=args.device,
                 quantize_4bit=args.quantize_4bit,
                 show_progress=sys.stderr.isatty(),
+                engine=getattr(args, "engine", None),
             )
         if adapter is not None and adapter.path is not None:
             print(f"loading adapter {adapter.label} ...", file=sys.stderr, flush=True)

@@ -171,6 +171,7 @@ class RemoteChat:
     running server's ``/api/chat``."""
 
     device = ""
+    engine = None  # the server's own
 
     def __init__(self, server: Server, model: str) -> None:
         self.server = server
@@ -245,6 +246,7 @@ def _one_shot(
                 "text": reply.text,
                 "finish_reason": reply.finish_reason,
                 "usage": reply.usage.to_dict(),
+                **({"engine": runtime.engine} if runtime.engine else {}),
             }
         )
         return EXIT_OK
@@ -299,7 +301,9 @@ def _interactive(
 ) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
-        where = f"{description} on {runtime.device}" if runtime.device else description
+        where = description
+        if runtime.device:  # in-process; a server's device and engine are its own
+            where = f"{description} on {runtime.device} ({runtime.engine} engine)"
         print(terminal_safe(f"{where}. /bye to leave, /? for help."))
     history: list[dict[str, str]] = []
     while True:

@@ -231,7 +231,9 @@ def _run(args: argparse.Namespace) -> int:
             **{key: value for key, value in options.items() if value is not None},
         )
     vectors = np.asarray(vectors, dtype=np.float32)
-    return _report(args, texts, vectors, target, runtime.model_id, plan.description)
+    return _report(
+        args, texts, vectors, target, runtime.model_id, plan.description, runtime.engine
+    )
 
 
 def _server_role(server: Server) -> str:
@@ -251,8 +253,9 @@ def _report(
     target: Path | None,
     model: str,
     description: str,
+    engine: str | None = None,
 ) -> int:
-    """Save or print the vectors."""
+    """Save or print the vectors (``engine``: the local runtime's; a server's is its own)."""
     import numpy as np
 
     if target is not None:
@@ -263,6 +266,7 @@ def _report(
         print_json(
             {
                 "model": model,
+                **({"engine": engine} if engine else {}),
                 "dimensions": int(vectors.shape[1]),
                 "data": [
                     {"index": index, "text": text, "embedding": vector.tolist()}
@@ -277,7 +281,10 @@ def _report(
         head = ", ".join(f"{value:+.4f}" for value in vector[:4])
         rows.append([index, preview, f"{float(np.linalg.norm(vector)):.4f}", f"[{head}, ...]"])
     print(
-        terminal_safe(f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {description}")
+        terminal_safe(
+            f"{len(texts)} vector(s) of {vectors.shape[1]} dimensions from {description}"
+            + (f" ({engine} engine)" if engine else "")
+        )
     )
     print_table(["#", "text", "norm", "vector"], rows)
     return EXIT_OK

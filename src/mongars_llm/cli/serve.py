@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ._output import examples
+from ._runtime import add_engine_argument
 
 __all__ = ["register"]
 
@@ -46,7 +47,9 @@ def register(subparsers: Any) -> None:
         "the built-in)",
     )
     parser.add_argument(
-        "--model", type=Path, help="checkpoint directory to serve (sets unified_model_dir)"
+        "--model",
+        type=Path,
+        help="checkpoint directory or .gguf file to serve (sets unified_model_dir)",
     )
     parser.add_argument(
         "--embeddings-only",
@@ -67,6 +70,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="load in 4-bit NF4 when CUDA is available (default: from settings)",
     )
+    add_engine_argument(parser)
     parser.add_argument(
         "--workers",
         type=int,
@@ -101,6 +105,8 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
         env["MONGARS_MODEL__DEVICE"] = args.device
     if args.quantize_4bit is not None:
         env["MONGARS_MODEL__QUANTIZE_4BIT"] = "true" if args.quantize_4bit else "false"
+    if args.engine:
+        env["MONGARS_MODEL__ENGINE"] = args.engine
     if args.embeddings_only:
         env["MONGARS_SERVER_EMBEDDINGS_ONLY"] = "true"
     if not getattr(args, "metrics", True):
@@ -118,7 +124,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.ray and args.workers != 1:
         raise ConfigError("--workers does not apply with --ray; use --replicas")
     if args.model is not None and not args.model.expanduser().exists():
-        raise ConfigError(f"--model {args.model}: no such directory; give a checkpoint directory")
+        raise ConfigError(
+            f"--model {args.model}: no such directory or file; give a checkpoint directory "
+            "or a .gguf file"
+        )
     if args.manifest is not None and not args.manifest.expanduser().is_file():
         raise ConfigError(f"--manifest {args.manifest}: no such file")
 
@@ -207,9 +216,10 @@ class _ReadyLine(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "event", None) == "server_ready":
             fields = getattr(record, "fields", {})
+            engine = f" on {fields['engine']}" if fields.get("engine") else ""
             print(
-                f"mongars-llm: ready on {self.url} (model {fields.get('model')}, loaded in "
-                f"{fields.get('seconds')} s; Ctrl+C stops)",
+                f"mongars-llm: ready on {self.url} (model {fields.get('model')}{engine}, "
+                f"loaded in {fields.get('seconds')} s; Ctrl+C stops)",
                 file=sys.stderr,
                 flush=True,
             )

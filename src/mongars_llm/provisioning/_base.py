@@ -61,6 +61,8 @@ class ProvisionRequest:
 
     ``locked_revision`` is the commit (or digest) recorded in the lock file when
     provisioning with ``locked=True``; it wins over the manifest's ``revision``.
+    ``keep_gguf``: a GGUF source (local ``.gguf`` file, Ollama blob) is the entry's
+    ``path`` as is, not converted (for the llama.cpp engine).
     """
 
     role: str
@@ -73,6 +75,7 @@ class ProvisionRequest:
     locked_revision: str | None = None
     progress: Callable[[ProgressEvent], None] | None = None
     show_progress: bool = True
+    keep_gguf: bool = False
 
     @property
     def model(self) -> str:

@@ -68,6 +68,7 @@ def provision(
     lock_path: str | Path | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
     show_progress: bool = True,
+    keep_gguf: bool = False,
 ) -> ProvisionReport:
     """Provision ``roles`` (default: every role of the active profile).
 
@@ -79,6 +80,13 @@ def provision(
     ``progress`` receives :class:`ProgressEvent` updates; ``show_progress=False``
     hides the Hub's progress bars. Unknown roles raise
     :class:`~mongars_llm.errors.UnknownRoleError` before anything runs.
+
+    ``keep_gguf=True`` keeps a GGUF source as the primary artifact: a role naming a
+    ``.gguf`` file, or an Ollama model in the store, gets the GGUF file itself as its
+    ``path`` (checked: the file's sha256 is its ``revision``, an Ollama blob must match
+    its manifest's digest) and nothing is converted; the llama.cpp engine runs it.
+    The default converts it once into a transformers folder (the torch engine,
+    training and export need one).
     """
     manager = _manager(manager, settings=settings, profile=profile, manifest=manifest)
     names = [roles] if isinstance(roles, str) else (None if roles is None else list(roles))
@@ -103,6 +111,7 @@ def provision(
             pin=pins.get(role.role),
             progress=progress,
             show_progress=show_progress,
+            keep_gguf=keep_gguf,
         )
         for role in resolved
     ]
@@ -218,6 +227,7 @@ def _cache_key(provider: Provider, request: ProvisionRequest) -> tuple[Any, ...]
         request.role,
         request.entry.model_dump_json(),
         request.locked_revision,
+        request.keep_gguf,
         *provider.cache_key(request),
     )
 
@@ -238,6 +248,7 @@ def _provision_role(
     pin: LockedRole | None,
     progress: Callable[[ProgressEvent], None] | None,
     show_progress: bool,
+    keep_gguf: bool = False,
 ) -> ProvisionEntry:
     entry = role.entry
     started = time.monotonic()
@@ -258,6 +269,7 @@ def _provision_role(
         locked_revision=pin.revision if pin else None,
         progress=progress,
         show_progress=show_progress,
+        keep_gguf=keep_gguf,
     )
     key = _cache_key(provider, request)
     if not force and not dry_run:

@@ -97,6 +97,8 @@ class LocalProvider(Provider):
 
     def _resolve_gguf(self, request: ProvisionRequest, source: Path) -> Resolution:
         target = self.target(request)
+        if request.keep_gguf:
+            return self._kept_gguf(request, source, target)
         resolution = Resolution(
             model=request.model, path=target, details={"source": source, "target": target}
         )
@@ -120,6 +122,29 @@ class LocalProvider(Provider):
         resolution.bytes = marker.get("bytes")
         resolution.verified = marker.get("verified")
         return resolution
+
+    def _kept_gguf(self, request: ProvisionRequest, source: Path, target: Path) -> Resolution:
+        """The GGUF file itself as the role's artifact (``keep_gguf``): its sha256 is the
+        revision (read from the conversion's marker while the file is unchanged)."""
+        stat = source.stat()
+        marker = _gguf.read_marker(target)
+        digest = None
+        if marker is not None and (marker.get("source_bytes"), marker.get("source_mtime_ns")) == (
+            stat.st_size,
+            stat.st_mtime_ns,
+        ):
+            digest = marker.get("sha256")
+        digest = str(digest) if digest else sha256_file(source)
+        _check_pin(request, digest, source)
+        return Resolution(
+            model=request.model,
+            path=source,
+            installed=True,
+            revision=digest,
+            bytes=stat.st_size,
+            verified=f"GGUF file kept as is (sha256 {digest[:12]}), not converted",
+            details={"source": source, "kept": True},
+        )
 
     # ------------------------------------------------------------ GGUF import
     def fetch(self, request: ProvisionRequest, resolution: Resolution) -> FetchResult:
@@ -158,6 +183,8 @@ class LocalProvider(Provider):
         if source is None:
             return _verify(resolution.path)
         digest = sha256_file(source)
+        if resolution.details.get("kept"):
+            return f"GGUF file kept as is (sha256 {digest[:12]}), not converted"
         if digest != resolution.revision:
             raise ProvisionError(f"{source} changed since it was converted (sha256 {digest})")
         return _gguf.verify_converted(resolution.path)

@@ -191,6 +191,8 @@ class OllamaProvider(Provider):
             return None
         blob, digest = found
         self._check_digest(request, name, digest)
+        if request.keep_gguf:
+            return self._kept_blob(name, blob, digest)
         target = self.target(request, name, digest)
         resolution = Resolution(
             model=name,
@@ -204,6 +206,26 @@ class OllamaProvider(Provider):
             resolution.bytes = marker.get("bytes")
             resolution.verified = marker.get("verified")
         return resolution
+
+    @staticmethod
+    def _kept_blob(name: str, blob: Path, digest: str) -> Resolution:
+        """The store's GGUF blob itself as the role's artifact (``keep_gguf``), once its
+        sha256 matches the digest of Ollama's manifest (else refused)."""
+        actual = sha256_file(blob)
+        if actual != digest:
+            raise ProvisionError(
+                f"refusing Ollama blob {blob} for {name}: its sha256 is {actual}, the manifest "
+                f"says {digest}; pull the model again (`ollama pull {name}`)"
+            )
+        return Resolution(
+            model=name,
+            revision=digest,
+            path=blob,
+            installed=True,
+            bytes=blob.stat().st_size,
+            verified=f"GGUF blob matches Ollama's manifest (sha256 {digest[:12]}), not converted",
+            details={"blob": blob, "kept": True},
+        )
 
     @staticmethod
     def model_name(name: str) -> str:
@@ -311,6 +333,9 @@ class OllamaProvider(Provider):
                 return pulled
             resolution.revision, resolution.path = stored.revision, stored.path
             resolution.details.update(stored.details)
+            if stored.installed and stored.details.get("kept"):  # keep_gguf: the blob itself
+                resolution.verified = stored.verified
+                return FetchResult(bytes=stored.bytes, details={"kept": True})
             if stored.installed:
                 return FetchResult(bytes=stored.bytes, details={"converted": True})
         return self._convert(request, resolution)
@@ -411,6 +436,8 @@ class OllamaProvider(Provider):
     ) -> str:
         if fetched.staging is not None:
             return _gguf.verify_converted(fetched.staging)
+        if fetched.details.get("kept"):
+            return str(resolution.verified)
         if fetched.details.get("converted") and resolution.path is not None:
             return _gguf.verify_converted(resolution.path)
         item = self._tags(request).get(resolution.model)
@@ -436,6 +463,8 @@ class OllamaProvider(Provider):
             raise ProvisionError(
                 f"Ollama blob {blob} has sha256 {actual}, its manifest says {resolution.revision}"
             )
+        if resolution.details.get("kept"):
+            return f"GGUF blob matches Ollama's manifest (sha256 {actual[:12]}), not converted"
         return _gguf.verify_converted(resolution.path)
 
     def plan(self, request: ProvisionRequest, resolution: Resolution) -> ProvisionPlan:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..errors import AdapterNotFoundError, InvalidInputError, LLMRuntimeError, ModelLoadError
 
@@ -49,7 +49,14 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
-__all__ = ["AdapterStack", "AdapterUse", "ModeGate", "check_adapter_fits"]
+__all__ = [
+    "AdapterSpec",
+    "AdapterStack",
+    "AdapterUse",
+    "ModeGate",
+    "adapter_specs",
+    "check_adapter_fits",
+]
 
 logger = logging.getLogger("mongars_llm.runtime")
 
@@ -562,3 +569,34 @@ def _check_header(
                 f"adapter_config.json says rank {sorted(ranks)}; the weights do not belong to "
                 "this config or this model"
             )
+
+
+class AdapterSpec(NamedTuple):
+    """One adapter to load: its name, its peft folder (or Hub id) and its ``use``."""
+
+    name: str
+    path: str
+    use: str = "all"
+
+
+def adapter_specs(adapters: Any) -> list[AdapterSpec]:
+    """``{name: path}``, ``[(name, path[, use])]``, or objects with ``name``/``path``
+    (and ``use``) attributes, such as a provisioned role's adapters."""
+    if not adapters:
+        return []
+    if isinstance(adapters, Mapping):
+        return [AdapterSpec(str(name), str(path)) for name, path in adapters.items()]
+    specs = []
+    for item in adapters:
+        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            name, path = item[0], item[1]
+            use = item[2] if len(item) == 3 else "all"
+        elif hasattr(item, "name") and hasattr(item, "path"):
+            name, path, use = item.name, item.path, getattr(item, "use", "all")
+        else:
+            raise InvalidInputError(
+                f"adapter {item!r:.80} must be (name, path) or (name, path, use)",
+                param="adapters",
+            )
+        specs.append(AdapterSpec(str(name), str(path), str(use)))
+    return specs

@@ -5,7 +5,9 @@ is given. This module composes it with the layers below the runtime: the
 manifest (:class:`~mongars_llm.manager.ModelManager`) and provisioning.
 
 - :func:`runtime_for_role` provisions a role (default ``general``, else the
-  profile's first) and loads it with its adapters and embedding options;
+  profile's first) and loads it with its adapters and embedding options; for a
+  GGUF-sourced role :func:`role_engine` decides the engine first, so a role that
+  runs on llama.cpp keeps its GGUF (provisioning converts nothing);
 - :func:`role_defaults` gives a runtime the sampling defaults and adapters of a
   role that a ``generate(..., role=...)`` call names, read from the manager the
   runtime was built with;
@@ -27,11 +29,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..errors import LLMRuntimeError, ModelLoadError
+from ._engine import EngineChoice, check_engine_name, choose_engine, engine_device
 from ._llm2vec import EmbeddingConfig
 from ._params import RoleDefaults
 
 if TYPE_CHECKING:
     from ..manager import ModelManager
+    from ..manifest.models import RoleEntry
     from ..settings import Settings
     from ._runtime import UnifiedLLMRuntime
 
@@ -39,6 +43,7 @@ __all__ = [
     "ashared_runtime",
     "reset_shared_runtime",
     "role_defaults",
+    "role_engine",
     "runtime_for_role",
     "shared_runtime",
 ]
@@ -53,6 +58,7 @@ def runtime_for_role(
     device: str | None = None,
     quantize_4bit: bool | None = None,
     show_progress: bool = True,
+    engine: str | None = None,
     runtime_cls: type[UnifiedLLMRuntime],
 ) -> UnifiedLLMRuntime:
     """Provision manifest role ``role`` and load it with its adapters and embedding
@@ -61,6 +67,11 @@ def runtime_for_role(
     ``role=None`` is ``general`` when the profile has it, else its first role.
     An unknown role is an :class:`~mongars_llm.errors.UnknownRoleError`; a role
     that cannot be provisioned is a :class:`~mongars_llm.errors.ModelLoadError`.
+
+    The engine (``engine``, else ``settings.model.engine``) is decided before
+    provisioning (:func:`role_engine`): a GGUF-sourced role that runs on llama.cpp is
+    provisioned with ``keep_gguf=True`` (the GGUF file is loaded, nothing converted);
+    one that runs on torch gets its transformers folder, converted once.
     """
     from ..manager import ModelManager
     from ..provisioning import provision
@@ -71,7 +82,10 @@ def runtime_for_role(
         raise ModelLoadError(f"profile {manager.profile_name!r} has no roles to load")
     if role is None:
         role = "general" if "general" in names else names[0]
-    report = provision([role], manager=manager, show_progress=show_progress)
+    resolved = manager.role(role)
+    choice = role_engine(resolved.entry, engine, settings=manager.settings, device=device)
+    keep_gguf = choice is not None and choice.name == "llama.cpp"
+    report = provision([role], manager=manager, show_progress=show_progress, keep_gguf=keep_gguf)
     entry = report[role]
     if entry.ok and not entry.path:  # e.g. an Ollama model on a daemon we cannot read
         raise ModelLoadError(
@@ -84,7 +98,6 @@ def runtime_for_role(
             f"role {role!r} ({entry.model}) could not be provisioned: "
             f"{entry.error or entry.action}; run `mongars-llm provision --roles {role}`"
         )
-    resolved = manager.role(role)
     embedding = EmbeddingConfig.from_dict(resolved.embedding or {}, source=f"role {role!r}")
     return runtime_cls.from_pretrained(
         entry.path,
@@ -100,7 +113,52 @@ def runtime_for_role(
         instruction=embedding.instruction,
         trust_remote_code=bool(resolved.entry.trust_remote_code),
         revision=entry.revision if entry.provider == "huggingface" else None,
+        engine=choice.name if choice is not None else engine,
+        engine_reason=choice.reason if choice is not None else None,
     )
+
+
+def role_engine(
+    entry: RoleEntry, engine: str | None, *, settings: Settings, device: str | None
+) -> EngineChoice | None:
+    """The engine of a role whose source is a GGUF (a local ``.gguf`` file, an Ollama
+    model), decided before provisioning; ``None`` for other roles (their checkpoint
+    decides, in ``from_pretrained``).
+
+    ``auto`` picks llama.cpp on the CPU with llama-cpp-python installed, unless the
+    role has adapters and the llama.cpp engine cannot run them yet; torch otherwise.
+    """
+    requested = check_engine_name(engine if engine is not None else settings.model.engine)
+    if not _gguf_sourced(entry):
+        return None
+    if requested != "auto":
+        return EngineChoice(requested, f'engine="{requested}" was asked for')
+    choice = choose_engine(
+        "auto", source=entry.name, device=engine_device(device, settings), gguf=True
+    )
+    if choice.name == "llama.cpp" and entry.adapters and not _llamacpp_runs_adapters():
+        return EngineChoice(
+            "torch", "auto: the role has LoRA adapters, which the llama.cpp engine does not run yet"
+        )
+    if choice.name == "llama.cpp":
+        return EngineChoice("llama.cpp", "auto: a GGUF role on the CPU, llama-cpp-python installed")
+    return EngineChoice("torch", choice.reason.replace("a GGUF file", "a GGUF role"))
+
+
+def _llamacpp_runs_adapters() -> bool:
+    """Whether the llama.cpp engine has its adapter stack (``LlamaCppAdapters``, issue
+    21 item 4); until then ``auto`` sends a GGUF role with adapters to torch."""
+    from . import _engine
+
+    return hasattr(_engine, "LlamaCppAdapters")
+
+
+def _gguf_sourced(entry: RoleEntry) -> bool:
+    """Whether the role's weights come as a GGUF: an Ollama model, or a ``local`` role
+    naming a ``.gguf`` file (``pkg://`` included)."""
+    if entry.provider == "ollama":
+        return True
+    return entry.provider == "local" and entry.name.lower().endswith(".gguf")
 
 
 def role_defaults(runtime: UnifiedLLMRuntime, role: str) -> RoleDefaults:

@@ -34,34 +34,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import (
+    AdapterNotFoundError,
     EmbeddingError,
     GenerationError,
     InvalidInputError,
     LLMRuntimeError,
+    ModelLoadError,
     RuntimeClosedError,
     UnsupportedError,
 )
 from ..logging import log_event
+from ._adapter_stack import AdapterStack, _Adapter
 from ._batching import BatchStats, MicroBatcher, Pending
 from ._params import SamplingParams
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ._decoding import RowState, SamplingKey
+    from ..settings import Settings
     from ._embedder import EmbedRequest, TorchEmbedRunner
     from ._llamacpp import LlamaCppEngine
+    from ._llamacpp._engine import LoraAdapter
+    from ._prompting import RowState, SamplingKey
     from ._types import Generation, LoadedModel
 
 __all__ = [
     "ENGINE_NAMES",
     "Engine",
     "EngineChoice",
+    "LlamaCppAdapters",
     "LlamaCppRuntimeEngine",
     "NoAdapters",
     "TorchEngine",
     "check_engine_name",
     "choose_engine",
+    "engine_device",
     "is_gguf_file",
 ]
 
@@ -71,6 +78,9 @@ logger = logging.getLogger("mongars_llm.runtime")
 ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "llama.cpp")
 
 _T = TypeVar("_T")
+_GGUF_MAGIC = b"GGUF"
+#: device nodes of a GPU driver: NVIDIA (CUDA) and AMD (ROCm, which torch calls cuda)
+_GPU_NODES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 
 
 def check_engine_name(engine: Any) -> str:
@@ -88,10 +98,38 @@ def check_engine_name(engine: Any) -> str:
 
 
 def is_gguf_file(path: str | Path) -> bool:
-    """Whether ``path`` names a local ``.gguf`` file (by its name; the header is
-    checked when it loads)."""
+    """Whether ``path`` names a local GGUF file: a ``.gguf`` file, or a file that
+    starts with the GGUF magic (an Ollama blob, ``blobs/sha256-<hex>``). The rest
+    of the header is checked when it loads."""
     text = str(path)
-    return text.lower().endswith(".gguf") and Path(text).expanduser().is_file()
+    file = Path(text).expanduser()
+    try:
+        if not file.is_file():
+            return False
+        if text.lower().endswith(".gguf"):
+            return True
+        with file.open("rb") as handle:
+            return handle.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def engine_device(device: str | None, settings: Settings) -> str:
+    """The device a load runs on, decided without importing torch where it cannot
+    matter: ``auto`` (or unset) on a machine with no GPU driver (no NVIDIA or ROCm
+    device node) is ``"cpu"``; anything else asks torch (``_loading``), which also
+    checks an explicit ``cuda`` device."""
+    wanted = device or settings.model.device
+    if wanted == "cpu" or ((not wanted or wanted == "auto") and not _gpu_driver_present()):
+        return "cpu"
+    from ._loading import _resolve_device
+
+    return _resolve_device(device, settings)
+
+
+def _gpu_driver_present() -> bool:
+    """Whether a GPU driver is visible (then torch may find CUDA/ROCm devices)."""
+    return any(Path(p).exists() for p in _GPU_NODES)
 
 
 def llama_cpp_installed() -> bool:
@@ -322,6 +360,88 @@ class NoAdapters:
         return submit()
 
 
+class LlamaCppAdapters(AdapterStack):
+    """The adapter stack of the llama.cpp runtime: the torch stack's API (names,
+    ``use``, defaults, pinned resolution, unload while in use, ``set_uses``), over
+    GGUF LoRAs.
+
+    A peft folder is converted once to a GGUF LoRA (:func:`~._llamacpp._lora.gguf_lora`,
+    cached beside it or under ``cache_dir``; what llama.cpp cannot run is refused
+    there, naming the folder and ``engine="torch"``) and loaded by llama.cpp once.
+    Nothing is switched model-wide: each call hands its resolved adapters to the
+    engine (:meth:`handles`), which sets them for the decode steps of that call only,
+    so calls with different adapters (or none) run side by side.
+    """
+
+    def __init__(self, engine: LlamaCppEngine, *, cache_dir: str | Path) -> None:
+        super().__init__(None)
+        self._llama = engine
+        self._cache_dir = Path(cache_dir)
+        self._handles: dict[str, LoraAdapter] = {}
+
+    def handles(self, mode: tuple[str, ...]) -> tuple[LoraAdapter, ...]:
+        """The loaded adapters of a resolved (so pinned) mode, in its order."""
+        with self._lock:
+            return tuple(self._handles[name] for name in mode)
+
+    def load(self, name: str, path: str | Path, *, use: str = "all") -> None:
+        """Convert (once) and load adapter ``name`` from a local peft folder. Calls that
+        resolved an older adapter of this name finish on it; later calls get the new one."""
+        from ._adapter_stack import _USES
+        from ._llamacpp._lora import gguf_lora
+
+        if use not in _USES:
+            raise InvalidInputError(
+                f"adapter use {use!r} is not one of {', '.join(_USES)}", param="use"
+            )
+        if not name or not isinstance(name, str):
+            raise InvalidInputError("an adapter needs a non-empty name", param="name")
+        try:
+            lora = gguf_lora(path, self._llama.info, cache_dir=self._cache_dir)
+            handle = self._llama.load_lora(lora)
+        except LLMRuntimeError:
+            raise
+        except Exception as err:
+            raise ModelLoadError(
+                f"could not load adapter {name!r} from {str(path)!r} on the llama.cpp engine: "
+                f'{err}; load the model with engine="torch" to use it'
+            ) from err
+        with self._lock:  # calls that resolved the old weights of this name finish on them
+            while self._pins[name] > 0:
+                self._lock.wait()
+            old = self._handles.get(name)
+            self._retiring.pop(name, None)
+            self._handles[name] = handle
+            self._adapters[name] = _Adapter(name, str(path), use)  # type: ignore[arg-type]
+        if old is not None:
+            self._llama.free_lora(old)
+        logger.info("adapter %s loaded from %s as %s (use=%s)", name, path, lora.name, use)
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self._adapters:
+                raise AdapterNotFoundError(
+                    f"adapter {name!r} is not loaded; loaded adapters: "
+                    f"{', '.join(self._adapters) or '(none)'}"
+                )
+            adapter = self._adapters.pop(name)
+            if self._pins[name] > 0:
+                self._retiring[name] = adapter  # freed when the last call holding it ends
+                return
+            handle = self._handles.pop(name, None)
+        if handle is not None:
+            self._llama.free_lora(handle)
+
+    def _purge(self) -> None:
+        with self._lock:
+            free = [name for name in self._retiring if self._pins[name] <= 0]
+            handles = [self._handles.pop(name) for name in free if name in self._handles]
+            for name in free:
+                del self._retiring[name]
+        for handle in handles:
+            self._llama.free_lora(handle)
+
+
 def _sampling_params(row: RowState, key: SamplingKey) -> SamplingParams:
     """The llama.cpp engine's parameters for a prepared row (greedy unless sampling)."""
     return SamplingParams(
@@ -351,8 +471,10 @@ class LlamaCppRuntimeEngine:
         reason: str = "",
         max_length: int,
         tokenizer_lock: threading.RLock,
+        adapters: LlamaCppAdapters | None = None,
     ) -> None:
         self.engine = engine
+        self._adapters = adapters
         self._tokenizer_lock = tokenizer_lock
         self.reason = reason or "llama.cpp"
         self.max_length = max_length
@@ -361,13 +483,16 @@ class LlamaCppRuntimeEngine:
 
     def submit_generation(self, row: RowState, sampling: SamplingKey) -> Future[Generation]:
         params = _sampling_params(row, sampling)
-        future = self.engine.submit(row.prompt_ids, params, stream=row.stream)
+        future = self.engine.submit(
+            row.prompt_ids, params, stream=row.stream, loras=self._loras(sampling.mode)
+        )
         _count(self._stats["generate"], 1)
         return future
 
     def submit_embedding(self, request: EmbedRequest) -> Future[np.ndarray]:
         params = request.params
         items = [list(item) for item in request.items]
+        loras = self._loras(params.adapters)
 
         def run() -> np.ndarray:
             started = time.perf_counter()
@@ -380,6 +505,7 @@ class LlamaCppRuntimeEngine:
                     max_length=self.max_length,
                     truncate=request.truncate,
                     warn=False,  # the Embedder warned already, once
+                    loras=loras,
                 )
             except LLMRuntimeError:
                 raise
@@ -392,6 +518,7 @@ class LlamaCppRuntimeEngine:
                 batch_size=len(items),
                 pooling=params.pooling,
                 bidirectional=params.bidirectional,
+                adapters=",".join(params.adapters) or None,
                 engine=self.name,
                 device="cpu",
                 seconds=round(time.perf_counter() - started, 4),
@@ -404,6 +531,16 @@ class LlamaCppRuntimeEngine:
             raise RuntimeClosedError("this runtime is closed; build or fetch a new one") from err
         _count(self._stats["embed"], len(items))
         return future
+
+    def _loras(self, mode: tuple[str, ...]) -> tuple[LoraAdapter, ...]:
+        """The llama.cpp adapters of a call's resolved mode (``()``: the base model)."""
+        if not mode:
+            return ()
+        if self._adapters is None:
+            raise UnsupportedError(
+                'this llama.cpp runtime has no adapter stack; load the model with engine="torch"'
+            )
+        return self._adapters.handles(mode)
 
     def stats(self) -> dict[str, Any]:
         return {k: v.to_dict() for k, v in self._stats.items()}

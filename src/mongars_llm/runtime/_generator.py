@@ -9,7 +9,7 @@ checks its length, and hands the request to the runtime's engine
 passes ``defer=True``: then the chat template is rendered and the prompt
 tokenised on a small thread pool, never on the event loop (a 200,000-character
 prompt takes tens of milliseconds to tokenise). The torch engine runs requests
-with the same adapters and sampling settings (:class:`~._decoding.SamplingKey`)
+with the same adapters and sampling settings (:class:`~._prompting.SamplingKey`)
 together as one ``model.generate`` call; the llama.cpp engine batches
 continuously, so each request goes to it directly. For llama.cpp the tokenizer is
 the engine's (:class:`~._llamacpp._native.HFTokenizerView`), carrying the GGUF's
@@ -28,8 +28,8 @@ from ._params import RoleResolver, SamplingParams
 from ._types import Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
-    from ._decoding import RowState, SamplingKey
     from ._engine import Engine
+    from ._prompting import RowState, SamplingKey
 
 __all__ = ["Generator"]
 
@@ -84,7 +84,7 @@ class Generator:
 
     def count_tokens(self, prompt_or_messages: Any) -> int:
         """Tokens the model reads for a prompt string or chat messages."""
-        from ._decoding import messages_to_prompt_ids
+        from ._prompting import messages_to_prompt_ids
 
         if isinstance(prompt_or_messages, str):
             with self._tokenizer_lock:
@@ -147,7 +147,7 @@ class Generator:
         role: str | None,
         stream: GenerationStream | None,
     ) -> _GenerateRequest:
-        from ._decoding import RowState, SamplingKey, messages_to_prompt_ids
+        from ._prompting import RowState, SamplingKey, messages_to_prompt_ids
 
         among: tuple[str, ...] | None = None  # a role's own adapters, when it lists some
         if role is not None:

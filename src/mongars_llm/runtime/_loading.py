@@ -20,15 +20,16 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import InvalidInputError, LLMRuntimeError, ModelLoadError
 from ..logging import log_event
+from ._adapter_stack import AdapterSpec, adapter_specs  # torch-free: llama.cpp reads them too
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -252,37 +253,6 @@ def use_cpu_threads(plan: LoadPlan, settings: Settings) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     plan.notes.append(f"cpu threads: {why}")
-
-
-class AdapterSpec(NamedTuple):
-    """One adapter to load: its name, its peft folder (or Hub id) and its ``use``."""
-
-    name: str
-    path: str
-    use: str = "all"
-
-
-def adapter_specs(adapters: Any) -> list[AdapterSpec]:
-    """``{name: path}``, ``[(name, path[, use])]``, or objects with ``name``/``path``
-    (and ``use``) attributes, such as a provisioned role's adapters."""
-    if not adapters:
-        return []
-    if isinstance(adapters, Mapping):
-        return [AdapterSpec(str(name), str(path)) for name, path in adapters.items()]
-    specs = []
-    for item in adapters:
-        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
-            name, path = item[0], item[1]
-            use = item[2] if len(item) == 3 else "all"
-        elif hasattr(item, "name") and hasattr(item, "path"):
-            name, path, use = item.name, item.path, getattr(item, "use", "all")
-        else:
-            raise InvalidInputError(
-                f"adapter {item!r:.80} must be (name, path) or (name, path, use)",
-                param="adapters",
-            )
-        specs.append(AdapterSpec(str(name), str(path), str(use)))
-    return specs
 
 
 @dataclass

@@ -41,11 +41,13 @@ from ..logging import log_event
 from ._embedder import EmbedDefaults, Embedder, EmbedOptions, TorchEmbedRunner, known_pooling
 from ._engine import (
     Engine,
+    EngineChoice,
+    LlamaCppAdapters,
     LlamaCppRuntimeEngine,
-    NoAdapters,
     TorchEngine,
     check_engine_name,
     choose_engine,
+    engine_device,
     gguf_chat_template,
     is_gguf_file,
 )
@@ -134,7 +136,7 @@ class UnifiedLLMRuntime:
                 model_type=llama.architecture,
                 max_position_embeddings=llama.n_ctx - 1,  # room for one new token
             )
-            adapters = cast("AdapterStack", NoAdapters("llama.cpp"))
+            adapters = LlamaCppAdapters(llama, cache_dir=settings.cache_dir)
         else:
             from ._adapter_stack import AdapterStack
 
@@ -170,6 +172,7 @@ class UnifiedLLMRuntime:
                 reason=engine_reason,
                 max_length=self.max_length,
                 tokenizer_lock=self._tokenizer_lock,
+                adapters=adapters if isinstance(adapters, LlamaCppAdapters) else None,
             )
         else:
             runner = TorchEmbedRunner(loaded, prompt_model_id=self._prompt_model_id)
@@ -211,16 +214,19 @@ class UnifiedLLMRuntime:
         trust_remote_code: bool = False,
         revision: str | None = None,
         engine: str | None = None,
+        engine_reason: str | None = None,
     ) -> UnifiedLLMRuntime:
         """Load a checkpoint (directory, Hub id or ``.gguf`` file) once, with its adapters.
 
         ``engine`` (default ``settings.model.engine``, ``"auto"``) picks what runs it:
         ``"torch"`` (transformers; a ``.gguf`` file is converted once to a cached
         folder), ``"llama.cpp"`` (a ``.gguf`` file run as GGUF on the CPU; needs
-        ``pip install "mongars-llm[cpu]"``; adapters are not supported yet), or
+        ``pip install "mongars-llm[cpu]"``; peft LoRA folders are converted once to
+        GGUF LoRAs), or
         ``"auto"``: llama.cpp for a ``.gguf`` file on the CPU when llama-cpp-python is
         installed, torch otherwise. :meth:`describe` and the load event say which
-        engine runs and why.
+        engine runs and why (``engine_reason``, when given, is that why: a caller that
+        chose ``engine`` itself, like :meth:`from_role`, says on what grounds).
 
         A directory holding a LoRA adapter (``adapter_config.json``), such as a
         published LLM2Vec MNTP repo, loads as base model + that adapter
@@ -236,17 +242,12 @@ class UnifiedLLMRuntime:
         started = time.perf_counter()
         requested = check_engine_name(engine if engine is not None else settings.model.engine)
         gguf = _gguf_source(path_or_repo)
-        try:
-            from ._loading import load_causal_lm, plan_load, resolve_checkpoint, use_cpu_threads
-        except ImportError as err:  # pragma: no cover - torch is a core dependency
-            raise ModelLoadError(f"the runtime needs torch: {err}") from err
-
         resolved_device: str | None = None
         if gguf and requested != "torch":
-            from ._loading import _resolve_device
-
-            resolved_device = _resolve_device(device, settings)
+            resolved_device = engine_device(device, settings)  # torch-free on a CPU host
         choice = choose_engine(requested, source=path_or_repo, device=resolved_device, gguf=gguf)
+        if engine_reason:
+            choice = EngineChoice(choice.name, engine_reason)
         if choice.name == "llama.cpp":
             return cls._from_gguf(
                 Path(path_or_repo),
@@ -263,6 +264,11 @@ class UnifiedLLMRuntime:
                 instruction=instruction,
                 started=started,
             )
+        try:
+            from ._loading import load_causal_lm, plan_load, resolve_checkpoint, use_cpu_threads
+        except ImportError as err:  # pragma: no cover - torch is a core dependency
+            raise ModelLoadError(f"the runtime needs torch: {err}") from err
+
         source: str | Path = path_or_repo
         if gguf:
             source = _torch_copy_of_gguf(Path(path_or_repo), settings)
@@ -351,15 +357,13 @@ class UnifiedLLMRuntime:
                 f"the llama.cpp engine runs on the CPU here, not {device!r}; {fallback} "
                 "or pass device='cpu'"
             )
-        if adapters:
-            raise UnsupportedError(
-                "LoRA adapters are not supported by the llama.cpp engine yet; "
-                f"{fallback} to use adapters"
-            )
+        from ._adapter_stack import adapter_specs
+
+        specs = adapter_specs(adapters)  # checked before anything loads
         if not is_gguf_file(path):
             raise ModelLoadError(f"{str(path)!r} is not a GGUF file; {fallback}")
-        from ._decoding import check_tokenizer_template
         from ._llamacpp import LlamaCppEngine
+        from ._prompting import check_tokenizer_template
 
         threads = settings.model.cpu_threads or None
         llama = LlamaCppEngine(path, n_threads=threads, prompt_model_id=str(path))
@@ -386,6 +390,8 @@ class UnifiedLLMRuntime:
                 llama=llama,
                 engine_reason=reason,
             )
+            for name, adapter_path, use in specs:
+                runtime.load_adapter(name, adapter_path, use=use)
         except BaseException:
             llama.close()
             raise
@@ -417,11 +423,16 @@ class UnifiedLLMRuntime:
         device: str | None = None,
         quantize_4bit: bool | None = None,
         show_progress: bool = True,
+        engine: str | None = None,
     ) -> UnifiedLLMRuntime:
         """Provision a manifest role (default ``general``, else the profile's first
         role) and load it with its adapters and embedding options; sampling
         defaults then come from that role. An unknown role is a ``ConfigError``
-        listing the known ones. (See :func:`._compose.runtime_for_role`.)"""
+        listing the known ones. ``engine`` is as in :meth:`from_pretrained`: a role
+        whose source is a GGUF (a local ``.gguf`` file, an Ollama model) runs as GGUF
+        on llama.cpp when ``auto`` picks it, with nothing converted; the torch engine
+        gets the provisioned transformers folder (converted once). (See
+        :func:`._compose.runtime_for_role`.)"""
         from ._compose import runtime_for_role
 
         return runtime_for_role(
@@ -431,6 +442,7 @@ class UnifiedLLMRuntime:
             device=device,
             quantize_4bit=quantize_4bit,
             show_progress=show_progress,
+            engine=engine,
             runtime_cls=cls,
         )
 
@@ -888,11 +900,12 @@ class UnifiedLLMRuntime:
 
 
 def _gguf_source(path_or_repo: str | Path) -> bool:
-    """Whether ``path_or_repo`` is a ``.gguf`` file (``ModelLoadError`` when its name
-    says GGUF but no such file exists)."""
+    """Whether ``path_or_repo`` is a GGUF file: a ``.gguf`` file (``ModelLoadError``
+    when its name says GGUF but no such file exists) or a file that starts with the
+    GGUF magic (an Ollama blob)."""
     text = str(path_or_repo)
     if not text.lower().endswith(".gguf"):
-        return False
+        return is_gguf_file(text)  # a file with the GGUF magic (an Ollama blob)
     if not is_gguf_file(text):
         raise ModelLoadError(f"no GGUF file at {text!r}")
     return True

@@ -126,6 +126,7 @@ class ServerState:
             logger,
             "server_ready",
             model=runtime.model_id,
+            engine=getattr(runtime, "engine", None),
             seconds=round(time.perf_counter() - started, 3),
         )
         self.start_watcher()

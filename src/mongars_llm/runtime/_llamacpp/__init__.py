@@ -7,7 +7,8 @@ The package's modules, in call order: :mod:`._gguf` checks the file before
 llama.cpp reads it (llama.cpp aborts the process on some malformed files),
 :mod:`._native` imports ``llama_cpp`` and routes its logs, :mod:`._engine`
 schedules requests on the context, :mod:`._sequences` turns one request's
-tokens into text and deltas, :mod:`._pooling` pools per-token states.
+tokens into text and deltas, :mod:`._pooling` pools per-token states, and
+:mod:`._lora` converts a peft LoRA folder to the GGUF LoRA the engine loads.
 
 Importing this package imports neither ``llama_cpp`` nor torch; building an
 engine without the extra raises :class:`~mongars_llm.errors.MissingExtraError`

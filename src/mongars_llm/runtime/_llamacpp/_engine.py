@@ -19,10 +19,20 @@ alone touches the context:
 
 The context's KV cache holds ``n_ctx`` cells for chat plus ``n_batch`` for the
 embedding batch, so an embedding call never waits for chat to finish.
+
+**LoRA adapters** (GGUF LoRA files, :mod:`._lora`) are loaded once each
+(:meth:`LlamaCppEngine.load_lora`) and chosen per request: a request carries the
+tuple of adapters it runs with (``()``: the base model), and each decode step
+runs one such set (``llama_set_adapters_lora`` on the context, only when it
+changes), so requests with different adapters never share a step; the sets
+present take turns, step by step. An embedding call sets its own adapters for
+its decodes. An adapter handed to :meth:`LlamaCppEngine.free_lora` is freed
+once no queued or running request uses it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -61,7 +71,7 @@ from ._native import HFTokenizerView, Vocab, native, recent_log
 from ._pooling import normalise_rows, pool_states
 from ._sequences import Sequence, build_sampler
 
-__all__ = ["LlamaCppEngine"]
+__all__ = ["LlamaCppEngine", "LoraAdapter"]
 
 logger = logging.getLogger("mongars_llm.runtime.llamacpp")
 
@@ -76,6 +86,18 @@ def _input_error(err: EmbeddingInputError) -> LLMRuntimeError:
     if err.code == "input_too_long":
         return InputTooLongError(str(err), param=err.param)
     return InvalidInputError(str(err), param=err.param)
+
+
+class LoraAdapter:
+    """One GGUF LoRA loaded by llama.cpp on an engine's model (compared by identity)."""
+
+    def __init__(self, path: Path, pointer: Any) -> None:
+        self.path = path
+        self.pointer = pointer
+        self.freed = False
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({str(self.path)!r}{', freed' if self.freed else ''})"
 
 
 class LlamaCppEngine:
@@ -157,7 +179,12 @@ class LlamaCppEngine:
         self.prompt_model_id = prompt_model_id
         self._cond = threading.Condition()
         self._waiting: list[Sequence] = []
-        self._jobs: list[tuple[Any, Future[Any]]] = []
+        #: work for the worker thread between decode steps: (call, its future, its adapters)
+        self._jobs: list[tuple[Any, Future[Any], tuple[LoraAdapter, ...]]] = []
+        self._retired: list[LoraAdapter] = []  # to free once no request uses them
+        self._loras: list[LoraAdapter] = []  # loaded and not freed (freed with the model)
+        self._applied: tuple[LoraAdapter, ...] = ()  # the adapters set on the context
+        self._turn = 0  # which adapter set decodes next, when several are running
         self._active: list[Sequence] = []
         self._free_ids = list(range(max_sequences))
         self._closed = False
@@ -185,9 +212,12 @@ class LlamaCppEngine:
         *,
         stream: GenerationStream | None = None,
         default_max_new_tokens: int = 256,
+        loras: Seq[LoraAdapter] = (),
     ) -> Future[Generation]:
         """Queue one rendered prompt (a string or its token ids); the future holds its
-        :class:`~.._types.Generation`. The prompt must leave room in ``n_ctx``."""
+        :class:`~.._types.Generation`. The prompt must leave room in ``n_ctx``.
+        ``loras``: the adapters (:meth:`load_lora`) it decodes with."""
+        loras = self._check_loras(loras)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty", param="prompt")
@@ -209,6 +239,7 @@ class LlamaCppEngine:
             stop=tuple(params.stop or ()),
             params=params,
             stream=stream,
+            loras=loras,
         )
         with self._cond:
             if self._closed:
@@ -217,16 +248,69 @@ class LlamaCppEngine:
             self._cond.notify()
         return sequence.future
 
-    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams,
+        *,
+        loras: Seq[LoraAdapter] = (),
+    ) -> list[Generation]:
         """Replies to rendered prompts, decoded together; in order."""
-        futures = [self.submit(p, params) for p in prompts]
+        futures = [self.submit(p, params, loras=loras) for p in prompts]
         return [f.result() for f in futures]
 
-    def stream(self, prompt: str | Seq[int], params: SamplingParams) -> GenerationStream:
+    def stream(
+        self, prompt: str | Seq[int], params: SamplingParams, *, loras: Seq[LoraAdapter] = ()
+    ) -> GenerationStream:
         """A reply's text deltas as they are decoded (``stream.result`` at the end)."""
         stream = GenerationStream()
-        self.submit(prompt, params, stream=stream)
+        self.submit(prompt, params, stream=stream, loras=loras)
         return stream
+
+    # ---------------------------------------------------------------- adapters
+    def load_lora(self, path: str | os.PathLike[str]) -> LoraAdapter:
+        """Load a GGUF LoRA (:func:`._lora.gguf_lora` writes them) for this model; it
+        is applied only to requests that name it. Loaded between two decode steps."""
+        file = Path(path)
+
+        def load() -> LoraAdapter:
+            pointer = self._ll.llama_adapter_lora_init(self._model, str(file).encode())
+            if not pointer:
+                raise ModelLoadError(
+                    f"llama.cpp could not load the LoRA {str(file)!r} on {self.path.name} "
+                    f'({recent_log(3)}); load the model with engine="torch" to use it'
+                )
+            adapter = LoraAdapter(file, pointer)
+            self._loras.append(adapter)
+            return adapter
+
+        adapter: LoraAdapter = self._on_worker(load).result()
+        return adapter
+
+    def free_lora(self, adapter: LoraAdapter) -> None:
+        """Free ``adapter`` once no queued or running request uses it (not waiting)."""
+        with self._cond:
+            if self._closed or adapter.freed:
+                return  # llama.cpp frees the adapters with the model
+            self._retired.append(adapter)
+            self._cond.notify()
+
+    def _check_loras(self, loras: Seq[LoraAdapter]) -> tuple[LoraAdapter, ...]:
+        loras = tuple(loras)
+        for adapter in loras:
+            if not isinstance(adapter, LoraAdapter) or adapter.freed:
+                raise InvalidInputError(f"{adapter!r} is not a loaded LoRA adapter", param="loras")
+        return loras
+
+    def _on_worker(self, call: Any, loras: tuple[LoraAdapter, ...] = ()) -> Future[Any]:
+        """Run ``call()`` on the worker thread, between two decode steps."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeClosedError("the llama.cpp engine is closed")
+            self._jobs.append((call, future, loras))
+            self._cond.notify()
+        return future
 
     # ------------------------------------------------------------- embedding API
     def embed(
@@ -240,11 +324,14 @@ class LlamaCppEngine:
         max_length: int | None = None,
         truncate: bool = True,
         warn: bool = True,
+        loras: Seq[LoraAdapter] = (),
     ) -> np.ndarray:
         """LLM2Vec vectors (float32, one row per text) of ``texts``: strings or
         ``[instruction, text]`` pairs, composed and pooled as the torch engine does.
         Texts are cut at ``max_length`` tokens (at most ``n_batch``). ``warn=False``:
-        no ``EmbeddingWarning`` about the pooling (the runtime's request path warns)."""
+        no ``EmbeddingWarning`` about the pooling (the runtime's request path warns);
+        ``loras``: the adapters (:meth:`load_lora`) its decodes run with."""
+        loras = self._check_loras(loras)
         limit = min(max_length or self.n_batch, self.n_batch)
         try:
             items = normalise_inputs(texts, instruction)
@@ -275,13 +362,16 @@ class LlamaCppEngine:
                 )
         except EmbeddingInputError as err:
             raise _input_error(err) from err
-        future: Future[list[np.ndarray]] = Future()
-        with self._cond:
-            if self._closed:
-                raise RuntimeClosedError("the llama.cpp engine is closed")
-            self._jobs.append(((encoded, bidirectional), future))
-            self._cond.notify()
-        states = future.result()
+
+        def states_of() -> list[np.ndarray]:
+            try:
+                return self._embed_states(encoded, bidirectional, loras)
+            except LLMRuntimeError:
+                raise
+            except BaseException as err:
+                raise EmbeddingError.wrap(err, "llama.cpp embedding failed") from err
+
+        states = self._on_worker(states_of, loras).result()
         vectors = np.stack(
             [
                 pool_states(
@@ -328,19 +418,23 @@ class LlamaCppEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._jobs or self._active):
+                while not (
+                    self._closed or self._waiting or self._jobs or self._active or self._retired
+                ):
                     self._cond.wait()
                 if self._closed:
                     self._fail_all(RuntimeClosedError("the llama.cpp engine was closed"))
                     return
                 jobs, self._jobs = self._jobs, []
                 self._admit()
-            for (encoded, bidirectional), future in jobs:
+            for call, future, _ in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(self._embed_states(encoded, bidirectional))
+                        future.set_result(call())
                     except BaseException as err:
-                        future.set_exception(EmbeddingError.wrap(err, "llama.cpp embedding failed"))
+                        future.set_exception(err)
+            if self._retired:
+                self._reap()
             if self._active:
                 try:
                     self._step()
@@ -366,16 +460,52 @@ class LlamaCppEngine:
             self._active.append(sequence)
             held += sequence.cells
 
+    def _apply(self, loras: tuple[LoraAdapter, ...]) -> None:
+        """Set ``loras`` on the context (scale 1 each) when they are not set already."""
+        if loras == self._applied:
+            return
+        ll = self._ll
+        n = len(loras)
+        if n:
+            pointers = (ll.llama_adapter_lora_p_ctypes * n)(*(a.pointer for a in loras))
+            scales = (ctypes.c_float * n)(*([1.0] * n))
+            status = ll.llama_set_adapters_lora(self._ctx, pointers, n, scales)
+        else:
+            status = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        if status != 0:
+            raise GenerationError(f"llama.cpp refused the LoRA adapters {loras} ({recent_log(2)})")
+        self._applied = loras
+
+    def _reap(self) -> None:
+        """Free the retired adapters no queued or running request uses."""
+        with self._cond:
+            used = {id(a) for s in (*self._active, *self._waiting) for a in s.loras}
+            used.update(id(a) for _, _, loras in self._jobs for a in loras)
+            free = [a for a in self._retired if id(a) not in used]
+            self._retired = [a for a in self._retired if id(a) in used]
+        for adapter in free:
+            if adapter in self._applied:
+                self._apply(())
+            if not adapter.freed:
+                adapter.freed = True
+                self._loras.remove(adapter)
+                self._ll.llama_adapter_lora_free(adapter.pointer)
+
     def _step(self) -> None:
-        """One decode: the next token of each running request, then prompt chunks."""
+        """One decode: the next token of each running request, then prompt chunks; only
+        requests of one adapter set (the sets present take turns)."""
+        modes = list(dict.fromkeys(s.loras for s in self._active))
+        mode = modes[self._turn % len(modes)]
+        self._turn = (self._turn + 1) % 1_000_003
+        self._apply(mode)
         batch, n = self._batch, 0
-        decoding = [s for s in self._active if not s.prefilling]
+        decoding = [s for s in self._active if not s.prefilling and s.loras == mode]
         for sequence in decoding:
             self._put(batch, n, sequence.ids[-1], sequence.position, sequence.seq_id, True)
             sequence.output_index = n
             n += 1
         for sequence in self._active:
-            if not sequence.prefilling or n >= self.n_batch:
+            if not sequence.prefilling or n >= self.n_batch or sequence.loras != mode:
                 continue
             take = min(len(sequence.prompt) - sequence.fed, self.n_batch - n)
             for k in range(take):
@@ -442,13 +572,22 @@ class LlamaCppEngine:
                 sequence.stream._finish(None, error)
             sequence.future.set_exception(error)
         self._waiting.clear()
-        for _, future in self._jobs:
+        for _, future, _ in self._jobs:
             future.set_exception(error)
         self._jobs.clear()
+        for adapter in self._loras:  # llama.cpp frees them with the model
+            adapter.freed = True
+        self._retired.clear()
 
-    def _embed_states(self, encoded: list[EncodedText], bidirectional: bool) -> list[np.ndarray]:
+    def _embed_states(
+        self,
+        encoded: list[EncodedText],
+        bidirectional: bool,
+        loras: tuple[LoraAdapter, ...] = (),
+    ) -> list[np.ndarray]:
         """Each text's per-token states (tokens, hidden), several texts per decode."""
         ll, ctx, batch = self._ll, self._ctx, self._batch
+        self._apply(loras)
         first_id = self.max_sequences
         states: list[np.ndarray] = []
         ll.llama_set_embeddings(ctx, True)

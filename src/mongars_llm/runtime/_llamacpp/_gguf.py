@@ -91,6 +91,8 @@ class GGUFInfo:
     version: int
     metadata: dict[str, Any] = field(default_factory=dict)
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type -> tensor count
+    #: each tensor's dimensions in GGUF order (``ne``: the fastest-varying first)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -204,6 +206,7 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
                 shape = [reader.unpack("<Q") for _ in range(dims)]
                 kind, offset = reader.unpack("<I"), reader.unpack("<Q")
                 info.tensor_types[str(kind)] = info.tensor_types.get(str(kind), 0) + 1
+                info.tensor_shapes[name] = tuple(shape)
                 elements = 1
                 for n in shape:
                     elements *= n

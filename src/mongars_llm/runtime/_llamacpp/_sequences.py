@@ -67,6 +67,8 @@ class Sequence:
     emitted: int = 0
     finished: bool = False
     finish_reason: str = "length"
+    #: the LoRA adapters this request decodes with (``()``: the base model)
+    loras: tuple[Any, ...] = ()
 
     @property
     def prefilling(self) -> bool:
