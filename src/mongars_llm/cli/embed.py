@@ -231,9 +231,7 @@ def _run(args: argparse.Namespace) -> int:
             **{key: value for key, value in options.items() if value is not None},
         )
     vectors = np.asarray(vectors, dtype=np.float32)
-    return _report(
-        args, texts, vectors, target, runtime.model_id, plan.description, runtime.engine
-    )
+    return _report(args, texts, vectors, target, runtime.model_id, plan.description, runtime.engine)
 
 
 def _server_role(server: Server) -> str:
