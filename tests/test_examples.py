@@ -65,7 +65,7 @@ def example_model(request: pytest.FixtureRequest) -> tuple[int, dict[str, str]]:
 def test_every_example_is_listed_in_the_readme() -> None:
     readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
     scripts = sorted(p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py"))
-    assert len(scripts) == 6
+    assert len(scripts) == 7
     missing = [name for name in [*scripts, "quickstart.ipynb"] if name not in readme]
     assert not missing, f"examples/README.md does not describe {missing}"
 
@@ -316,3 +316,17 @@ async def test_sync_api_works_inside_a_running_event_loop(tmp_path: Path) -> Non
         assert (await rt.aembed(["inside", "a running loop"])).tolist() == vectors.tolist()
         again = await rt.agenerate([{"role": "user", "content": "Hi"}], temperature=0.0)
         assert again.text == reply.text
+
+
+@pytest.mark.examples
+@pytest.mark.slow
+@pytest.mark.train
+def test_documents_only_example(tmp_path: Path, example_model: tuple[int, dict[str, str]]) -> None:
+    _, env = example_model
+    out = run_example("07_documents_only.py", tmp_path, env=env)
+    assert "dry run articles.jsonl: passages=12 invalid=0 duplicates=0" in out
+    found = re.search(r"questions: 24 generated, (\d+) kept, dropped .*; (\d+) pairs", out)
+    assert found and int(found.group(1)) >= 2, out
+    assert re.search(r"trained 4 steps; held-out 20 questions: MRR@10 base [\d.]+ -> adapter", out)
+    run = tmp_path / "runs" / "from-documents"
+    assert (run / "synthetic_pairs.jsonl").is_file() and (run / "documents_summary.json").is_file()

@@ -32,6 +32,15 @@ _VALUE_FLAGS: dict[str, str | None] = {
     "eval_dataset_id": "Hugging Face dataset id for eval",
     "eval_dataset_split": "split of --eval-dataset-id",
     "eval_fraction": None,
+    "documents": 'documents to train on without labelled pairs: JSONL {"text"} or {"id", '
+    '"text"} rows, or a .txt/.md file split into passages; contrastive synthesizes questions '
+    "per passage, simcse/mntp and --recipe llm2vec train on the passages",
+    "max_passages": None,
+    "questions_per_passage": None,
+    "question_prompt": None,
+    "round_trip_k": None,
+    "mine_negatives": None,
+    "recipe": None,
     "base_model": "the model to fine-tune: a Hub id (org/name), a checkpoint folder, a .gguf or "
     "pkg:// file, or a role of the active profile (provisioned first). Default: the profile's "
     "'general' role, the model `mongars-llm chat` loads: without CUDA the built-in 'smol' "
@@ -197,7 +206,9 @@ def _build(args: argparse.Namespace) -> int:
         print_json({"ok": True, **result.to_dict()})
         return EXIT_OK
     summary = result.dataset_summary
-    if summary.format in ("pairs", "texts"):  # the embedding objectives: rows, not tokens
+    if "passages" in result.metrics:  # a dry run of --documents: no question written yet
+        sizes = f"{result.metrics['passages']} passage(s) to write questions for"
+    elif summary.format in ("pairs", "texts"):  # the embedding objectives: rows, not tokens
         sizes = f"{result.metrics.get('train_examples')} training row(s)"
         if result.metrics.get("eval_examples"):
             sizes += f", {result.metrics['eval_examples']} eval row(s)"
@@ -295,6 +306,108 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_export)
 
 
+#: the BundleConfig fields `bundle synthesize` takes as flags (help as for `bundle build`)
+_SYNTHESIZE_FLAGS = (
+    "base_model",
+    "questions_per_passage",
+    "question_prompt",
+    "round_trip_k",
+    "mine_negatives",
+    "max_passages",
+    "seed",
+    "pooling",
+    "instruction",
+    "device",
+    "precision",
+)
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from ..training import synthesize_pairs
+
+    overrides: dict[str, Any] = {field: getattr(args, field) for field in _SYNTHESIZE_FLAGS}
+    for field in ("bidirectional", "skip_invalid"):
+        if getattr(args, field):
+            overrides[field] = True
+    if not sys.stderr.isatty():  # a log file, CI: a line every N batches for the bar
+        overrides["progress"] = False
+        overrides["progress_every"] = PROGRESS_EVERY
+    try:
+        summary = synthesize_pairs(args.documents, args.output, args.config, **overrides)
+    except DatasetError as err:
+        if args.json:
+            report = getattr(err, "summary", None)
+            print_json(
+                {
+                    "ok": False,
+                    "error": str(err),
+                    "error_type": type(err).__name__,
+                    "documents_summary": report.model_dump(mode="json") if report else None,
+                }
+            )
+        print(f"mongars-llm: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"mongars-llm: interrupted; the pairs written so far are in {args.output}",
+            file=sys.stderr,
+        )
+        return 130
+    if args.json:
+        print_json({"ok": True, "output": str(args.output), **summary.to_dict()})
+        return EXIT_OK
+    print(summary.line())
+    print(f"pairs: {args.output}")
+    print(
+        "train on them: mongars-llm bundle build --objective contrastive --dataset-path "
+        f"{args.output}"
+    )
+    return EXIT_OK
+
+
+def _add_synthesize_parser(commands: argparse._SubParsersAction) -> None:
+    synth = commands.add_parser(
+        "synthesize",
+        help="write query/passage pairs from documents (questions, filter, hard negatives)",
+        description="The first steps of `bundle build --documents` alone: the base model "
+        "writes questions for each passage, keeps those whose passage it retrieves "
+        "(round trip), mines hard negatives, and writes the pairs for you to read and edit "
+        "(docs/training.md).",
+        **examples(
+            "mongars-llm bundle synthesize --documents docs.jsonl -o pairs.jsonl",
+            "mongars-llm bundle synthesize --documents manual.txt -o pairs.jsonl \\",
+            "    --questions-per-passage 3 --round-trip-k 5",
+            "mongars-llm bundle build --objective contrastive --dataset-path pairs.jsonl",
+            note="Beside the pairs: <output>.summary.json (kept, dropped by reason, seconds per "
+            "phase) and <output>.documents.json (the documents' data report). Ctrl-C keeps "
+            "the pairs written so far.",
+        ),
+    )
+    synth.add_argument("--documents", type=Path, required=True, help=_help("documents"))
+    synth.add_argument(
+        "-o", "--output", type=Path, required=True, help="the pairs JSONL file to write"
+    )
+    synth.add_argument("--config", type=Path, help="bundle config file (JSON or YAML)")
+    for field in _SYNTHESIZE_FLAGS:
+        kind, choices = _type_and_choices(field)
+        text = _VALUE_FLAGS.get(field)
+        if field == "mine_negatives":
+            text = "hard negatives mined per kept question, one row each (default: 1; 0: none)"
+        synth.add_argument(
+            _flag(field), type=kind, choices=choices, default=None, help=_help(field, text)
+        )
+    synth.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help=_help("bidirectional", _SWITCHES["bidirectional"]),
+    )
+    synth.add_argument(
+        "--skip-invalid", action="store_true", help=_help("skip_invalid", _SWITCHES["skip_invalid"])
+    )
+    synth.add_argument("--json", action="store_true", help="print one JSON document")
+    synth.set_defaults(handler=_synthesize)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     commands = command_group(
         subparsers,
@@ -316,6 +429,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mongars-llm bundle build --dataset-path data.jsonl --base-model org/name \\",
             "    --run-name qa --max-steps 200 --lora-r 16 --target-modules q_proj,v_proj",
             "mongars-llm bundle build --config bundle.yaml --resume",
+            "mongars-llm bundle build --objective contrastive --documents docs.jsonl",
+            "mongars-llm bundle build --recipe llm2vec --documents docs.txt --max-steps 200",
             "mongars-llm bundle build --config bundle.yaml --run-name qa-2 \\",
             "    --resume ~/.local/share/mongars-llm/encoders/runs/qa/checkpoints/step-10",
             note="Runs go to <registry>/runs/<run name>; the registry is "
@@ -380,4 +495,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_export_arguments(export)
 
+    _add_synthesize_parser(commands)
     add_eval_parser(commands)

@@ -28,6 +28,9 @@ _LAZY = {
     "is_chat_adapter": "mongars_llm.training._stacking",
     "evaluate_pairs": "mongars_llm.training._retrieval",
     "read_pairs": "mongars_llm.training._retrieval",
+    "read_documents": "mongars_llm.training._documents",
+    "synthesize_pairs": "mongars_llm.training._from_documents",
+    "SynthesisSummary": "mongars_llm.training._synthesis",
     "retrieval_metrics": "mongars_llm.training._retrieval",
 }
 
@@ -37,14 +40,17 @@ __all__ = [
     "DatasetProblem",
     "DatasetSummary",
     "LengthStats",
+    "SynthesisSummary",
     "adapter_use",
     "build_bundle",
     "describe_use",
     "evaluate_pairs",
     "is_chat_adapter",
     "load_bundle_config",
+    "read_documents",
     "read_pairs",
     "retrieval_metrics",
+    "synthesize_pairs",
     "validate_dataset",
 ]
 
@@ -52,8 +58,11 @@ if TYPE_CHECKING:
     from ._build import BundleResult
     from ._bundle import build_bundle
     from ._data import DatasetProblem, DatasetSummary, LengthStats, validate_dataset
+    from ._documents import read_documents
+    from ._from_documents import synthesize_pairs
     from ._retrieval import evaluate_pairs, read_pairs, retrieval_metrics
     from ._stacking import adapter_use, describe_use, is_chat_adapter
+    from ._synthesis import SynthesisSummary
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,9 @@ from ..errors import BundleError, DatasetError
 from ._build import BuildContext, BundleResult
 from ._checkpoints import find_checkpoint
 from ._config import BundleConfig, load_bundle_config
+from ._data import DatasetSummary
 from ._distributed import env_world_size, init_distributed, launch_local
+from ._documents import Passage
 from ._jsonl import hub_rows, read_jsonl_rows
 from ._locate import locate_base_model, say, stack_on
 from ._model import Precision
@@ -43,6 +45,8 @@ __all__ = ["BundleResult", "build_bundle"]
 logger = logging.getLogger(__name__)
 
 RUN_LOCK_NAME = ".build.lock"
+#: the data report of ``documents`` (the pairs synthesized from them get dataset_summary.json)
+DOCUMENTS_SUMMARY = "documents_summary.json"
 
 
 def build_bundle(
@@ -59,6 +63,18 @@ def build_bundle(
     """
     config = load_bundle_config(config_or_path, **overrides)
     config.require_dataset()
+    if config.recipe == "llm2vec":
+        return _llm2vec_recipe(config)
+    documents = None
+    if config.documents is not None:  # every bad passage listed before anything loads
+        from ._documents import read_documents
+
+        documents = read_documents(
+            config.documents,
+            max_passages=config.max_passages,
+            seed=config.seed,
+            skip_invalid=config.skip_invalid,
+        )
     config, base_copy, named = locate_base_model(config)
     config, base_adapter = stack_on(config)
     started_at = now()
@@ -86,9 +102,11 @@ def build_bundle(
             )
     main = dist is None or dist.is_main
     # open (and check) the dataset files before any folder is created
-    train_rows = _rows(
-        config.dataset_path, config.dataset_id, config.dataset_config, config.dataset_split
-    )
+    train_rows: Iterable[tuple[int, Any]] = []
+    if documents is None:
+        train_rows = _rows(
+            config.dataset_path, config.dataset_id, config.dataset_config, config.dataset_split
+        )
     eval_rows = None
     if config.eval_dataset_path is not None or config.eval_dataset_id is not None:
         eval_rows = _rows(
@@ -124,7 +142,7 @@ def build_bundle(
             base_copy=base_copy,
             base_adapter=base_adapter,
         )
-        return _build_claimed(run, train_rows=train_rows, eval_rows=eval_rows)
+        return _build_claimed(run, train_rows=train_rows, eval_rows=eval_rows, documents=documents)
 
 
 def _build_claimed(
@@ -132,13 +150,32 @@ def _build_claimed(
     *,
     train_rows: Iterable[tuple[int, Any]],
     eval_rows: Iterable[tuple[int, Any]] | None,
+    documents: tuple[DatasetSummary, list[Passage]] | None = None,
 ) -> BundleResult:
-    """The build once the run folder is held: the objective's rows, then (unless a dry
-    run) the training and the bundle."""
+    """The build once the run folder is held: the objective's rows (synthesized from
+    ``documents`` when given), then (unless a dry run) the training and the bundle."""
     config = run.config
     objective = objective_for(config.objective)
+    if documents is not None:
+        from ._from_documents import documents_rows
+
+        documents_summary, passages = documents
+        if run.is_main:
+            documents_summary.write(run.run_dir / DOCUMENTS_SUMMARY)
+        if config.dry_run and config.objective == "contrastive":  # no model: no questions
+            return BundleResult(
+                run_dir=run.run_dir,
+                config=config,
+                dataset_summary=documents_summary,
+                metrics={"passages": len(passages)},
+            )
+        train_rows = documents_rows(run, passages)
     rows = RowsContext(config, run.tokenizer, run.run_dir, run.is_main)
     examples = objective.load(rows, train_rows, eval_rows)
+    if config.mine_negatives and not config.dry_run and documents is None:
+        from ._from_documents import mine_examples
+
+        examples.train = mine_examples(run, examples.train)
     if config.dry_run:
         return BundleResult(
             run_dir=run.run_dir,
@@ -234,6 +271,47 @@ def _load_model(run: BuildContext) -> tuple[Any, Any, str | None]:
     if dist is not None:  # the same LoRA init on every rank, but each its own dropout masks
         seed_everything(config.seed + dist.rank)
     return model, base, base_commit
+
+
+def _llm2vec_recipe(config: BundleConfig) -> BundleResult:
+    """LLM2Vec's unsupervised recipe as one build: ``mntp`` on the texts (run
+    ``<run>-mntp``, adapter ``<name>-mntp``), then ``simcse`` stacked on it (run ``<run>``,
+    adapter ``<name>``: one adapter holding both). A finished mntp run of the same name is
+    reused (a rerun after an interrupted simcse stage). A dry run checks the data once."""
+    located, _, named = locate_base_model(config)
+    run_name = config.resolved_run_name(named)
+    name = config.adapter_name or run_name
+    data = config.model_dump(exclude_unset=True)
+    data.update(recipe=None, base_model=located.base_model)
+    mntp_dir = (config.resolved_output_dir() / f"{run_name}-mntp").resolve()
+    if (mntp_dir / "run_metadata.json").is_file() and (mntp_dir / "adapter").is_dir():
+        say(config, f"llm2vec recipe: reusing the finished mntp stage {mntp_dir}")
+        mntp_adapter = mntp_dir / "adapter"
+        mntp_metrics: dict[str, Any] = {"run_dir": str(mntp_dir), "reused": True}
+    else:
+        say(config, "llm2vec recipe: stage 1 of 2, mntp")
+        stage = {k: v for k, v in data.items() if k not in ("bidirectional", "simcse_dropout")}
+        first = build_bundle(
+            {**stage, "objective": "mntp", "run_name": f"{run_name}-mntp",
+             "adapter_name": f"{name}-mntp"}
+        )  # fmt: skip
+        if config.dry_run:
+            return first
+        assert first.adapter_dir is not None
+        mntp_adapter = first.adapter_dir
+        mntp_metrics = {
+            "run_dir": str(first.run_dir),
+            "steps": first.metrics.get("steps"),
+            "wall_seconds": first.metrics.get("wall_seconds"),
+            "mntp": first.metrics.get("mntp"),
+        }
+    say(config, "llm2vec recipe: stage 2 of 2, simcse on top of mntp")
+    second = build_bundle(
+        {**data, "objective": "simcse", "run_name": run_name, "adapter_name": name,
+         "base_adapter": str(mntp_adapter)}
+    )  # fmt: skip
+    second.metrics["recipe"] = {"name": "llm2vec", "mntp": mntp_metrics}
+    return second
 
 
 # ------------------------------------------------------------------ helpers

@@ -56,6 +56,43 @@ class BundleConfig(BaseModel):
     dataset_id: str | None = Field(None, description="Hugging Face dataset id (needs [train]).")
     dataset_split: str = "train"
     dataset_config: str | None = Field(None, description="Hub dataset configuration name.")
+    documents: Path | None = Field(
+        None,
+        description='Documents to train on without labelled pairs: JSONL rows {"text"} or '
+        '{"id", "text"}, or a .txt/.md file split into passages (docs/training.md). '
+        "contrastive writes questions for each passage with the base model's chat half "
+        "(synthetic_pairs.jsonl); simcse and mntp train on the passages.",
+    )
+    max_passages: int | None = Field(
+        None, ge=2, description="documents: train on a seeded sample of N passages."
+    )
+    questions_per_passage: int = Field(
+        2, ge=1, le=16, description="documents + contrastive: questions generated per passage."
+    )
+    question_prompt: str | None = Field(
+        None,
+        description="documents + contrastive: the user turn that asks for a question; "
+        "{passage} is replaced by the passage (default: the documented prompt).",
+    )
+    round_trip_k: int = Field(
+        10,
+        ge=1,
+        description="documents + contrastive: keep a question when its passage ranks within "
+        "the top k passages for it under the current embeddings.",
+    )
+    mine_negatives: int | None = Field(
+        None,
+        ge=0,
+        description="contrastive: hard negatives mined per query with the current embeddings "
+        "(top-ranked passages that are not the answer, near-duplicates skipped), one row "
+        "each; for labelled pairs without a 'negative' (off when unset), for documents "
+        "(1 when unset; 0: none).",
+    )
+    recipe: Literal["llm2vec"] | None = Field(
+        None,
+        description="llm2vec: the unsupervised LLM2Vec recipe in one build: mntp on the texts, "
+        "then simcse stacked on it (two runs, <run>-mntp and <run>); objective is simcse.",
+    )
     eval_dataset_path: Path | None = None
     eval_dataset_id: str | None = None
     eval_dataset_split: str = "validation"
@@ -222,6 +259,13 @@ class BundleConfig(BaseModel):
         # an embedding adapter needs more capacity than a chat LoRA: r=16 on every linear
         # layer, a batch of 16 (in-batch negatives) and a constant rate, unless the caller
         # chose otherwise
+        if isinstance(data, dict) and data.get("recipe") == "llm2vec":
+            if data.get("objective") not in (None, "simcse"):
+                raise ValueError(
+                    "recipe 'llm2vec' runs mntp then simcse; drop objective "
+                    f"{data['objective']!r} (or drop the recipe)"
+                )
+            data = {**data, "objective": "simcse"}
         if isinstance(data, dict) and data.get("objective") in ("contrastive", "simcse", "mntp"):
             for key, value in EMBEDDING_DEFAULTS.items():
                 if data.get(key) is None:
@@ -251,6 +295,29 @@ class BundleConfig(BaseModel):
             raise ValueError("give dataset_path or dataset_id, not both")
         if self.eval_dataset_path is not None and self.eval_dataset_id is not None:
             raise ValueError("give eval_dataset_path or eval_dataset_id, not both")
+        if self.documents is not None and (
+            self.dataset_path is not None or self.dataset_id is not None
+        ):
+            raise ValueError(
+                "give documents (synthesized pairs or texts) or dataset_path/dataset_id "
+                "(labelled rows), not both"
+            )
+        if self.documents is not None and self.objective == "sft":
+            raise ValueError(
+                "documents train an embedding adapter: pass objective contrastive (questions "
+                "synthesized per passage), simcse or mntp, or recipe llm2vec"
+            )
+        if self.documents is not None and self.num_processes > 1:
+            raise ValueError(
+                "documents with num_processes > 1: run `mongars-llm bundle synthesize` first, "
+                "then train on its pairs (--dataset-path) in several processes"
+            )
+        if self.mine_negatives and self.objective != "contrastive":
+            raise ValueError("mine_negatives adds hard negatives to contrastive rows")
+        if self.recipe is not None and self.base_adapter is not None:
+            raise ValueError(
+                "recipe 'llm2vec' trains its own mntp adapter under simcse; drop base_adapter"
+            )
         if self.mini_batch_size is not None and self.objective not in ("contrastive", "simcse"):
             raise ValueError(
                 "mini_batch_size chunks the in-batch negatives of contrastive and simcse; for "
@@ -301,10 +368,11 @@ class BundleConfig(BaseModel):
         return self
 
     def require_dataset(self) -> None:
-        if self.dataset_path is None and self.dataset_id is None:
+        if self.dataset_path is None and self.dataset_id is None and self.documents is None:
             raise ConfigError(
                 "no training data: pass --dataset-path FILE.jsonl or --dataset-id ORG/NAME "
-                "(or set dataset_path in the config file)"
+                "(or set dataset_path in the config file); for an embedding adapter from "
+                "documents alone, --documents FILE (.jsonl or .txt)"
             )
 
     def resolved_run_name(self, model: str | None = None) -> str:
@@ -348,7 +416,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the bundle config must be a mapping of options")
     base = path.parent
-    for key in ("dataset_path", "eval_dataset_path", "output_dir", "registry_path"):
+    for key in ("dataset_path", "eval_dataset_path", "documents", "output_dir", "registry_path"):
         value = data.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
             data[key] = str(base / value)  # relative to the config file, like the manifest

@@ -98,7 +98,7 @@ class EmbeddingObjective:
         }
         train_summary, train_examples = load_pairs(
             train_rows,
-            source=str(config.dataset_path or config.dataset_id),
+            source=str(config.dataset_path or config.dataset_id or config.documents),
             summary_path=ctx.run_dir / "dataset_summary.json" if ctx.is_main else None,
             **common,
         )
