@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "bundle",
     "chat",
     "embed",
+    "rerank",
     "serve",
     "demo",
     "doctor",

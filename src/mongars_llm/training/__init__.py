@@ -29,6 +29,10 @@ _LAZY = {
     "evaluate_pairs": "mongars_llm.training._retrieval",
     "read_pairs": "mongars_llm.training._retrieval",
     "retrieval_metrics": "mongars_llm.training._retrieval",
+    "Retrieved": "mongars_llm.training._retrieval",
+    "ranking_metrics": "mongars_llm.training._retrieval",
+    "rerank_metrics": "mongars_llm.training._retrieval",
+    "retrieve": "mongars_llm.training._retrieval",
 }
 
 __all__ = [
@@ -37,14 +41,18 @@ __all__ = [
     "DatasetProblem",
     "DatasetSummary",
     "LengthStats",
+    "Retrieved",
     "adapter_use",
     "build_bundle",
     "describe_use",
     "evaluate_pairs",
     "is_chat_adapter",
     "load_bundle_config",
+    "ranking_metrics",
     "read_pairs",
+    "rerank_metrics",
     "retrieval_metrics",
+    "retrieve",
     "validate_dataset",
 ]
 
@@ -52,7 +60,15 @@ if TYPE_CHECKING:
     from ._build import BundleResult
     from ._bundle import build_bundle
     from ._data import DatasetProblem, DatasetSummary, LengthStats, validate_dataset
-    from ._retrieval import evaluate_pairs, read_pairs, retrieval_metrics
+    from ._retrieval import (
+        Retrieved,
+        evaluate_pairs,
+        ranking_metrics,
+        read_pairs,
+        rerank_metrics,
+        retrieval_metrics,
+        retrieve,
+    )
     from ._stacking import adapter_use, describe_use, is_chat_adapter
 
 
