@@ -31,6 +31,7 @@ EVENT_NOTES = {
     "provision": "one per role; WARNING when it failed",
     "llm_generate": "one per micro-batch",
     "llm_embed": "one per micro-batch",
+    "llm_rerank": "one per micro-batch of rerank requests",
     "bundle_train_step": "every `logging_steps` optimizer steps, with the step's counts: "
     "`label_tokens` (sft), `rows` (embedding objectives), `masked_tokens` (mntp)",
     "bundle_eval": "with the evaluation metrics (`eval_loss`, `eval_perplexity`; `mrr@10`, ...; "

@@ -330,3 +330,19 @@ def test_documents_only_example(tmp_path: Path, example_model: tuple[int, dict[s
     assert re.search(r"trained 4 steps; held-out 20 questions: MRR@10 base [\d.]+ -> adapter", out)
     run = tmp_path / "runs" / "from-documents"
     assert (run / "synthetic_pairs.jsonl").is_file() and (run / "documents_summary.json").is_file()
+
+
+def test_rerank_adapter_example(tmp_path: Path, example_model: tuple[int, dict[str, str]]) -> None:
+    _, env = example_model
+    out = run_example("08_rerank_adapter.py", tmp_path, env=env)
+    assert "dry run support_pairs.jsonl: format=pairs rows=60 invalid=0 duplicates=0" in out
+    assert "trained 5 steps on 60 pairs" in out
+    assert "held-out: 20 questions, embedding top 20 reranked" in out
+    metrics = re.findall(r"(\S+) +base weights ([\d.]+) -> adapter ([\d.]+)", out)
+    assert sorted(m[0] for m in metrics) == ["mrr@10", "ndcg@10", "recall@1"]
+    assert "registry entry: version=1 name=support-rerank use=rerank objective=rerank" in out
+    scores = [float(s) for s in re.findall(r"^  (0\.\d{3}|1\.000)  '", out, flags=re.M)]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)  # best first, in (0, 1)
+    assert "chat unchanged by the rerank adapter: True" in out
+    run_dir = tmp_path / "runs" / "support-rerank"
+    assert not (run_dir / "adapter" / "llm2vec_config.json").exists()  # not an embed adapter

@@ -16,6 +16,7 @@ from typing import Literal
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "RERANK_CORPUS_LINE",
     "TINY_CORPUS",
     "build_tiny_model",
     "build_tiny_tokenizer",
@@ -48,6 +49,9 @@ TINY_CORPUS = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
     "user assistant system instruction query passage document retrieve",
 ]
+
+#: a corpus line that makes "yes" and "no" single tokens of the tiny tokenizer (reranking)
+RERANK_CORPUS_LINE = "Does it answer? yes or no: yes, no. yes no yes no"
 
 
 def build_tiny_tokenizer(
@@ -100,12 +104,16 @@ def build_tiny_model(
     initializer_range: float = 0.02,
     seed: int = 0,
     dtype: str = "float32",
+    corpus: list[str] | None = None,
 ) -> Path:
     """Write a random-weight decoder-only checkpoint with a real tokenizer to ``path``.
 
     The EOS token of the chat template (``<|im_end|>``) is the model's
     ``eos_token_id`` in ``generation_config.json`` as well as ``</s>``, so chat
-    replies stop as they would with a real instruct model.
+    replies stop as they would with a real instruct model. ``corpus`` replaces
+    :data:`TINY_CORPUS` as the tokenizer's training text (add
+    :data:`RERANK_CORPUS_LINE` to it for a vocabulary with "yes" and "no" as single
+    tokens, which reranking needs).
     """
     import torch
     from transformers import (
@@ -118,7 +126,7 @@ def build_tiny_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(vocab_size, model_max_length=max_position_embeddings)
+    tokenizer = build_tiny_tokenizer(vocab_size, corpus, model_max_length=max_position_embeddings)
     config_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[
         architecture
     ]

@@ -141,3 +141,68 @@ def test_bad_pairs_name_their_lines(tiny_model, tmp_path) -> None:
     assert result.returncode == 1
     assert "line 2" in result.stderr and "line 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------- rerank columns
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a tokenizer whose "yes" and " no" are single tokens (rerank)."""
+    from mongars_llm.testing import TINY_CORPUS, build_tiny_model, build_tiny_tokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("rerank") / "tiny", hidden_size=32)
+    tokenizer = build_tiny_tokenizer(512, [*TINY_CORPUS, "yes no yes no yes no. Answer: no."])
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def test_rerank_columns_sit_beside_the_embedding_ones(answering_model, pairs, capsys) -> None:
+    args = ["bundle", "eval", "--dataset-path", str(pairs), "--base-model", str(answering_model)]
+    assert main([*args, "--rerank", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rerank = report["rerank"]
+    assert rerank["top_k"] == 20 and rerank["rerank_adapter"] is None
+    assert rerank["base"]["embed"] == pytest.approx(report["base"])
+    assert set(rerank["base"]["rerank"]) == set(KEYS)
+    assert all(0.0 <= v <= 1.0 for v in rerank["base"]["rerank"].values())
+
+    # reranking one document per query changes no ranking
+    assert main([*args, "--rerank", "--rerank-top-k", "1", "--device", "cpu", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)["rerank"]["base"]
+    assert one["rerank"] == pytest.approx(one["embed"])
+
+    assert main([*args, "--rerank", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieve then rerank (each query's top 20 documents)" in out
+    assert "base embedding + rerank (base weights)" in out
+
+
+def test_a_rerank_adapter_reranks_beside_the_base_weights(
+    answering_model, pairs, tmp_path, capsys
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mongars_llm.registry import AdapterRegistry
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(answering_model)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    folder = tmp_path / "reranker"
+    get_peft_model(model, lora).save_pretrained(folder)
+    registry = tmp_path / "registry"
+    compatibility = {"base_model": str(answering_model)}
+    AdapterRegistry(registry).register(
+        folder, name="shop-rerank", compatibility=compatibility, use="rerank", objective="rerank"
+    )
+    args = ["bundle", "eval", "--dataset-path", str(pairs), "--registry-path", str(registry)]
+    # an --adapter registered with use=rerank reranks (and gives the base model)
+    assert main([*args, "--adapter", "shop-rerank", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "adapter" not in report  # no embedding adapter
+    rerank = report["rerank"]
+    assert rerank["rerank_adapter"]["name"] == "shop-rerank (version 1)"
+    assert set(rerank["base"]) == {"embed", "rerank", "rerank_adapter"}
+
+    result = _cli(*args, "--rerank-adapter", str(pairs.parent), tmp_path=tmp_path)
+    assert result.returncode == 2 and "no adapter_config.json" in result.stderr

@@ -25,12 +25,14 @@ def test_each_objective_says_its_use_unit_and_registry_metrics() -> None:
         "contrastive": ("embed", "rows"),
         "simcse": ("embed", "rows"),
         "mntp": ("embed", "rows"),
+        "rerank": ("rerank", "rows"),
     }
     for objective in OBJECTIVES.values():
         assert "train_loss" in objective.registry_metrics
         assert f"{objective.seen_unit}_seen" in objective.registry_metrics
     assert {"mntp_base", "mntp"} <= set(OBJECTIVES["mntp"].registry_metrics)
     assert "eval_loss" in OBJECTIVES["sft"].registry_metrics
+    assert {"rerank_base", "rerank"} <= set(OBJECTIVES["rerank"].registry_metrics)
 
 
 def test_the_table_loads_without_torch() -> None:

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from mongars_llm.errors import ConfigError, DatasetError
-from mongars_llm.training._retrieval import evaluate_pairs, read_pairs, retrieval_metrics
+from mongars_llm.training._retrieval import (
+    evaluate_pairs,
+    ranking_metrics,
+    read_pairs,
+    retrieval_metrics,
+)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -203,3 +208,59 @@ def test_the_module_does_not_import_torch() -> None:
     code = "import sys, mongars_llm.training._retrieval; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------- retrieve, then rerank
+RERANK_ROWS = [
+    {"query": "q0", "positive": "d0", "negative": "x0"},
+    {"query": "q1", "positive": "d1", "negative": "x1"},
+    {"query": "q2", "positive": "d2", "negative": "x2"},
+]
+#: documents d0 d1 d2 x0 x1 x2: each query's positive ranks behind every negative
+WRONG = {"d0": [0, 0.2], "x0": [0, 1], "d1": [0.1, 0.2], "x1": [0.1, 1], "d2": [0.2, 0.2]}
+
+
+def _wrong_embedder(texts: list) -> np.ndarray:
+    vectors = []
+    for text in texts:
+        if isinstance(text, list) or text.startswith("q"):
+            vectors.append([0.0, 1.0])  # every query the same: the documents' order decides
+        else:
+            vectors.append(WRONG.get(text, [0.2, 1.0]))
+    return np.asarray(vectors)
+
+
+def _oracle(query: str, documents: list[str], instruction: str | None) -> list[float]:
+    return [1.0 if d == "d" + query[1:] else 0.0 for d in documents]
+
+
+def test_rerank_metrics_reorder_the_top_k_only() -> None:
+    from mongars_llm.training import rerank_metrics, retrieve
+
+    found = retrieve(_wrong_embedder, RERANK_ROWS)
+    embed_only = ranking_metrics(found.scores, found.relevant)
+    everything = rerank_metrics(found, _oracle, top_k=6)
+    assert everything["mrr@10"] == everything["recall@1"] == 1.0 > embed_only["mrr@10"]
+    assert everything["top_k"] == 6 and everything["queries"] == 3
+    # a positive outside the top k is never seen by the reranker: it keeps its rank
+    narrow = rerank_metrics(found, _oracle, top_k=1)
+    assert narrow["mrr@10"] == pytest.approx(embed_only["mrr@10"])
+
+
+def test_rerank_metrics_refuse_a_reranker_that_returns_the_wrong_count() -> None:
+    from mongars_llm.training import rerank_metrics, retrieve
+
+    found = retrieve(_wrong_embedder, RERANK_ROWS)
+    with pytest.raises(ConfigError, match="expected one finite score per document"):
+        rerank_metrics(found, lambda q, d, i: [0.5], top_k=3)
+    with pytest.raises(ConfigError, match="top_k=0"):
+        rerank_metrics(found, _oracle, top_k=0)
+
+
+def test_ranking_metrics_of_a_score_matrix_match_the_vectors() -> None:
+    rng = np.random.default_rng(0)
+    queries, docs = rng.normal(size=(5, 8)), rng.normal(size=(9, 8))
+    relevant = [0, 1, {2, 3}, 4, 8]
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    d = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    assert ranking_metrics(q @ d.T, relevant) == retrieval_metrics(queries, docs, relevant)

@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "export",
     "chat",
     "embed",
+    "rerank",
     "serve",
     "ps",
     "demo",

@@ -156,7 +156,7 @@ def _choose_adapter(
     args: argparse.Namespace,
     manager: ModelManager,
     role: str | None,
-    kind: Literal["generate", "embed"],
+    kind: Literal["generate", "embed", "rerank"],
 ) -> AdapterChoice | None:
     """Resolve ``--adapter`` without loading anything; an unknown name lists the known ones."""
     from ..errors import RegistryError
@@ -242,8 +242,21 @@ def _folder_adapter(folder: Path) -> AdapterChoice:
 
 
 def _refuse_embedding_for_chat(
-    choice: AdapterChoice, text: str, kind: Literal["generate", "embed"]
+    choice: AdapterChoice, text: str, kind: Literal["generate", "embed", "rerank"]
 ) -> AdapterChoice:
+    if kind != "rerank" and choice.use == "rerank":
+        raise ConfigError(
+            f"--adapter {text}: {choice.label} is a rerank adapter; it changes rerank "
+            f"scores, not {'replies' if kind == 'generate' else 'vectors'}: use it with "
+            f"`mongars-llm rerank --adapter {text} ...`"
+        )
+    if kind == "rerank" and choice.use == "embed":
+        objective = choice.embedding.get("objective") or "unknown"
+        raise ConfigError(
+            f"--adapter {text}: {choice.label} is an embedding adapter (objective "
+            f"{objective}); it changes embeddings, not rerank scores: use it with "
+            f"`mongars-llm embed --adapter {text} ...`"
+        )
     if kind == "generate" and choice.use == "embed":
         objective = choice.embedding.get("objective") or "unknown"
         raise ConfigError(
@@ -347,7 +360,7 @@ def plan_runtime(
     role: str | None,
     preferred: tuple[str, ...],
     *,
-    kind: Literal["generate", "embed"] = "generate",
+    kind: Literal["generate", "embed", "rerank"] = "generate",
 ) -> LoadPlan:
     """Check the role, ``--model`` and ``--adapter`` (for ``kind`` calls) before any
     weights are read."""

@@ -78,6 +78,9 @@ _VALUE_FLAGS: dict[str, str | None] = {
     "pooling": None,
     "instruction": None,
     "temperature": "embedding objectives: InfoNCE temperature",
+    "rerank_negatives": "rerank: documents scored against each query's positive (its own "
+    "negative first, then the other rows' documents of its micro-batch)",
+    "rerank_loss": "rerank: listwise (softmax over the query's documents) or bce",
     "num_processes": "train in N local processes (DDP; gloo on CPU); global batch = batch size "
     "x N x grad accum. Under accelerate launch, leave it out",
 }
@@ -97,6 +100,7 @@ _SWITCHES: dict[str, str | None] = {
 
 #: the config the embedding objectives start from: --help shows where its defaults differ
 _EMBEDDING_DEFAULTS = BundleConfig(objective="contrastive", registry_path=Path())
+_RERANK_DEFAULTS = BundleConfig(objective="rerank", registry_path=Path())
 
 
 def _shown(value: Any) -> str:
@@ -124,6 +128,9 @@ def _help(field: str, text: str | None = None) -> str:
         embedding = getattr(_EMBEDDING_DEFAULTS, field)
         if field != "objective" and embedding != info.default:
             notes.append(f"{_shown(embedding)} for the embedding objectives")
+        rerank = getattr(_RERANK_DEFAULTS, field)
+        if field != "objective" and rerank != embedding:
+            notes.append(f"{_shown(rerank)} for rerank")
     text += f" ({'; '.join(notes)})" if notes else ""
     return text.replace("%", "%%")  # argparse formats help with %
 
@@ -230,6 +237,14 @@ def _build(args: argparse.Namespace) -> int:
             f"retrieval on {trained['queries']} held-out quer(ies): "
             + ", ".join(f"{k} {base[k]:.3f} -> {trained[k]:.3f}" for k in _RETRIEVAL_KEYS)
             + f" (base -> adapter) after {metrics['steps']} step(s)"
+        )
+    rerank_base, rerank = metrics.get("rerank_base"), metrics.get("rerank")
+    if rerank_base and rerank:
+        print(
+            f"embedding top {rerank['top_k']} reranked, {rerank['queries']} held-out "
+            "quer(ies): "
+            + ", ".join(f"{k} {rerank_base[k]:.3f} -> {rerank[k]:.3f}" for k in _RETRIEVAL_KEYS)
+            + f" (base weights -> adapter) after {metrics['steps']} step(s)"
         )
     mntp_base, mntp = metrics.get("mntp_base"), metrics.get("mntp")
     if mntp_base and mntp:

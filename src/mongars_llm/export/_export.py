@@ -155,9 +155,11 @@ def export_wrapper(
     _replace_tree(adapter_dir, out / layout["adapter_dir"])
     _replace_tree(tokenizer_dir, out / layout["tokenizer_dir"])
     merged = out / "merged"
-    if merge and layout.get("adapter_use") == "embed":
+    if merge and layout.get("adapter_use") in ("embed", "rerank"):
+        use = layout["adapter_use"]
         raise BundleError(
-            f"{run_dir} holds an embedding adapter (use 'embed'): merging it into the weights "
+            f"{run_dir} holds a{'n embedding' if use == 'embed' else ' rerank'} adapter (use "
+            f"{use!r}): merging it into the weights "
             "would change chat too; export it without --merge"
         )
     if merge:

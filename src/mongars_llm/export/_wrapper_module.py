@@ -196,7 +196,8 @@ class Wrapper:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         # an embedding adapter (layout.adapter_use "embed") is for embed() only: chat runs
         # on the base weights, as in the runtime
-        embed_only = self.config.get("layout", {}).get("adapter_use") == "embed"
+        # (a rerank adapter, "rerank", likewise)
+        embed_only = self.config.get("layout", {}).get("adapter_use") in ("embed", "rerank")
         disable = getattr(self.model, "disable_adapter", None) if embed_only else None
         with self._lock, torch.no_grad(), disable() if disable else contextlib.nullcontext():
             output = self.model.generate(
@@ -264,7 +265,10 @@ class Wrapper:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # less padding
         out = np.empty((len(encoded), int(self._text_config.hidden_size)), dtype=np.float32)
         decoder = _l2v.decoder_of(self.model)
-        with self._lock, torch.inference_mode():
+        # a rerank adapter (layout.adapter_use "rerank") is not for embeddings either
+        rerank = self.config.get("layout", {}).get("adapter_use") == "rerank"
+        disable = getattr(self.model, "disable_adapter", None) if rerank else None
+        with self._lock, torch.inference_mode(), disable() if disable else contextlib.nullcontext():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 vectors = _l2v.embed_padded(

@@ -238,9 +238,10 @@ class AdapterSpec(_Strict):
         pattern=r"^[0-9a-fA-F]{64}$",
         description="SHA-256 of the archive or file; required for http(s) sources.",
     )
-    use: Literal["all", "generate", "embed"] | None = Field(
+    use: Literal["all", "generate", "embed", "rerank"] | None = Field(
         None,
-        description="Which calls activate the adapter: `all`, `generate` or `embed`; "
+        description="Which calls activate the adapter: `all`, `generate`, `embed` or "
+        "`rerank`; "
         "unset: the registry entry's `use` for a registry adapter (`embed` for one trained "
         "with an embedding objective), else `all`.",
     )

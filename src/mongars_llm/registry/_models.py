@@ -95,8 +95,9 @@ class RegistryEntry(_Model):
     dataset: dict[str, Any] = Field(default_factory=dict)
     sha256: dict[str, str] = Field(default_factory=dict)
     #: which calls the adapter is for: ``embed`` for an embedding adapter (load it with
-    #: ``use="embed"`` so chat never sees it), ``all`` for a chat LoRA
-    use: Literal["all", "generate", "embed"] = "all"
+    #: ``use="embed"`` so chat never sees it), ``rerank`` for a rerank adapter (rerank
+    #: calls only), ``all`` for a chat LoRA
+    use: Literal["all", "generate", "embed", "rerank"] = "all"
     #: the training objective (``sft``, ``contrastive``, ``simcse``); ``None`` when unknown
     objective: str | None = None
     #: how an embedding adapter embeds (pooling, bidirectional, max_length, instruction)

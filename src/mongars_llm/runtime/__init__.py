@@ -21,6 +21,9 @@ Where things live (private modules):
   torch side of one batched ``model.generate``;
 - ``_embedder`` / ``_embed_plan`` / ``_llm2vec``: the embedding path; forward-batch
   planning; the LLM2Vec core shared with the exported wrapper;
+- ``_rerank`` / ``_reranker``: the rerank prompt and answer tokens (shared with the
+  rerank training objective); the rerank path (validation, shared prompt prefix,
+  forward batches that read two logits per document);
 - ``_batching``: the micro-batcher; ``_types``: results and streams;
 - ``_compose``: a runtime for a manifest role (provisioned first), a role's
   sampling defaults, and the process-wide runtime (``from_role``/``shared``).
@@ -59,6 +62,7 @@ from ._rerank import (
     answer_token_ids,
     rerank_messages,
 )
+from ._reranker import RerankResult, RerankResults
 from ._types import AsyncGenerationStream, FinishReason, Generation, GenerationStream, Usage
 
 # names other packages use (the server, the CLI, training, export) load with the
@@ -106,6 +110,8 @@ __all__ = [
     "GenerationStream",
     "LLMRuntimeError",
     "QuantizationFallbackWarning",
+    "RerankResult",
+    "RerankResults",
     "SamplingKwargs",
     "SamplingParams",
     "UnifiedLLMRuntime",

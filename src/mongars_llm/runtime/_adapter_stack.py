@@ -53,6 +53,7 @@ __all__ = [
     "AdapterSpec",
     "AdapterStack",
     "AdapterUse",
+    "CallKind",
     "ModeGate",
     "adapter_specs",
     "check_adapter_fits",
@@ -61,8 +62,10 @@ __all__ = [
 logger = logging.getLogger("mongars_llm.runtime")
 
 #: which calls activate an adapter by default; ``explicit``: only calls that name it
-AdapterUse = Literal["all", "generate", "embed", "explicit"]
-_USES = ("all", "generate", "embed", "explicit")
+AdapterUse = Literal["all", "generate", "embed", "rerank", "explicit"]
+_USES = ("all", "generate", "embed", "rerank", "explicit")
+#: the kinds of call an adapter's ``use`` can name
+CallKind = Literal["generate", "embed", "rerank"]
 
 
 class ModeGate:
@@ -173,14 +176,14 @@ class AdapterStack:
     def path_of(self, name: str) -> str:
         return self._adapters[name].path
 
-    def defaults(self, kind: Literal["generate", "embed"]) -> tuple[str, ...]:
+    def defaults(self, kind: CallKind) -> tuple[str, ...]:
         """Adapters active by default for ``kind`` calls (``use`` is ``all`` or ``kind``)."""
         return tuple(n for n, a in self._adapters.items() if a.use in ("all", kind))
 
     def resolve(
         self,
         adapter: str | Sequence[str] | None,
-        kind: Literal["generate", "embed"],
+        kind: CallKind,
         *,
         among: Sequence[str] | None = None,
     ) -> tuple[str, ...]:

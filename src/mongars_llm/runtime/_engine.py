@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ._llamacpp import LlamaCppEngine
     from ._llamacpp._engine import LoraAdapter
     from ._prompting import RowState, SamplingKey
+    from ._reranker import RerankRequest, TorchRerankRunner
     from ._types import Generation, LoadedModel
 
 __all__ = [
@@ -189,6 +190,10 @@ class Engine(Protocol):
         """Embed one validated request; the future gets ``(n, hidden)`` float32."""
         ...
 
+    def submit_rerank(self, request: RerankRequest) -> Future[list[float]]:
+        """Score one validated rerank request; the future gets one score per document."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Batching counters (``{"generate": ..., "embed": ...}``)."""
         ...
@@ -213,9 +218,11 @@ class _GenerateRequest(Pending):
 
 
 class TorchEngine:
-    """The transformers model with two micro-batchers: generations that share their
+    """The transformers model with three micro-batchers: generations that share their
     :class:`~._decoding.SamplingKey` run as one ``model.generate``; embeddings that
-    share their :class:`~._embedder.EmbedParams` as planned forward batches."""
+    share their :class:`~._embedder.EmbedParams` as planned forward batches; rerank
+    requests that share their :class:`~._reranker.RerankParams` as forward batches
+    that read two logits per document (:class:`~._reranker.TorchRerankRunner`)."""
 
     name = "torch"
 
@@ -233,6 +240,10 @@ class TorchEngine:
         self._embed = MicroBatcher(
             "embed", embed_runner.run_batch, max_size=settings.max_batch_size, wait_s=wait_s
         )
+        self._rerank_runner: TorchRerankRunner | None = None
+        self._closed = False
+        self._rerank_lock = threading.Lock()
+        self._rerank: MicroBatcher[Any] | None = None
 
     def submit_generation(self, row: RowState, sampling: SamplingKey) -> Future[Generation]:
         return self._generate.submit(_GenerateRequest(row=row, sampling=sampling))
@@ -241,6 +252,24 @@ class TorchEngine:
         from ._embedder import queued_embedding
 
         return self._embed.submit(queued_embedding(request))
+
+    def submit_rerank(self, request: RerankRequest) -> Future[list[float]]:
+        from ._reranker import TorchRerankRunner, queued_rerank
+
+        with self._rerank_lock:  # made on first use: a runtime that never reranks has none
+            if self._rerank is None:
+                if self._closed:
+                    raise RuntimeClosedError("this runtime is closed; build or fetch a new one")
+                settings = self._loaded.settings.model
+                self._rerank_runner = TorchRerankRunner(self._loaded)
+                self._rerank = MicroBatcher(
+                    "rerank",
+                    self._rerank_runner.run_batch,
+                    max_size=max(settings.max_batch_size, 1),
+                    wait_s=settings.batch_wait_ms / 1000.0,
+                )
+            batcher = self._rerank
+        return batcher.submit(queued_rerank(request))
 
     @property
     def generate_stats(self) -> BatchStats:
@@ -251,7 +280,10 @@ class TorchEngine:
         return self._embed.stats
 
     def stats(self) -> dict[str, Any]:
-        return {"embed": self._embed.stats.to_dict(), "generate": self._generate.stats.to_dict()}
+        stats = {"embed": self._embed.stats.to_dict(), "generate": self._generate.stats.to_dict()}
+        if self._rerank is not None:
+            stats["rerank"] = self._rerank.stats.to_dict()
+        return stats
 
     def describe(self) -> dict[str, Any]:
         loaded = self._loaded
@@ -264,6 +296,11 @@ class TorchEngine:
         }
 
     def close(self) -> None:
+        with self._rerank_lock:
+            self._closed = True
+            rerank = self._rerank
+        if rerank is not None:
+            rerank.close()
         self._embed.close()
         self._generate.close()
 
@@ -541,6 +578,12 @@ class LlamaCppRuntimeEngine:
                 'this llama.cpp runtime has no adapter stack; load the model with engine="torch"'
             )
         return self._adapters.handles(mode)
+
+    def submit_rerank(self, request: RerankRequest) -> Future[list[float]]:
+        raise UnsupportedError(
+            "reranking is not supported by the llama.cpp engine yet; load the model with "
+            'engine="torch" to rerank'
+        )
 
     def stats(self) -> dict[str, Any]:
         return {k: v.to_dict() for k, v in self._stats.items()}

@@ -27,6 +27,7 @@ __all__ = [
     "chat_template_of",
     "check_tokenizer_template",
     "messages_to_prompt_ids",
+    "render_messages",
     "special_tokens",
 ]
 
@@ -71,7 +72,7 @@ def messages_to_prompt_ids(
         check_text(prompt_or_messages, "prompt")
         text, special, param = prompt_or_messages, True, "prompt"
     else:
-        text, special, param = _render_messages(tokenizer, prompt_or_messages), False, "messages"
+        text, special, param = render_messages(tokenizer, prompt_or_messages), False, "messages"
     with lock or contextlib.nullcontext():
 
         def count(part: str) -> int:
@@ -89,7 +90,7 @@ def messages_to_prompt_ids(
         return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _render_messages(tokenizer: Any, messages: Any) -> str:
+def render_messages(tokenizer: Any, messages: Any) -> str:
     """The chat template applied to ``messages`` (with the generation prompt)."""
     if not isinstance(messages, Sequence) or not messages:
         raise InvalidInputError(

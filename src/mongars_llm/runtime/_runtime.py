@@ -11,6 +11,8 @@ does the work:
   :class:`~._generator.Generator`, from typed :class:`~._params.SamplingParams`;
 - ``embed``/``aembed``: the :class:`~._embedder.Embedder`, from typed
   :class:`~._embedder.EmbedOptions`, over the LLM2Vec core (:mod:`._llm2vec`);
+- ``rerank``/``arerank``: the :class:`~._reranker.Reranker` (the yes/no relevance
+  prompt of :mod:`._rerank`, scored on the same weights);
 - ``from_role``/``shared``/``ashared``/``reset_shared``: :mod:`._compose`, which
   reads the manifest (through the runtime's ``manager``) and provisions.
 
@@ -54,6 +56,7 @@ from ._engine import (
 from ._generator import Generator
 from ._llm2vec import DEFAULT_POOLING, Pooling
 from ._params import RoleDefaults, SamplingKwargs, SamplingParams
+from ._reranker import Reranker, RerankResults
 from ._types import AsyncGenerationStream, Generation, GenerationStream, LoadedModel
 
 if TYPE_CHECKING:
@@ -191,6 +194,7 @@ class UnifiedLLMRuntime:
             ),
         )
         self._generator = Generator(loaded, roles=self._role_defaults, engine=engine)
+        self._reranker = Reranker(loaded, engine=engine)
         self._closed = False
 
     # ------------------------------------------------------------------ loading
@@ -542,7 +546,8 @@ class UnifiedLLMRuntime:
     # ----------------------------------------------------------------- adapters
     def load_adapter(self, name: str, path: str | Path, *, use: str = "all") -> None:
         """Add a LoRA adapter; ``use`` says which calls activate it by default:
-        ``"all"``, ``"generate"``, ``"embed"``, or ``"explicit"`` (only calls that name it).
+        ``"all"``, ``"generate"``, ``"embed"``, ``"rerank"``, or ``"explicit"`` (only
+        calls that name it).
         Calls in flight finish first. A local folder is checked against the model before
         anything is allocated (target modules, rank, tensor shapes: ``load_failed``)."""
         self._check_open()
@@ -555,7 +560,8 @@ class UnifiedLLMRuntime:
         self._adapters.unload(name)
 
     def adapter_use(self, name: str) -> str:
-        """The ``use`` of a loaded adapter (``all``, ``generate``, ``embed``, ``explicit``)."""
+        """The ``use`` of a loaded adapter (``all``, ``generate``, ``embed``, ``rerank``,
+        ``explicit``)."""
         try:
             return self._adapters.use_of(name)
         except KeyError:
@@ -882,6 +888,68 @@ class UnifiedLLMRuntime:
         if precision == "float32":
             return vectors
         return quantize_embeddings(vectors, precision, calibration=calibration)
+
+    # ------------------------------------------------------------------ rerank
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        adapter: str | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        max_document_tokens: int | None = None,
+    ) -> RerankResults:
+        """Score each document's relevance to ``query`` with the loaded weights; the
+        results are sorted by score (highest first, equal scores in input order).
+
+        A score is ``sigmoid(logit("yes") - logit("no"))`` at the first answer
+        position of the relevance prompt (:func:`~mongars_llm.runtime.rerank_messages`
+        in the chat template), in ``(0, 1)`` and comparable across calls. ``top_n``
+        keeps the best ``top_n`` (at most all of them); ``instruction`` replaces
+        :data:`~mongars_llm.runtime.DEFAULT_RERANK_INSTRUCTION`; ``adapter`` names
+        adapters (default: those loaded with ``use="rerank"`` or ``"all"``). A document
+        longer than the prompt leaves room for (or than ``max_document_tokens``) is cut
+        to fit, its first tokens kept; a query that leaves no room is
+        ``InputTooLongError`` (``param="query"``). The result is a list of
+        :class:`~mongars_llm.runtime.RerankResult` whose ``prompt_tokens`` counts the
+        tokens read for every document. Torch engine only (``UnsupportedError`` on
+        llama.cpp).
+        """
+        self._check_open()
+        return self._reranker.rerank(
+            query,
+            documents,
+            top_n=top_n,
+            instruction=instruction,
+            adapter=adapter,
+            batch_size=batch_size,
+            max_document_tokens=max_document_tokens,
+        )
+
+    async def arerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        adapter: str | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        max_document_tokens: int | None = None,
+    ) -> RerankResults:
+        """:meth:`rerank` without blocking the event loop (micro-batched with others)."""
+        self._check_open()
+        return await self._reranker.arerank(
+            query,
+            documents,
+            top_n=top_n,
+            instruction=instruction,
+            adapter=adapter,
+            batch_size=batch_size,
+            max_document_tokens=max_document_tokens,
+        )
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

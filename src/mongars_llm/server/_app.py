@@ -21,7 +21,7 @@ from ._config import ServerConfig  # noqa: E402
 from ._errors import install_error_handlers  # noqa: E402
 from ._limits import LimitsMiddleware  # noqa: E402
 from ._ollama import OLLAMA_INFERENCE_PATHS, OllamaErrorMiddleware, build_ollama_router  # noqa: E402
-from ._openai import build_openai_router  # noqa: E402
+from ._openai import RERANK_PATHS, build_openai_router  # noqa: E402
 from ._state import EmbedFn, ServerState  # noqa: E402
 from .protocol import HealthResponse, ReadyResponse  # noqa: E402
 
@@ -31,18 +31,20 @@ if TYPE_CHECKING:
 __all__ = ["create_app", "create_app_from_env"]
 
 GUARDED_PATHS = (
-    frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+    frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", *RERANK_PATHS})
     | OLLAMA_INFERENCE_PATHS
 )
 
 DESCRIPTION = """\
-mongars-llm serves one open-weight checkpoint for chat and embeddings.
+mongars-llm serves one open-weight checkpoint for chat, embeddings and reranking.
 
 * **OpenAI-compatible API** (`/v1/...`): point the official `openai` client at
   `http://HOST:PORT/v1`. Model names are the roles of the active profile
   (`GET /v1/models`); `role:adapter` (or the `adapter` field) selects a LoRA adapter.
 * **Ollama-compatible API** (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`,
   `/api/ps`, `/api/show`, `/api/version`): point Ollama clients at `http://HOST:PORT`.
+* **Rerank** (`POST /v1/rerank`, also `/v2/rerank` and `/rerank`): the Cohere v2 /
+  Jina shape; point the official `cohere` client's `base_url` at `http://HOST:PORT`.
 * **Admin API** (`/api/v1/...`): `Authorization: Bearer $MONGARS_ADMIN_TOKEN`.
 * **Health**: `/healthz` (alive) and `/readyz` (model loaded).
 * **Metrics**: `/metrics` (Prometheus text format; off with `serve --no-metrics`).

@@ -1,10 +1,10 @@
 """The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions,
-/v1/embeddings.
+/v1/embeddings; and the Cohere/Jina-compatible /v1/rerank (also /v2/rerank, /rerank).
 
 A thin router, as in vLLM's server: the wire models live in :mod:`.protocol`,
 the checks pydantic cannot make in :mod:`._validation`, and each endpoint's
-serving logic in ``_serving_chat``, ``_serving_completion`` and
-``_serving_embedding`` (fallback policy and the one streamer in
+serving logic in ``_serving_chat``, ``_serving_completion``,
+``_serving_embedding`` and ``_serving_rerank`` (fallback policy and the one streamer in
 :mod:`._serving`). A route declares its OpenAPI documentation and hands the
 request to its serving function.
 """
@@ -15,7 +15,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from . import _serving, _serving_chat, _serving_completion, _serving_embedding
+from . import (
+    _serving,
+    _serving_chat,
+    _serving_completion,
+    _serving_embedding,
+    _serving_rerank,
+)
 from ._auth import require_api_key
 from ._state import ServerState
 from .protocol import (
@@ -27,9 +33,14 @@ from .protocol import (
     EmbeddingResponse,
     ErrorResponse,
     ModelList,
+    RerankRequest,
+    RerankResponse,
 )
 
-__all__ = ["build_openai_router"]
+__all__ = ["RERANK_PATHS", "build_openai_router"]
+
+#: the rerank route's paths: Jina's and ours, Cohere v2's (its client posts there), TEI's
+RERANK_PATHS = ("/v1/rerank", "/v2/rerank", "/rerank")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -111,4 +122,17 @@ def build_openai_router(*, embeddings_only: bool) -> APIRouter:
     async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return await _serving_completion.create_completion(_state(request), body)
 
+    async def create_rerank(body: RerankRequest, request: Request) -> Any:
+        return await _serving_rerank.create_rerank(_state(request), body)
+
+    for path in RERANK_PATHS:
+        router.add_api_route(
+            path,
+            create_rerank,
+            methods=["POST"],
+            response_model=RerankResponse,
+            responses=_INFERENCE_ERRORS,
+            summary="Rerank documents by relevance to a query (Cohere v2 / Jina shape)",
+            include_in_schema=path == RERANK_PATHS[0],
+        )
     return router

@@ -4,13 +4,14 @@ A :class:`RegistryWatcher` polls the registry manifest (one small JSON read)
 and, when its ``revision`` moved, makes the runtime match it without a restart:
 
 * the **promoted** version is loaded with ``use="all"`` (``use="embed"`` for an
-  adapter trained with an embedding objective, so chat never sees it): requests
+  adapter trained with an embedding objective, ``use="rerank"`` for a rerank
+  adapter, so chat never sees either): requests
   that name no adapter get it (``mongars-llm adapters promote VERSION`` puts a
   version live). The new version is loaded for explicit use first, then the
   two versions swap their ``use`` in one step: a call resolves either the old
   live version or the new one, never both, never neither;
-* the **newest** version usable for chat and the newest usable for embeddings
-  (``latest``, usually fresh ``candidate``\\ s) are loaded *on first use*, with
+* the **newest** version usable for chat, the newest usable for embeddings and
+  the newest usable for reranking (``latest``, usually fresh ``candidate``\\ s) are loaded *on first use*, with
   ``use="explicit"``: only requests that name them use them (``role:latest``,
   ``role:<name>-v<version>``), so a newly trained adapter never changes the
   answers of clients that did not ask for it, and costs no memory until asked for;
@@ -56,23 +57,33 @@ logger = logging.getLogger("mongars_llm.server")
 #: runtime ``use`` of the live (promoted) version and of a version loaded for explicit use
 LIVE_USE, EXPLICIT_USE = "all", "explicit"
 
-#: which route a request comes from: chat/completions ("chat") or embeddings ("embed")
-AdapterKind = Literal["chat", "embed"]
-_KINDS: tuple[AdapterKind, ...] = ("chat", "embed")
+#: which route a request comes from: chat/completions ("chat"), embeddings ("embed")
+#: or rerank ("rerank")
+AdapterKind = Literal["chat", "embed", "rerank"]
+_KINDS: tuple[AdapterKind, ...] = ("chat", "embed", "rerank")
 #: registry ``use`` values each route may run
 _USABLE: dict[AdapterKind, tuple[str, ...]] = {
     "chat": ("all", "generate"),
     "embed": ("all", "embed"),
+    "rerank": ("all", "rerank"),
 }
 _ROUTES: dict[AdapterKind, str] = {
     "chat": "POST /v1/chat/completions or /v1/completions",
     "embed": "POST /v1/embeddings",
+    "rerank": "POST /v1/rerank",
+}
+#: how an error names an adapter of each registry ``use``, and the route it serves
+_WHAT: dict[str, tuple[str, AdapterKind]] = {
+    "embed": ("an embedding adapter", "embed"),
+    "rerank": ("a rerank adapter", "rerank"),
 }
 
 
 def _live_use(entry: Any) -> str:
-    """The runtime ``use`` of a promoted version: its own ``embed`` stays out of chat."""
-    return "embed" if getattr(entry, "use", "all") == "embed" else LIVE_USE
+    """The runtime ``use`` of a promoted version: its own ``embed`` or ``rerank`` stays
+    out of chat."""
+    use = getattr(entry, "use", "all")
+    return use if use in ("embed", "rerank") else LIVE_USE
 
 
 def runtime_adapter_name(name: str, version: str) -> str:
@@ -115,9 +126,9 @@ class RegistryWatcher:
         self.current_version: str | None = None
         self._live: RegistryEntry | None = None
         self._promoted: str | None = None  # what the registry promotes (maybe not loaded)
-        self._latest: dict[AdapterKind, RegistryEntry | None] = {"chat": None, "embed": None}
+        self._latest: dict[AdapterKind, RegistryEntry | None] = dict.fromkeys(_KINDS)
         self._alive: list[RegistryEntry] = []  # non-retired entries of the last read
-        self._aliases: dict[AdapterKind, dict[str, str]] = {"chat": {}, "embed": {}}
+        self._aliases: dict[AdapterKind, dict[str, str]] = {kind: {} for kind in _KINDS}
         self._selectable: dict[str, RegistryEntry] = {}  # runtime name -> entry
         self._loaded: dict[str, tuple[str, str]] = {}  # version -> (runtime name, use)
         self._failed: dict[str, _Failure] = {}
@@ -146,7 +157,7 @@ class RegistryWatcher:
     @property
     def aliases(self) -> dict[str, str]:
         """Every request name the registry provides (both routes) → runtime name."""
-        return {**self._aliases["embed"], **self._aliases["chat"]}
+        return {**self._aliases["rerank"], **self._aliases["embed"], **self._aliases["chat"]}
 
     def names(self) -> list[str]:
         """Names requests may use: the aliases and the runtime names of selectable versions
@@ -166,15 +177,14 @@ class RegistryWatcher:
         target = aliases[kind].get(name)
         if target is None and name in selectable:
             target = name
-        if target is None:
-            other: AdapterKind = "embed" if kind == "chat" else "chat"
-            target = aliases[other].get(name)
+        for other in _KINDS:
+            if target is None and other != kind:
+                target = aliases[other].get(name)
         entry = selectable.get(target) if target is not None else None
         if target is None or entry is None:
             return name
         if entry.use not in _USABLE[kind]:
-            what = "an embedding adapter" if entry.use == "embed" else "a chat adapter"
-            right: AdapterKind = "embed" if entry.use == "embed" else "chat"
+            what, right = _WHAT.get(entry.use, ("a chat adapter", "chat"))
             raise APIError(
                 400,
                 f"adapter {name!r} is registry version {entry.version} ({entry.name}), "
@@ -445,7 +455,7 @@ class RegistryWatcher:
         """Recompute what requests can name: the live version and the newest per route."""
         live = self._live
         selectable: dict[str, RegistryEntry] = {}
-        aliases: dict[AdapterKind, dict[str, str]] = {"chat": {}, "embed": {}}
+        aliases: dict[AdapterKind, dict[str, str]] = {kind: {} for kind in _KINDS}
         for kind in _KINDS:
             newest = self._latest[kind]
             if newest is not None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..manifest.models import Pooling
-    from ..runtime import Generation
+    from ..runtime import Generation, RerankResult
 
 __all__ = ["EmbedKwargs", "GenerateOptions", "Prompt", "RuntimeAPI", "TextStream"]
 
@@ -63,8 +63,8 @@ class TextStream(Protocol):
 
 @runtime_checkable
 class RuntimeAPI(Protocol):
-    """The runtime as the server uses it: generation, streaming, embeddings, token
-    counts, the tokenizer (token-id prompts) and the adapters the registry swaps."""
+    """The runtime as the server uses it: generation, streaming, embeddings, reranking,
+    token counts, the tokenizer (token-id prompts) and the adapters the registry swaps."""
 
     @property
     def model_id(self) -> str:
@@ -112,6 +112,19 @@ class RuntimeAPI(Protocol):
 
     def trained_dimensions(self, adapter: str | Sequence[str] | None = None, /) -> tuple[int, ...]:
         """The truncations (``dimensions``) the embedding adapters were trained for."""
+
+    async def arerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        /,
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        adapter: str | Sequence[str] | None = None,
+        max_document_tokens: int | None = None,
+    ) -> Sequence[RerankResult]:
+        """Documents by relevance, best first; the sequence may carry ``prompt_tokens``."""
         ...
 
     def load_adapter(self, name: str, path: str | Path, /, *, use: str = "all") -> None: ...

@@ -58,6 +58,11 @@ __all__ = [
     "RegistryFailure",
     "RegistryStatus",
     "RegistryVersion",
+    "RerankDocument",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
+    "RerankUsage",
     "ResponseMessage",
     "StreamOptions",
     "UsageInfo",
@@ -401,6 +406,88 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+# --------------------------------------------------------------------------- rerank
+
+
+class RerankDocument(BaseModel):
+    """A document given as an object (Cohere v1 / Jina): only its ``text`` is read."""
+
+    text: Text
+
+
+class RerankRequest(BaseModel):
+    """Cohere v2 / Jina / TEI-style rerank request (what their clients send)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "general",
+                    "query": "What is the capital of France?",
+                    "documents": ["Paris is the capital of France.", "Bananas are yellow."],
+                    "top_n": 1,
+                    "return_documents": True,
+                }
+            ]
+        }
+    )
+
+    model: Text = Field(
+        description="A role name from GET /v1/models (or 'role:adapter').", examples=["general"]
+    )
+    query: Text = Field(description="The search query every document is judged against.")
+    documents: list[Text | RerankDocument] = Field(
+        description="The texts to score: strings, or objects with a 'text' field. At most "
+        "MONGARS_SERVER_MAX_EMBEDDING_INPUTS of them, each at most "
+        "MONGARS_SERVER_MAX_INPUT_CHARS characters; a document longer than the prompt "
+        "leaves room for is cut to fit (its first tokens are scored)."
+    )
+    top_n: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None,
+        description="Return the best top_n results only (all of them when it is larger than "
+        "the list or absent).",
+    )
+    return_documents: StrictBool = Field(
+        False, description="Include each result's document as {'text': ...}."
+    )
+    max_tokens_per_doc: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Cohere v2: read at most this many tokens of each document."
+    )
+    instruction: Text | None = Field(
+        None,
+        description="Extension: the relevance instruction of the prompt (default: 'Given a "
+        "search query, judge whether the document answers it').",
+    )
+    adapter: Text | None = Field(
+        None, description="Extension: the LoRA adapter to use (same as model='role:adapter')."
+    )
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="The document's position in the request.")
+    relevance_score: float = Field(
+        description="P(yes) of the model's yes/no relevance answer, in (0, 1)."
+    )
+    document: RerankDocument | None = Field(
+        None, description="The document, when return_documents is true."
+    )
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="Best first; ties keep input order.")
+    usage: RerankUsage
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="Cohere's meta: api_version and billed units."
+    )
 
 
 # --------------------------------------------------------------------------- health

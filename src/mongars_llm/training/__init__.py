@@ -32,6 +32,10 @@ _LAZY = {
     "synthesize_pairs": "mongars_llm.training._from_documents",
     "SynthesisSummary": "mongars_llm.training._synthesis",
     "retrieval_metrics": "mongars_llm.training._retrieval",
+    "Retrieved": "mongars_llm.training._retrieval",
+    "ranking_metrics": "mongars_llm.training._retrieval",
+    "rerank_metrics": "mongars_llm.training._retrieval",
+    "retrieve": "mongars_llm.training._retrieval",
 }
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "DatasetProblem",
     "DatasetSummary",
     "LengthStats",
+    "Retrieved",
     "SynthesisSummary",
     "adapter_use",
     "build_bundle",
@@ -47,9 +52,12 @@ __all__ = [
     "evaluate_pairs",
     "is_chat_adapter",
     "load_bundle_config",
+    "ranking_metrics",
     "read_documents",
     "read_pairs",
+    "rerank_metrics",
     "retrieval_metrics",
+    "retrieve",
     "synthesize_pairs",
     "validate_dataset",
 ]
@@ -60,7 +68,15 @@ if TYPE_CHECKING:
     from ._data import DatasetProblem, DatasetSummary, LengthStats, validate_dataset
     from ._documents import read_documents
     from ._from_documents import synthesize_pairs
-    from ._retrieval import evaluate_pairs, read_pairs, retrieval_metrics
+    from ._retrieval import (
+        Retrieved,
+        evaluate_pairs,
+        ranking_metrics,
+        read_pairs,
+        rerank_metrics,
+        retrieval_metrics,
+        retrieve,
+    )
     from ._stacking import adapter_use, describe_use, is_chat_adapter
     from ._synthesis import SynthesisSummary
 

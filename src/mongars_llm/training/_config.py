@@ -30,6 +30,9 @@ EMBEDDING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 3e-4,
     "lr_scheduler": "constant",
 }
+#: what the rerank objective changes in the defaults: the embedding objectives' LoRA, a
+#: batch of 8 queries (each scored against its positive and ``rerank_negatives`` others)
+RERANK_DEFAULTS: dict[str, Any] = {**EMBEDDING_DEFAULTS, "batch_size": 8}
 
 
 class BundleConfig(BaseModel):
@@ -42,13 +45,14 @@ class BundleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    objective: Literal["sft", "contrastive", "simcse", "mntp"] = Field(
+    objective: Literal["sft", "contrastive", "simcse", "mntp", "rerank"] = Field(
         "sft",
         description="sft: chat LoRA on prompt/completion or messages rows; contrastive: an "
         "embedding adapter from query/positive(/negative) pairs (InfoNCE); simcse: an "
         "embedding adapter from plain texts (two dropout views as positives); mntp: masked "
         "next-token prediction on plain texts with bidirectional attention (LLM2Vec's first "
-        "step).",
+        "step); rerank: a rerank adapter from the same query/positive(/negative) pairs (the "
+        "yes/no relevance answer, rt.rerank's score).",
     )
 
     # data
@@ -236,6 +240,17 @@ class BundleConfig(BaseModel):
         "(GradCache): a batch of negatives larger than memory allows, the same gradient, "
         "twice the forward compute. None: the whole batch in one forward.",
     )
+    rerank_negatives: int = Field(
+        3,
+        ge=1,
+        description="rerank: documents scored against each query's positive: its own "
+        "negative first, then the other rows' documents of its micro-batch.",
+    )
+    rerank_loss: Literal["listwise", "bce"] = Field(
+        "listwise",
+        description="rerank: listwise (softmax cross-entropy of the positive among its "
+        "query's documents) or bce (each document's yes/no answer on its own).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, slower)."
     )
@@ -272,6 +287,10 @@ class BundleConfig(BaseModel):
                     data = {**data, key: value}
             if data["objective"] == "mntp" and data.get("bidirectional") is None:
                 data = {**data, "bidirectional": True}
+        if isinstance(data, dict) and data.get("objective") == "rerank":
+            for key, value in RERANK_DEFAULTS.items():
+                if data.get(key) is None:
+                    data = {**data, key: value}
         return data
 
     @field_validator("matryoshka_dims")
@@ -339,9 +358,10 @@ class BundleConfig(BaseModel):
                 "objective 'mntp' trains bidirectional attention (a causal model already "
                 "predicts the next token); drop bidirectional: false"
             )
-        if self.base_adapter is not None and self.objective == "sft":
+        if self.base_adapter is not None and self.objective in ("sft", "rerank"):
             raise ValueError(
-                "base_adapter stacks embedding adapters (objective contrastive, simcse or mntp)"
+                "base_adapter stacks embedding adapters (objective contrastive, simcse or mntp); "
+                f"objective {self.objective!r} trains on the base weights"
             )
         if self.base_adapter is not None and self.modules_to_save:
             raise ValueError(

@@ -85,12 +85,14 @@ class EmbeddingObjective:
     holds_out_pairs = False
     #: hold out texts of the training file for an evaluation of the objective's own
     holds_out_texts = False
+    #: the record format of its rows (:mod:`._pairs`), when not the objective's name
+    rows_format = ""
 
     # ---------------------------------------------------------------- rows
     def load(self, ctx: RowsContext, train_rows: Rows, eval_rows: Rows | None) -> Examples:
         config = ctx.config
         common: dict[str, Any] = {
-            "objective": self.name,
+            "objective": self.rows_format or self.name,
             "tokenizer": ctx.tokenizer,
             "max_seq_len": config.max_seq_len,
             "instruction": config.instruction,
@@ -194,6 +196,11 @@ class EmbeddingObjective:
         """This run's step and evaluations."""
         raise NotImplementedError
 
+    def evaluations(self, inputs: TrainInputs, spec: EmbeddingSpec) -> dict[str, Evaluation]:
+        """The evaluations every run of the objective has: the retrieval metrics of the
+        eval pairs (``rerank`` has its own instead)."""
+        return {"retrieval": _retrieval(inputs, spec)}
+
     def train(self, inputs: TrainInputs) -> TrainOutcome:
         return train_embeddings(self, inputs)
 
@@ -243,7 +250,7 @@ def train_embeddings(objective: EmbeddingObjective, inputs: TrainInputs) -> Trai
     )
     spec = EmbeddingSpec.of(config, inputs.base)
     steps = objective.steps(inputs, spec)
-    evaluations = {"retrieval": _retrieval(inputs, spec), **steps.evaluations()}
+    evaluations = {**objective.evaluations(inputs, spec), **steps.evaluations()}
 
     def evaluate() -> dict[str, Any] | None:
         found: dict[str, Any] = {}
@@ -322,14 +329,11 @@ def _finish(
         "train_examples": len(examples.train),
         "eval_examples": len(examples.eval),
         "global_batch_size": config.batch_size * world * config.grad_accum,
-        "retrieval_base": state.baselines.get("retrieval_base"),
-        "retrieval": final["retrieval"],
         **steps.metrics(),
     }
     for name in evaluations:
-        if name != "retrieval":
-            metrics[f"{name}_base"] = state.baselines.get(f"{name}_base")
-            metrics[name] = final[name]
+        metrics[f"{name}_base"] = state.baselines.get(f"{name}_base")
+        metrics[name] = final[name]
     if state.evals:
         metrics["evals"] = state.evals
     return TrainOutcome(

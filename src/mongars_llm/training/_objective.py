@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Examples", "Objective", "RowsContext", "TrainInputs", "hold_out"]
 
-#: the registry's ``use`` of an objective's adapters: every use, or ``embed`` only
-AdapterUse = Literal["all", "embed"]
+#: the registry's ``use`` of an objective's adapters: every use, ``embed`` or ``rerank`` only
+AdapterUse = Literal["all", "embed", "rerank"]
 
 Rows = Iterable[tuple[int, Any]]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._contrastive import CONTRASTIVE, SIMCSE
 from ._mntp import MNTP
 from ._objective import Objective
+from ._rerank import RERANK
 from ._sft import SFT
 
 __all__ = ["OBJECTIVES", "objective_for"]
@@ -18,6 +19,7 @@ OBJECTIVES: dict[str, Objective] = {
     CONTRASTIVE.name: CONTRASTIVE,
     SIMCSE.name: SIMCSE,
     MNTP.name: MNTP,
+    RERANK.name: RERANK,
 }
 
 

@@ -59,10 +59,10 @@ def package(
     adapter_dir, lora_shape = _save_adapter(run, outcome, embedding)
     run.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     info = _embedding_record(embedding)
-    atomic_write_json(
-        run_dir / "wrapper_config.json",
-        _wrapper_config(config, run.tokenizer, base_commit, run.precision, run.run_name, info),
-    )
+    wrapper = _wrapper_config(config, run.tokenizer, base_commit, run.precision, run.run_name, info)
+    if objective.use == "rerank":  # the wrapper's chat and embed run without it
+        wrapper["layout"] = {"adapter_use": "rerank"}
+    atomic_write_json(run_dir / "wrapper_config.json", wrapper)
     wrapper_dir = export_wrapper(run_dir)
     compatibility = _compatibility(config, model, base_commit, lora_shape)
     digests: dict[str, Any] = {

@@ -15,14 +15,18 @@ Definitions (one query ``q`` with relevant documents ``R(q)``, ``k`` = 10 by def
   documents in the top ``k``, divided by the ideal ``sum(1 / log2(i + 1))`` for
   ``i = 1 .. min(|R(q)|, k)``.
 
-Every metric is the mean over the queries. Only numpy is imported here; the
-embedding function passed to :func:`evaluate_pairs` brings the model.
+Every metric is the mean over the queries. :func:`ranking_metrics` computes them
+for any score matrix; :func:`retrieve` then :func:`rerank_metrics` is retrieve-then-
+rerank (each query's embedding top ``k`` reordered by a reranker's scores, the
+rest below in their embedding order). Only numpy is imported here; the embedding
+and rerank functions passed in bring the model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,17 @@ import numpy as np
 
 from ..errors import ConfigError, DatasetError
 
-__all__ = ["EmbedFunction", "evaluate_pairs", "read_pairs", "retrieval_metrics"]
+__all__ = [
+    "EmbedFunction",
+    "RerankFunction",
+    "Retrieved",
+    "evaluate_pairs",
+    "ranking_metrics",
+    "read_pairs",
+    "rerank_metrics",
+    "retrieval_metrics",
+    "retrieve",
+]
 
 #: ``embed(texts) -> (n, dim) array``; ``texts`` is a list of strings, or a list of
 #: ``[instruction, text]`` pairs (every item of one call has the same form)
@@ -69,10 +83,20 @@ def retrieval_metrics(
             f"relevant has {len(relevant)} entr(ies) for {queries.shape[0]} query vector(s); "
             "give one index or set of indices per query"
         )
-    relevant_sets = [_relevant_set(entry, i, docs.shape[0]) for i, entry in enumerate(relevant)]
-
     scores = _normalised(queries) @ _normalised(docs).T  # (queries, docs)
-    n_docs = docs.shape[0]
+    return ranking_metrics(scores, relevant, k=k)
+
+
+def ranking_metrics(
+    scores: Any, relevant: Sequence[int | Iterable[int]], k: int = 10
+) -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics` for any ``(queries, docs)`` score matrix
+    (higher ranks first; ties broken pessimistically, see the module docstring)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k={k!r} must be a positive integer")
+    n_docs = scores.shape[1]
+    relevant_sets = [_relevant_set(entry, i, n_docs) for i, entry in enumerate(relevant)]
     totals = {"mrr": 0.0, "recall@1": 0.0, "recall@k": 0.0, "ndcg": 0.0}
     for row, rel in zip(scores, relevant_sets, strict=True):
         is_relevant = np.zeros(n_docs, dtype=bool)
@@ -88,7 +112,7 @@ def retrieval_metrics(
         dcg = sum(1.0 / math.log2(rank + 1) for rank in ranks if rank <= k)
         ideal = sum(1.0 / math.log2(i + 1) for i in range(1, min(len(rel), k) + 1))
         totals["ndcg"] += dcg / ideal
-    n = float(queries.shape[0])
+    n = float(scores.shape[0])
     return {
         f"mrr@{k}": totals["mrr"] / n,
         "recall@1": totals["recall@1"] / n,
@@ -115,6 +139,36 @@ def evaluate_pairs(
     as ``[instruction, query]`` pairs. ``embed`` is called with at most
     ``batch_size`` texts at a time, all of one form.
     """
+    found = retrieve(embed, rows, instruction=instruction, batch_size=batch_size)
+    metrics: dict[str, Any] = ranking_metrics(found.scores, found.relevant, k=k)
+    metrics["queries"] = len(found.queries)
+    metrics["documents"] = len(found.documents)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Pair rows as a retrieval task, and the embedding scores of every query and document."""
+
+    #: each distinct ``(instruction, query)``
+    queries: list[tuple[str | None, str]]
+    #: the corpus: every distinct positive and negative text
+    documents: list[str]
+    #: ``relevant[i]``: the documents of query ``i``'s rows' positives
+    relevant: list[set[int]]
+    #: ``(queries, documents)`` cosine similarities
+    scores: np.ndarray
+
+
+def retrieve(
+    embed: EmbedFunction,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    instruction: str | None = None,
+    batch_size: int = 64,
+) -> Retrieved:
+    """The corpus and queries of pair rows (as :func:`evaluate_pairs` reads them) scored
+    by ``embed``'s cosine similarity."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
     doc_index: dict[str, int] = {}
@@ -132,12 +186,49 @@ def evaluate_pairs(
         relevant[query_index[key]].add(doc_index[positive])
     if not query_index:
         raise DatasetError("no pairs to evaluate: the rows are empty")
-
     query_vectors = _embed_grouped(embed, list(query_index), batch_size)
     doc_vectors = _embed_grouped(embed, [(None, text) for text in doc_index], batch_size)
-    metrics: dict[str, Any] = retrieval_metrics(query_vectors, doc_vectors, relevant, k=k)
-    metrics["queries"] = len(query_index)
-    metrics["documents"] = len(doc_index)
+    scores = _normalised(query_vectors) @ _normalised(doc_vectors).T
+    return Retrieved(list(query_index), list(doc_index), relevant, scores)
+
+
+#: ``rerank(query, documents, instruction) -> one score per document`` (higher: more relevant)
+RerankFunction = Callable[[str, list[str], "str | None"], Sequence[float]]
+
+
+def rerank_metrics(
+    found: Retrieved, rerank: RerankFunction, *, top_k: int = 20, k: int = 10
+) -> dict[str, Any]:
+    """Retrieve then rerank: each query's ``top_k`` documents by embedding reordered by
+    ``rerank``'s scores (the rest keep their embedding order below them); the metrics of
+    :func:`ranking_metrics` on the final order, plus ``top_k`` and ``queries``.
+
+    The reranker sees each query's rows' instruction only when the rows carry one
+    (``instruction`` of the query key); ``rerank`` gets ``None`` otherwise.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+    n_docs = len(found.documents)
+    final = np.empty_like(found.scores)
+    for i, (instruction, query) in enumerate(found.queries):
+        # the embedding's ranking, ties broken as the metrics break them (pessimistically)
+        is_relevant = np.zeros(n_docs, dtype=bool)
+        is_relevant[list(found.relevant[i])] = True
+        order = np.lexsort((np.arange(n_docs), is_relevant, -found.scores[i]))
+        head = order[:top_k]
+        reranked = np.asarray(rerank(query, [found.documents[j] for j in head], instruction))
+        if reranked.shape != (len(head),) or not np.all(np.isfinite(reranked)):
+            raise ConfigError(
+                f"rerank returned {reranked.shape} scores for {len(head)} documents; "
+                "expected one finite score per document"
+            )
+        # stable: equal rerank scores keep their embedding order
+        head = head[np.argsort(-reranked, kind="stable")]
+        ranked = np.concatenate([head, order[top_k:]])
+        final[i, ranked] = -np.arange(n_docs, dtype=np.float64)
+    metrics: dict[str, Any] = ranking_metrics(final, found.relevant, k=k)
+    metrics["top_k"] = min(top_k, n_docs)
+    metrics["queries"] = len(found.queries)
     return metrics
 
 

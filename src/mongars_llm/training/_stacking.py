@@ -82,6 +82,12 @@ def resolve_base_adapter(reference: str, *, registry_path: Path) -> BaseAdapter:
         objective = entry.objective
     else:
         use, objective = adapter_use(path)
+    if use == "rerank":
+        raise ConfigError(
+            f"base_adapter {label} is a {describe_use(use, objective)}, not an embedding "
+            "adapter: an embedding adapter trains on top of an embedding adapter (objective "
+            "mntp, contrastive or simcse, registered with use=embed); drop --base-adapter"
+        )
     if is_chat_adapter(use, objective):
         raise ConfigError(
             f"base_adapter {label} is a {describe_use(use, objective)}, not an embedding adapter: "
@@ -112,7 +118,8 @@ def resolve_base_adapter(reference: str, *, registry_path: Path) -> BaseAdapter:
 def adapter_use(folder: Path) -> tuple[str | None, str | None]:
     """``(use, objective)`` of an adapter folder, as far as it says: an embedding adapter
     carries ``llm2vec_config.json``; a bundle's ``adapter/`` has its run's
-    ``run_metadata.json`` beside it. ``(None, None)`` for a folder that says neither."""
+    ``run_metadata.json`` beside it (``use`` ``embed``, ``rerank`` or ``all``). ``(None,
+    None)`` for a folder that says neither."""
     embedding = folder / "llm2vec_config.json"
     if embedding.is_file():
         objective = None
@@ -134,14 +141,17 @@ def adapter_use(folder: Path) -> tuple[str | None, str | None]:
 def is_chat_adapter(use: str | None, objective: str | None) -> bool:
     """Whether an adapter says it is for chat: trained by ``sft``, or registered for
     generation only. (A registry entry added by hand defaults to ``use=all`` with no
-    objective: that says nothing.)"""
+    objective: that says nothing. A ``use=rerank`` adapter is not a chat adapter: it is
+    for rerank calls only.)"""
     return objective == "sft" or use == "generate"
 
 
 def describe_use(use: str | None, objective: str | None) -> str:
-    """``chat adapter (use=all, objective sft)``: how an error names a chat adapter."""
+    """``chat adapter (use=all, objective sft)``: how an error names a chat adapter (or a
+    ``rerank adapter (use=rerank, objective rerank)``)."""
     details = f"use={use or 'all'}" + (f", objective {objective}" if objective else "")
-    return f"chat adapter ({details})"
+    kind = "rerank" if use == "rerank" else "chat"
+    return f"{kind} adapter ({details})"
 
 
 def check_stackable(model: Any, adapter: BaseAdapter) -> None:
