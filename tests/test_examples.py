@@ -332,6 +332,9 @@ def test_documents_only_example(tmp_path: Path, example_model: tuple[int, dict[s
     assert (run / "synthetic_pairs.jsonl").is_file() and (run / "documents_summary.json").is_file()
 
 
+@pytest.mark.examples
+@pytest.mark.slow
+@pytest.mark.train
 def test_rerank_adapter_example(tmp_path: Path, example_model: tuple[int, dict[str, str]]) -> None:
     _, env = example_model
     out = run_example("08_rerank_adapter.py", tmp_path, env=env)
