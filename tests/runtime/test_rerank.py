@@ -82,9 +82,10 @@ def rt(rerank_model_dir: Path) -> Iterator[Any]:
     runtime.close()
 
 
-def _reference_score(rt: Any, query: str, document: str) -> float:
+def _reference_score(rt: Any, query: str, document: str, model: Any = None) -> float:
     """sigmoid(yes - no) of the last position of a plain forward pass over the whole
-    prompt, tokenised whole (what the rerank objective trains)."""
+    prompt, tokenised whole (what the rerank objective trains), on ``model`` (default:
+    the runtime's base model)."""
     import torch
 
     from mongars_llm.runtime import answer_token_ids, rerank_messages
@@ -96,7 +97,7 @@ def _reference_score(rt: Any, query: str, document: str) -> float:
     ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
     yes, no = answer_token_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"])
     with torch.inference_mode():
-        logits = rt.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = (model or rt.model)(input_ids=torch.tensor([ids])).logits[0, -1]
     return 1.0 / (1.0 + math.exp(-float(logits[yes] - logits[no])))
 
 
@@ -123,6 +124,34 @@ def test_batching_does_not_change_scores(rt: Any) -> None:
     one_by_one = {r.index: r.score for r in rt.rerank(QUERY, DOCS, batch_size=1)}
     for index, score in together.items():
         assert one_by_one[index] == pytest.approx(score, abs=1e-5)
+
+
+#: documents of very different lengths, all within the room (none is cut)
+MIXED = [
+    "x",
+    "yes",
+    DOCS[0],
+    "The quick brown fox jumps over the lazy dog. " * 2,
+    DOCS[2],
+    "Paris " * 12,
+]
+
+
+def test_the_shared_prompt_prefix_runs_once_with_the_whole_prompts_scores(
+    rt: Any, events: Any
+) -> None:
+    # the prefix (system turn, instruction, query) runs once per call and its cache is
+    # reused by every document: each score is still the whole prompt's, at any batch size
+    want = [_reference_score(rt, QUERY, document) for document in MIXED]
+    for batch_size in (1, 2, 4, 16):
+        results = rt.rerank(QUERY, MIXED, batch_size=batch_size)
+        got = [score for _, score in sorted((r.index, r.score) for r in results)]
+        assert got == pytest.approx(want, abs=1e-5)
+        event = events.named("llm_rerank")[-1]
+        # the prefix is read once: fewer tokens run than the prompts hold
+        assert event["padded_tokens"] < event["tokens"]
+    one = rt.rerank(QUERY, [MIXED[3]])  # a lone document runs whole
+    assert one[0].score == pytest.approx(want[3], abs=1e-5)
 
 
 def test_ties_keep_input_order_and_top_n_keeps_the_best(rt: Any) -> None:
@@ -245,6 +274,47 @@ def test_a_rerank_adapter_serves_rerank_calls_only(rt: Any, adapted: Any) -> Non
     assert (adapted.embed(DOCS) == rt.embed(DOCS)).all()
     with pytest.raises(AdapterNotFoundError):
         adapted.rerank(QUERY, DOCS, adapter="nope")
+
+
+def test_an_adapters_scores_with_the_shared_prefix_are_its_whole_prompts(
+    adapted: Any, rerank_model_dir: Path, rerank_lora: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mongars_llm.runtime import quiet_peft_deprecations
+
+    with quiet_peft_deprecations():
+        tuned = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(rerank_model_dir), rerank_lora
+        ).eval()
+    want = [_reference_score(adapted, QUERY, document, tuned) for document in MIXED]
+    for batch_size in (1, 3, 16):
+        results = adapted.rerank(QUERY, MIXED, batch_size=batch_size, adapter="judge")
+        got = [score for _, score in sorted((r.index, r.score) for r in results)]
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_a_sliding_window_model_scores_its_whole_prompts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Mistral's cache layers are sliding-window ones: each prompt runs whole, same scores
+    from mongars_llm.runtime import UnifiedLLMRuntime
+    from mongars_llm.testing import RERANK_CORPUS_LINE, TINY_CORPUS, build_tiny_model
+
+    path = build_tiny_model(
+        tmp_path_factory.mktemp("tiny-rerank-mistral") / "mistral",
+        architecture="mistral",
+        seed=0,
+        corpus=[*TINY_CORPUS, RERANK_CORPUS_LINE],
+    )
+    settings = runtime_settings(max_input_tokens=256)
+    with UnifiedLLMRuntime.from_pretrained(path, settings=settings) as mistral:
+        for _ in range(2):  # the second call goes straight to whole prompts
+            results = mistral.rerank(QUERY, MIXED, batch_size=4)
+            got = [score for _, score in sorted((r.index, r.score) for r in results)]
+            want = [_reference_score(mistral, QUERY, document) for document in MIXED]
+            assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_a_tokenizer_without_single_yes_no_tokens_is_refused(runtime: Any) -> None:

@@ -24,9 +24,16 @@ and the forward passes:
    instruction that leaves no room for a document is ``InputTooLongError``.
    Long texts cost a few times what the limit allows to tokenise, never their
    whole length (:mod:`._bounds`);
-3. forward batches (length-sorted, within ``max_batch_size`` and
-   ``max_batch_tokens``) run the decoder once with the adapters the call asked
-   for and apply the LM head to the last real position of each row only: two
+3. the prompt prefix every document of a request shares (system turn,
+   instruction, query: most of a short document's prompt) runs through the
+   decoder once per request, and its key/value cache is reused by every
+   document: forward batches (length-sorted, within ``max_batch_size`` and
+   ``max_batch_tokens``) of the document + tail suffixes, right-padded, attend
+   to that cache (held once, never grown) with positions continuing after it.
+   A model or cache that cannot (a sliding-window or other non-plain cache
+   layer, an older transformers) runs each whole prompt instead; both give the
+   same scores.
+   The LM head is applied to the last real position of each row only: two
    logits are read per document, the vocabulary-wide logits of the other
    positions are never computed.
 
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -403,9 +411,17 @@ class TorchRerankRunner:
         self._loaded = loaded
         self._prompts = PromptBuilder(loaded.tokenizer, max_length=loaded.max_length)
         self._lock = threading.Lock()
+        #: False once this model's cache proved unusable for the shared prefix
+        self._cache_ok: bool | None = None
 
-    def _encode(self, request: RerankRequest) -> tuple[list[list[int]], int]:
-        """Each document's prompt ids, and how many documents were cut to fit."""
+    #: run the shared prompt prefix once per request and reuse its key/value cache
+    #: (False: every prompt whole, the path a model without a plain cache takes)
+    reuse_prefix: bool = True
+
+    def _encode(self, request: RerankRequest) -> tuple[list[list[int]], int, int]:
+        """Each document's prompt ids, how many documents were cut to fit, and how many
+        leading ids all of them share (at most the prompt's head; every prompt keeps at
+        least one id of its own)."""
         with self._loaded.tokenizer_lock:
             self._prompts.answers  # noqa: B018 - refuses a vocabulary that cannot answer
             prompt = self._prompts.prompt(request.query, request.instruction)
@@ -418,15 +434,16 @@ class TorchRerankRunner:
                 ids, was_cut = self._prompts.ids(prompt, document)
                 encoded.append(ids)
                 cut += was_cut
-        return encoded, cut
+        return encoded, cut, _shared_prefix(prompt.head, encoded)
 
     def run_batch(self, queued: list[_Queued]) -> None:
         """Score one micro-batch of requests that share their :class:`RerankParams`."""
         ready: list[tuple[_Queued, list[list[int]]]] = []
+        shared: list[int] = []
         cut = 0
         for job in queued:
             try:
-                encoded, job_cut = self._encode(job.request)
+                encoded, job_cut, job_shared = self._encode(job.request)
             except LLMRuntimeError as err:
                 job.future.set_exception(err)
                 continue
@@ -434,6 +451,7 @@ class TorchRerankRunner:
                 job.future.set_exception(LLMRuntimeError.wrap(err, "tokenisation failed"))
                 continue
             ready.append((job, encoded))
+            shared.append(job_shared)
             cut += job_cut
         if not ready:
             return
@@ -441,7 +459,9 @@ class TorchRerankRunner:
         prompts = [ids for _, encoded in ready for ids in encoded]
         started = time.perf_counter()
         try:
-            scores, batches, padded = self._score(prompts, params)
+            scores, batches, padded = self._score_requests(
+                [encoded for _, encoded in ready], shared, params
+            )
         except Exception as err:
             error = LLMRuntimeError.wrap(err, "rerank failed")
             for job, _ in ready:
@@ -475,10 +495,124 @@ class TorchRerankRunner:
             seconds=round(time.perf_counter() - started, 4),
         )
 
+    def _score_requests(
+        self, requests: list[list[list[int]]], shared: list[int], params: RerankParams
+    ) -> tuple[list[float], int, int]:
+        """Scores of every request's prompts in order, the forward batches run and the
+        tokens they held (padding included): a request of several documents whose
+        prompts share ``shared[i]`` leading ids runs that prefix once (its key/value
+        cache reused by every document), the others run each prompt whole."""
+        parts: list[list[float] | None] = [None] * len(requests)
+        batches = padded = 0
+        whole: list[int] = []
+        for index, (encoded, prefix) in enumerate(zip(requests, shared, strict=True)):
+            result = None
+            if self.reuse_prefix and self._cache_ok is not False and prefix and len(encoded) > 1:
+                result = self._score_cached(encoded, prefix, params)
+                if result is None:  # this model or transformers cannot: whole prompts from now
+                    self._cache_ok = False
+            if result is None:
+                whole.append(index)
+                continue
+            parts[index] = result[0]
+            batches += result[1]
+            padded += result[2]
+        if whole:
+            scores, run, held = self._score([ids for i in whole for ids in requests[i]], params)
+            batches += run
+            padded += held
+            offset = 0
+            for index in whole:
+                parts[index] = scores[offset : offset + len(requests[index])]
+                offset += len(requests[index])
+        return [score for part in parts for score in part or ()], batches, padded
+
+    def _score_cached(
+        self, prompts: list[list[int]], prefix: int, params: RerankParams
+    ) -> tuple[list[float], int, int] | None:
+        """Scores of ``prompts`` that share their first ``prefix`` ids: the prefix runs
+        once, each forward batch of the rest (right-padded) attends to its key/value
+        cache (held once, shared by every batch) with positions continuing after it.
+        ``None`` when this model's cache is not a plain per-layer key/value cache
+        (nothing scored then)."""
+        import torch
+
+        from ._embed_plan import plan_chunks
+        from ._llm2vec import decoder_of
+
+        loaded = self._loaded
+        lengths = [len(p) for p in prompts]  # planned on the whole prompts: same batches
+        chunks = plan_chunks(
+            lengths,
+            batch_size=params.batch_size,
+            max_batch_tokens=max(loaded.settings.model.max_batch_tokens, max(lengths)),
+            batch_invariant=False,
+        )
+        pad = loaded.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        scores = [0.0] * len(prompts)
+        padded = prefix
+        with loaded.adapters.active(params.adapters), torch.inference_mode():
+            model = loaded.model
+            decoder = decoder_of(model)
+            embed = decoder.get_input_embeddings()
+            ids = torch.tensor([prompts[0][:prefix]], dtype=torch.long, device=loaded.device)
+            # transformers >= 5.2x names it ``cache``, earlier ones ``past_key_values``
+            name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else None
+            name = name or "past_key_values"
+            out = decoder(
+                inputs_embeds=embed(ids),
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(prefix, device=ids.device)[None],
+                use_cache=True,
+            )
+            layers = _plain_cache(getattr(out, name, None), prefix)
+            if layers is None:
+                return None
+            cache = _shared_prefix_cache(layers)
+            for chunk in chunks:
+                rows = len(chunk)
+                width = max(lengths[i] for i in chunk) - prefix
+                padded += width * rows
+                ids = torch.full((rows, width), pad, dtype=torch.long)
+                attention = torch.zeros((rows, prefix + width), dtype=torch.long)
+                attention[:, :prefix] = 1
+                for row, index in enumerate(chunk):  # right padding after the prefix
+                    suffix = prompts[index][prefix:]
+                    ids[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                    attention[row, : prefix + len(suffix)] = 1
+                ids, attention = ids.to(loaded.device), attention.to(loaded.device)
+                positions = torch.arange(prefix, prefix + width, device=ids.device)
+                hidden = decoder(
+                    inputs_embeds=embed(ids),
+                    attention_mask=attention,
+                    position_ids=positions[None].expand(rows, -1),
+                    use_cache=True,
+                    **{name: cache},
+                ).last_hidden_state
+                last = torch.tensor([lengths[i] - prefix - 1 for i in chunk], device=hidden.device)
+                final = hidden[torch.arange(rows, device=hidden.device), last]
+                for index, value in zip(chunk, self._answer(model, final), strict=True):
+                    scores[index] = value
+        return scores, len(chunks), padded
+
+    def _answer(self, model: Any, final: Any) -> list[float]:
+        """``sigmoid(logit("yes") - logit("no"))`` of last hidden states, one per row."""
+        import torch
+
+        yes, no = self._prompts.answers
+        head = model.get_output_embeddings()
+        logits = head(final.to(head.weight.dtype))[:, [yes, no]].float()
+        softcap = getattr(self._loaded.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return [float(v) for v in torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().tolist()]
+
     def _score(
         self, prompts: list[list[int]], params: RerankParams
     ) -> tuple[list[float], int, int]:
-        """Scores of ``prompts`` in order, the forward batches run and their padded tokens."""
+        """Scores of ``prompts`` (each run whole) in order, the forward batches run and
+        their padded tokens."""
         import torch
 
         from ._embed_plan import plan_chunks
@@ -492,16 +626,13 @@ class TorchRerankRunner:
             max_batch_tokens=max(loaded.settings.model.max_batch_tokens, max(lengths)),
             batch_invariant=False,
         )
-        yes, no = self._prompts.answers
         pad = loaded.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
-        softcap = getattr(loaded.config, "final_logit_softcapping", None)
         scores = [0.0] * len(prompts)
         padded = 0
         with loaded.adapters.active(params.adapters), torch.inference_mode():
             model = loaded.model
             decoder = decoder_of(model)
-            head = model.get_output_embeddings()
             for chunk in chunks:
                 width = max(lengths[i] for i in chunk)
                 padded += width * len(chunk)
@@ -514,10 +645,78 @@ class TorchRerankRunner:
                 hidden = run_decoder(decoder, ids, attention, bidirectional=False)
                 last = torch.tensor([lengths[i] - 1 for i in chunk], device=hidden.device)
                 final = hidden[torch.arange(len(chunk), device=hidden.device), last]
-                logits = head(final.to(head.weight.dtype))[:, [yes, no]].float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                values = torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().tolist()
-                for index, value in zip(chunk, values, strict=True):
-                    scores[index] = float(value)
+                for index, value in zip(chunk, self._answer(model, final), strict=True):
+                    scores[index] = value
         return scores, len(chunks), padded
+
+
+def _shared_prefix(head: list[int], encoded: list[list[int]]) -> int:
+    """How many leading ids of ``head`` every prompt of ``encoded`` starts with, leaving
+    each prompt at least one id of its own (0: none shared)."""
+    shared = len(head)
+    for ids in encoded:
+        limit, count = min(shared, len(ids) - 1), 0
+        while count < limit and ids[count] == head[count]:
+            count += 1
+        shared = count
+    return max(shared, 0)
+
+
+def _shared_prefix_cache(layers: list[tuple[Any, Any]]) -> Any:
+    """A cache that holds a prefix's keys and values once (batch 1) and gives every row
+    of a forward batch the prefix before its own keys and values, never growing: one
+    cache serves every batch of a request, and each layer's batch-wide keys and values
+    live only while that layer runs (as without a cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    shared = []
+    for keys, values in layers:
+        layer = _shared_prefix_layer()()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        shared.append(layer)
+    cache.layers = shared
+    return cache
+
+
+@functools.cache
+def _shared_prefix_layer() -> type:
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class SharedPrefixLayer(DynamicLayer):
+        """A prefix's keys and values, read by every row, never grown."""
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            assert self.keys is not None and self.values is not None
+            rows = key_states.shape[0]
+            keys = torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2)
+            values = torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2)
+            return keys, values
+
+    return SharedPrefixLayer
+
+
+def _plain_cache(cache: Any, length: int) -> list[tuple[Any, Any]] | None:
+    """The (keys, values) of each layer of a prefix's cache, or ``None`` when it is not
+    a plain dynamic cache holding all ``length`` positions (sliding-window, quantised or
+    linear-attention layers, an older transformers): those prompts then run whole."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers:
+        return None
+    kept: list[tuple[Any, Any]] = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer) is not DynamicLayer or keys is None or values is None:
+            return None
+        if keys.dim() != 4 or keys.shape[-2] != length:
+            return None
+        kept.append((keys, values))
+    return kept
