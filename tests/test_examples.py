@@ -65,7 +65,7 @@ def example_model(request: pytest.FixtureRequest) -> tuple[int, dict[str, str]]:
 def test_every_example_is_listed_in_the_readme() -> None:
     readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
     scripts = sorted(p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py"))
-    assert len(scripts) == 7
+    assert len(scripts) == 8
     missing = [name for name in [*scripts, "quickstart.ipynb"] if name not in readme]
     assert not missing, f"examples/README.md does not describe {missing}"
 

@@ -40,7 +40,15 @@ def real_server(
         models_dir=real_models_dir,
         cache_dir=work / "cache",
         llm_adapter_registry_path=work / "registry",
-        model={"device": "cpu", "dtype": "float32", "quantize_4bit": False, "max_new_tokens": 32},
+        # the torch engine on the converted folder: its greedy answers are pinned here (the
+        # llama.cpp engine has tests of its own, tests/server/test_real_openai_llamacpp.py)
+        model={
+            "device": "cpu",
+            "dtype": "float32",
+            "quantize_4bit": False,
+            "max_new_tokens": 32,
+            "engine": "torch",
+        },
     )
     UnifiedLLMRuntime.reset_shared()  # the server loads its own, as `serve` does
     app = create_app(settings)
