@@ -31,6 +31,7 @@ TEST_DEPS = [
     "hatchling>=1.27",
     "sentence-transformers>=6",  # tests/export: the sentence-transformers export loads
     "ollama>=0.4",  # tests/server/test_server_ollama.py: the official client on /api/*
+    "cohere>=5",  # tests/server/test_server_rerank.py: the official client on /v2/rerank
 ]
 OLAH = "olah==0.5.4"
 # SmolLM2-135M-Instruct as a GGUF (98 MB, Apache-2.0): the real model of the demo, the
